@@ -1,0 +1,213 @@
+"""The YAML config (DESIGN §2) as typed dataclasses, validated on load.
+
+Every problem raises ``ConfigError`` with one line naming the key and the allowed values; the CLI prints
+it and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from vtprune.errors import ConfigError
+
+FAMILIES = ("auto", "mllama", "llava", "llava_next")
+WEIGHTS = ("pretrained", "random")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTN = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny:llava"
+    family: str = "auto"
+    weights: str = "pretrained"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class PruningConfig:
+    strategy: str = "none"
+    keep_ratio: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list = field(default_factory=lambda: ["vtprune_textvqa_mini"])
+    limit: int | None = None
+    batch_size: int = 1
+    generation: dict = field(default_factory=lambda: {"max_new_tokens": 64, "do_sample": False})
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list = field(default_factory=lambda: [1, 4, 16])
+    prompt_tokens: int = 64
+    new_tokens: int = 32
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    output_dir: str = "results"
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "Config":
+        """A copy with some top-level fields or nested fields replaced: ``replace(pruning={"keep_ratio": 0.5})``."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict) and key not in ("options",):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return config_from_dict(data)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` are nested dicts merged over the file's values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of keys (name, model, pruning, eval, bench, output_dir, seed)")
+    data.setdefault("name", path.stem)
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> Config:
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {data!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(names)})")
+    hints = get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, value, f"{prefix}{f.name}.")
+        else:
+            values[f.name] = _coerce(value, hint, f"{prefix}{f.name}")
+    return cls(**values)
+
+
+def _coerce(value, hint, key):
+    allowed = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}
+    optional = hint in (int | None, str | None, float | None)
+    if value is None and optional:
+        return None
+    base = {int | None: int, str | None: str, float | None: float}.get(hint, hint)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is list and isinstance(value, (str, int, float)):
+        return [value]
+    if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {allowed[base]}{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(allowed)})")
+
+
+def validate(config: Config) -> None:
+    from vtprune.eval.tasks import TASKS
+    from vtprune.strategies import STRATEGIES
+
+    m, p = config.model, config.pruning
+    _choice("model.family", m.family, FAMILIES)
+    _choice("model.weights", m.weights, WEIGHTS)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.attn_implementation", m.attn_implementation, ATTN)
+    if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:") and m.device[5:].isdigit()):
+        raise ConfigError(f"model.device: '{m.device}' is not allowed (allowed: auto, cpu, cuda, cuda:N)")
+    if m.path.startswith("tiny:"):
+        from vtprune.models.tiny import TINY_FAMILIES
+
+        _choice("model.path", m.path, [f"tiny:{f}" for f in TINY_FAMILIES])
+    if not (isinstance(p.keep_ratio, float) and 0 < p.keep_ratio <= 1 and math.isfinite(p.keep_ratio)):
+        raise ConfigError(f"pruning.keep_ratio: {p.keep_ratio} is outside the allowed range (0, 1]")
+    strategy = STRATEGIES.get(p.strategy)
+    for key, value in p.options.items():
+        if key not in strategy.options:
+            allowed = ", ".join(strategy.options) or "none"
+            raise ConfigError(f"pruning.options.{key}: strategy '{p.strategy}' has no such option (allowed: {allowed})")
+        _check_option(f"pruning.options.{key}", value, strategy.options[key])
+    family = declared_family(config)
+    if family and strategy.families and family not in strategy.families:
+        raise ConfigError(
+            f"pruning.strategy: '{p.strategy}' does not run on model family '{family}' "
+            f"(allowed families: {', '.join(strategy.families)})"
+        )
+    for task in config.eval.tasks:
+        TASKS.get(task)
+    if config.eval.limit is not None and config.eval.limit < 1:
+        raise ConfigError(f"eval.limit: {config.eval.limit} must be a positive integer or null")
+    if config.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size: {config.eval.batch_size} must be a positive integer")
+    b = config.bench
+    if not b.batch_sizes or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b.batch_sizes):
+        raise ConfigError(f"bench.batch_sizes: {b.batch_sizes} must be a list of positive integers")
+    for key in ("prompt_tokens", "new_tokens", "repeats"):
+        if getattr(b, key) < 1:
+            raise ConfigError(f"bench.{key}: {getattr(b, key)} must be a positive integer")
+    if b.warmup < 0:
+        raise ConfigError(f"bench.warmup: {b.warmup} must be zero or a positive integer")
+
+
+def _check_option(key: str, value, option) -> None:
+    kind = type(option.default)
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(map(str, option.choices))})")
+
+
+def declared_family(config: Config) -> str | None:
+    """The model family if it is known without reading the model (explicit, or a tiny model); else None."""
+    if config.model.family != "auto":
+        return config.model.family
+    if config.model.path.startswith("tiny:"):
+        return config.model.path[5:]
+    return None

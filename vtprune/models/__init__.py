@@ -1,0 +1,76 @@
+"""Model-family adapters, one file each, registered by name in ``FAMILIES``; ``load_model`` builds one."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from vtprune.errors import ConfigError
+from vtprune.models.base import FAMILIES, Adapter, PrunePlan, SampleRecord
+
+for _name in ("llava", "llava_next", "mllama"):
+    try:
+        importlib.import_module(f"vtprune.models.{_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"vtprune.models.{_name}":
+            raise
+
+
+def resolve_path(path: str) -> str:
+    """A local directory for ``tiny:<family>`` (built on first use); other paths are passed on unchanged."""
+    if path.startswith("tiny:"):
+        from vtprune.models.tiny import tiny_path
+
+        return str(tiny_path(path[5:]))
+    return path
+
+
+def resolve_family(model_type: str, declared: str) -> type[Adapter]:
+    """The adapter class for a transformers ``model_type``; ``declared`` (not 'auto') must agree with it."""
+    if declared != "auto":
+        adapter = FAMILIES.get(declared)
+        if model_type not in adapter.model_types:
+            raise ConfigError(f"model.family: '{declared}' does not match the model's type '{model_type}' (use auto)")
+        return adapter
+    for _, adapter in FAMILIES.items():
+        if model_type in adapter.model_types:
+            return adapter
+    known = sorted(t for _, a in FAMILIES.items() for t in a.model_types)
+    raise ConfigError(f"model.path: model type '{model_type}' is not supported (allowed: {', '.join(known)})")
+
+
+def load_model(model_cfg) -> Adapter:
+    """Load the model and processor named by a ``ModelConfig`` and wrap them in their family's adapter."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    transformers.utils.logging.disable_progress_bar()
+    path = resolve_path(model_cfg.path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: cannot load a model config from '{model_cfg.path}': {str(exc).splitlines()[0]}") from None
+    adapter_cls = resolve_family(hf_config.model_type, model_cfg.family)
+    device = model_cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model_cls = getattr(transformers, adapter_cls.model_class)
+    kwargs = dict(dtype=getattr(torch, dtype), attn_implementation=model_cfg.attn_implementation)
+    if model_cfg.weights == "random":
+        # Architecture only: for speed and memory benchmarks of full-size models without a download.
+        with torch.device(device):
+            model = model_cls._from_config(hf_config, **kwargs)
+    else:
+        model = model_cls.from_pretrained(path, **kwargs).to(device)
+    model.eval()
+    processor = None
+    if model_cfg.weights == "pretrained" or Path(path, "preprocessor_config.json").exists():
+        processor = AutoProcessor.from_pretrained(path)
+    return adapter_cls(model, processor)
+
+
+__all__ = ["FAMILIES", "Adapter", "PrunePlan", "SampleRecord", "load_model", "resolve_path", "resolve_family"]

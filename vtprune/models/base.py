@@ -1,0 +1,137 @@
+"""What every model adapter shares: the per-sample record, the pruning plan, the family registry, loading.
+
+An adapter wraps one transformers model family. It turns images + prompts into model inputs, computes the
+signals a strategy declares, applies the kept set, and reports per sample what was kept. Hooks, if any,
+live only for the duration of one call and are removed on exit, so a pruned and an unpruned run can share
+one model in one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from vtprune.errors import ConfigError
+from vtprune.registry import Registry
+from vtprune.strategies.base import Signals, Strategy
+
+
+@dataclass
+class SampleRecord:
+    """What happened to one sample's visual tokens."""
+
+    kept: list[int]  # sorted indices into the model's full visual-token sequence of this sample
+    num_visual: int  # candidates: padding (empty tiles) excluded
+    select_seconds: float = 0.0  # scoring + selection, this sample's share of the batch
+    equivalent_tokens: float | None = None  # in-LLM strategies: (K·N + (L−K)·kept) / L
+
+    @property
+    def num_kept(self) -> int:
+        return len(self.kept)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.num_kept / self.num_visual if self.num_visual else 1.0
+
+
+@dataclass
+class PrunePlan:
+    """A strategy at a keep ratio with its options: what one call of an adapter applies."""
+
+    strategy: Strategy
+    keep_ratio: float = 1.0
+    options: dict = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def is_noop(self) -> bool:
+        return self.strategy.name == "none"
+
+    def option(self, name: str):
+        return self.options.get(name, self.strategy.options[name].default)
+
+    def select(self, signals: Signals) -> tuple[list[torch.Tensor], float]:
+        """Kept indices per sample and the wall time of the selection (scoring inside the adapter is added by it)."""
+        start = time.perf_counter()
+        kept = self.strategy.select(signals, self.keep_ratio, **self.options)
+        return kept, time.perf_counter() - start
+
+
+class Adapter:
+    """Base of every model-family adapter."""
+
+    family: ClassVar[str]
+    model_class: ClassVar[str]  # transformers class name
+    #: transformers ``model_type`` values this adapter serves
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, images, prompts):
+        """Model inputs for one image + one prompt per sample, chat template applied, left padding."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give one image per prompt")
+        texts = [
+            self.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        self.processor.tokenizer.padding_side = "left"
+        inputs = self.processor(text=texts, images=self._images_arg(images), padding=True, return_tensors="pt")
+        return inputs.to(self.device)
+
+    def _images_arg(self, images):
+        return images
+
+    def generate(self, inputs, plan: PrunePlan, **gen) -> tuple[torch.Tensor, list[SampleRecord]]:
+        """New token ids ``[B, T_new]`` and one record per sample."""
+        raise NotImplementedError
+
+    def prefill_logits(self, inputs, plan: PrunePlan) -> tuple[torch.Tensor, list[SampleRecord]]:
+        """Logits ``[B, V]`` at the last prompt position, and one record per sample."""
+        raise NotImplementedError
+
+    def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
+        """Random pixels + a fixed-length prompt for benchmarks: no tokenizer or processor needed."""
+        raise NotImplementedError
+
+    def check_strategy(self, strategy: Strategy) -> None:
+        if strategy.families and self.family not in strategy.families:
+            raise ConfigError(
+                f"pruning.strategy: '{strategy.name}' does not run on model family '{self.family}' "
+                f"(allowed families: {', '.join(strategy.families)})"
+            )
+
+
+FAMILIES: Registry[type[Adapter]] = Registry("model family", "model.family")
+
+
+def register_family(cls: type[Adapter]) -> type[Adapter]:
+    FAMILIES.add(cls.family, cls)
+    return cls
+
+
+def new_token_ids(sequences: torch.Tensor, prompt_len: int, from_embeds: bool) -> torch.Tensor:
+    """generate() returns prompt + new tokens for input_ids but only new tokens for inputs_embeds."""
+    return sequences if from_embeds else sequences[:, prompt_len:]
+
+
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, as generate() computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_keys(inputs) -> list[bytes]:
+    """A digest key per sample (its unpadded token ids) for per-sample seeding."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    return [ids[b][mask[b]].cpu().numpy().tobytes() for b in range(len(ids))]

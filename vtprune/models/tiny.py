@@ -1,0 +1,195 @@
+"""Tiny random models of every family, built offline and cached, so every command runs on a laptop CPU.
+
+`tiny:<family>` resolves to a directory under the cache (``$VTPRUNE_CACHE`` or ``~/.cache/vtprune``)
+holding a normal transformers checkpoint + processor; it is built once, deterministically from a seed,
+and then loaded with ``from_pretrained`` exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
+TINY_FAMILIES = ("mllama", "llava", "llava_next")
+TINY_SEED = 1234
+
+# Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
+_CORPUS = """
+What is shown in the image? What color is the object? How many objects are there? What does the sign say?
+Is there a red square? The image shows a blue circle on a white background. Describe the picture in detail.
+yes no one two three four five red green blue yellow black white square circle triangle text word sign
+A photo of a cat sitting on a mat. A dog runs in the park. The number written on the board is 42.
+question answer short reply with a single word or phrase please describe what you see here in the scene
+""".strip().split("\n")
+
+_SPECIALS = [
+    "<pad>", "<s>", "</s>", "<unk>", "<image>",
+    "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|finetune_right_pad_id|>",
+]
+
+_MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+_LLAVA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'].upper() }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("VTPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vtprune"
+
+
+def tiny_path(family: str) -> Path:
+    """Directory of the tiny checkpoint of ``family``, built on first use."""
+    if family not in TINY_FAMILIES:
+        from vtprune.errors import ConfigError
+
+        raise ConfigError(f"model.path: unknown tiny model 'tiny:{family}' (allowed: {', '.join('tiny:' + f for f in TINY_FAMILIES)})")
+    target = cache_root() / "tiny" / f"{family}-{TINY_VERSION}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+        try:
+            _build(family, tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process built it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _tokenizer(family: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if family == "mllama":
+        names = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    else:
+        names = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **names)
+    return fast
+
+
+def _build(family: str, out: Path) -> None:
+    import torch
+
+    tokenizer = _tokenizer(family)
+    vocab = len(tokenizer)
+    torch.manual_seed(TINY_SEED)
+    if family == "mllama":
+        model, processor = _build_mllama(tokenizer, vocab)
+    elif family == "llava":
+        model, processor = _build_llava(tokenizer, vocab)
+    else:
+        model, processor = _build_llava_next(tokenizer, vocab)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def _llama_text(vocab: int, tokenizer) -> dict:
+    return dict(
+        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_vision() -> dict:
+    return dict(
+        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32, initializer_range=0.2,
+    )
+
+
+def _build_mllama(tokenizer, vocab):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    config = MllamaConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+            image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64,
+            supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+            initializer_range=0.2,
+        ),
+        text_config=dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=2048,
+            initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=image_token_id,
+    )
+    model = MllamaForConditionalGeneration(config).eval()
+    with __import__("torch").no_grad():
+        # Real checkpoints have trained, non-zero tanh gates; a fresh init has zero gates, which would make
+        # the image (and hence any visual-token pruning) invisible in the output.
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(1.0)
+                layer.cross_attn_mlp_gate.fill_(1.0)
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_MLLAMA_TEMPLATE)
+    return model, processor
+
+
+def _build_llava(tokenizer, vocab):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        vision_config=_clip_vision(), text_config=_llama_text(vocab, tokenizer), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def _build_llava_next(tokenizer, vocab):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(), text_config=_llama_text(vocab, tokenizer), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+        image_seq_length=16,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor

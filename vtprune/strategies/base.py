@@ -1,0 +1,110 @@
+"""What every strategy shares: the signals it is given, its declared options, the budget rule, the registry.
+
+A strategy is a pure function ``fn(signals, budgets, **options) -> list[LongTensor]``: for each sample of the
+batch, the sorted indices of the visual tokens to keep. It never touches a model; an adapter computes the
+signals the strategy declares in ``needs`` and applies the kept set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from vtprune.registry import Registry
+
+#: Signals an adapter may be asked for (``needs``). Tensors are batch-first, padded to the longest sample.
+SIGNALS = {
+    "groups": "[B, N] tile / crop id of each visual token (uniform spacing is per group)",
+    "head_scores": "[B, H, N] per-head attention of the text to each visual token",
+    "cls_attention": "[B, N] vision encoder CLS→patch attention, averaged over heads",
+    "features": "[B, N, D] visual tokens as the language model sees them (projector outputs)",
+    "text_embeds": "[B, T, D] language-model input embeddings of the prompt's text tokens (with text_valid)",
+}
+
+
+@dataclass
+class Signals:
+    """Inputs of a strategy for one batch. ``valid[b, i]`` is False for padding (never a candidate)."""
+
+    valid: torch.Tensor  # [B, N] bool
+    groups: torch.Tensor | None = None  # [B, N] long, -1 on padding
+    head_scores: torch.Tensor | None = None  # [B, H, N]
+    cls_attention: torch.Tensor | None = None  # [B, N]
+    features: torch.Tensor | None = None  # [B, N, D]
+    text_embeds: torch.Tensor | None = None  # [B, T, D]
+    text_valid: torch.Tensor | None = None  # [B, T] bool
+    #: one seeded generator per sample (random strategies); seeded from the sample itself so that a
+    #: sample's selection does not depend on which other samples share its batch
+    generators: list[torch.Generator] | None = None
+
+    @property
+    def num_valid(self) -> torch.Tensor:
+        return self.valid.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A declared strategy option: its default fixes its type; ``choices`` restricts string options."""
+
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    fn: Callable[..., list[torch.Tensor]]
+    needs: tuple[str, ...] = ()
+    options: dict[str, Option] = field(default_factory=dict)
+    #: where the adapter applies the kept set: "pre_llm" (before the language model), "in_llm" (inside it)
+    stage: str = "pre_llm"
+    #: model families that support it; empty = every family
+    families: tuple[str, ...] = ()
+
+    @property
+    def description(self) -> str:
+        doc = (self.fn.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def select(self, signals: Signals, keep_ratio: float, **options) -> list[torch.Tensor]:
+        opts = {name: opt.default for name, opt in self.options.items()} | options
+        kept = self.fn(signals, budgets(signals.num_valid, keep_ratio), **opts)
+        return [k.sort().values for k in kept]
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
+
+
+def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", families=()):
+    def wrap(fn):
+        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, tuple(families)))
+        return fn
+
+    return wrap
+
+
+def sample_generators(seed: int, keys: list[bytes]) -> list[torch.Generator]:
+    """One generator per sample, seeded by the config seed and a digest of the sample's own inputs."""
+    import zlib
+
+    return [torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key)) for key in keys]
+
+
+def budget(num_valid: int, keep_ratio: float) -> int:
+    """``ceil(keep_ratio · num_valid)``, at least 1. Rounded first so that 0.1·30 is 3, not 4."""
+    return max(1, math.ceil(round(keep_ratio * num_valid, 6)))
+
+
+def budgets(num_valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    return torch.tensor([budget(int(n), keep_ratio) for n in num_valid], dtype=torch.long)
+
+
+def topk_valid(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores among valid positions of a 1-D score vector (ties → lower index)."""
+    masked = scores.float().masked_fill(~valid, float("-inf"))
+    order = torch.sort(masked, descending=True, stable=True).indices
+    return order[: min(k, int(valid.sum()))]
