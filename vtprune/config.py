@@ -94,6 +94,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must be a mapping of keys (name, model, pruning, eval, bench, output_dir, seed)")
     data.setdefault("name", path.stem)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        # A relative model path that exists next to the config file is taken from there (architecture dirs).
+        local = path.parent / model["path"]
+        if not Path(model["path"]).is_absolute() and not Path(model["path"]).exists() and local.exists():
+            data["model"] = {**model, "path": str(local.resolve())}
     for section, values in (overrides or {}).items():
         if isinstance(values, dict) and isinstance(data.get(section), dict):
             data[section] = {**data[section], **values}

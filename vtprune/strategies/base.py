@@ -108,3 +108,8 @@ def topk_valid(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tenso
     masked = scores.float().masked_fill(~valid, float("-inf"))
     order = torch.sort(masked, descending=True, stable=True).indices
     return order[: min(k, int(valid.sum()))]
+
+
+def topk_per_sample(scores: torch.Tensor, valid: torch.Tensor, budgets: torch.Tensor) -> list[torch.Tensor]:
+    """For each sample, the indices of its ``budgets[b]`` highest valid scores (``scores``: [B, N])."""
+    return [topk_valid(scores[b], valid[b], int(k)) for b, k in enumerate(budgets.tolist())]

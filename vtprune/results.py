@@ -1,0 +1,130 @@
+"""The results layout (DESIGN §7): one folder per run, tidy JSONL rows, every file written atomically.
+
+``results/<name>/``
+- ``run.json``      — written LAST; its ``finished`` time marks the folder complete (a sweep redoes others).
+  Keys: name, kind ("eval" | "bench"), config (resolved), versions {vtprune, torch, transformers, lmms_eval,
+  python}, device, dtype, git_commit, started, finished, smoke (True for tiny models: smoke figures only).
+- ``metrics.jsonl`` — one row per (task, metric): run, model, family, strategy, keep_ratio, task, metric,
+  value (None when unscored), stderr, n, scored (bool), kept_fraction_mean, num_visual_mean, num_kept_mean,
+  equivalent_tokens_mean (None for pre-LLM strategies), smoke.
+- ``samples.jsonl`` — one row per sample: task, doc_id, output, target, num_visual, num_kept, kept_fraction,
+  select_ms.
+- ``bench.jsonl``   — one row per (strategy, keep_ratio, batch_size): run, model, family, strategy, keep_ratio,
+  batch_size, device, dtype, weights, smoke, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,
+  kept_fraction_mean, ttft_ms, decode_ms_per_token, e2e_ms (medians; each with a ``_spread`` column = IQR),
+  tokens_per_s, peak_memory_bytes, kv_self_bytes, kv_cross_bytes, kv_self_bytes_analytic,
+  kv_cross_bytes_analytic, select_ms.
+
+``pandas.read_json(path, lines=True)`` is the whole loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_FILE = "run.json"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    run = Path(run_dir) / RUN_FILE
+    if not run.is_file():
+        return False
+    try:
+        return bool(json.loads(run.read_text()).get("finished"))
+    except json.JSONDecodeError:
+        return False
+
+
+def is_smoke(config) -> bool:
+    return config.model.path.startswith("tiny:")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("vtprune", "torch", "transformers", "lmms_eval"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run_metadata(config, kind: str, device, dtype, started: str) -> dict:
+    """The run.json contents; call with ``finished`` added once every other file is written."""
+    return {
+        "name": config.name,
+        "kind": kind,
+        "config": config.to_dict(),
+        "versions": versions(),
+        "device": device_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "git_commit": git_commit(),
+        "started": started,
+        "finished": None,
+        "smoke": is_smoke(config),
+    }
