@@ -1,0 +1,50 @@
+"""The embedded tiny models: built offline, deterministically, loaded back like real checkpoints."""
+
+import pytest
+import torch
+from PIL import Image
+
+import vtprune
+from vtprune.models.tiny import TINY_FAMILIES, tiny_path
+
+IMAGES = [Image.new("RGB", (40, 30), (220, 30, 30)), Image.new("RGB", (30, 70), (20, 40, 200))]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_model_generates_one_image_two_prompts_batch(family):
+    pipe = vtprune.load(model=f"tiny:{family}")
+    assert type(pipe.model).__name__ == pipe.adapter.model_class
+    out = pipe.generate([IMAGES[0], IMAGES[0]], ["What is shown?", "How many objects are there in the picture?"], max_new_tokens=4)
+    assert len(out) == 2
+    for r in out:
+        assert isinstance(r.text, str)
+        assert r.num_visual > 0 and r.kept == list(range(r.num_visual))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_image_changes_the_output(family):
+    # Cross-attention gates are non-zero and the init is wide enough that the image matters.
+    pipe = vtprune.load(model=f"tiny:{family}")
+    inputs = [pipe.prepare([img], ["What is shown?"]) for img in IMAGES]
+    with torch.no_grad():
+        logits = [pipe.adapter.prefill_logits(i, pipe.plan)[0] for i in inputs]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+
+
+def test_build_is_deterministic(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    first = load_file(str(tiny_path("llava") / "model.safetensors"))
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
+    second_dir = tiny_path("llava")
+    assert str(second_dir).startswith(str(tmp_path))
+    second = load_file(str(second_dir / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_cache_dir_respects_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
+    path = tiny_path("llava")
+    assert path.parent == tmp_path / "tiny" and (path / "config.json").is_file()
+    assert (path / "tokenizer.json").is_file() and (path / "chat_template.jinja").exists() or (path / "processor_config.json").exists()

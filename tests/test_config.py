@@ -1,0 +1,103 @@
+"""Config validation: every bad input is one line naming the key and the allowed values, exit 2, nothing written."""
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vtprune.cli import app
+from vtprune.config import load_config
+from vtprune.errors import ConfigError
+
+GOOD = {
+    "name": "t",
+    "model": {"path": "tiny:llava"},
+    "pruning": {"strategy": "uniform", "keep_ratio": 0.5},
+    "eval": {"tasks": ["vtprune_textvqa_mini"]},
+}
+
+
+def write(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def with_(section, **values):
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in GOOD.items()}
+    data[section] = {**data.get(section, {}), **values}
+    return data
+
+
+BAD = [
+    ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key (allowed: name, model, pruning, eval, bench, output_dir, seed)"),
+    ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),
+    ("unknown strategy", with_("pruning", strategy="magic"), "pruning.strategy: unknown strategy 'magic' (allowed: "),
+    ("unknown family", with_("model", family="gpt"), "model.family: 'gpt' is not allowed (allowed: auto, mllama, llava, llava_next)"),
+    ("unknown task", with_("eval", tasks=["mmmu"]), "eval.tasks: unknown task 'mmmu' (allowed: "),
+    ("keep ratio zero", with_("pruning", keep_ratio=0), "pruning.keep_ratio: 0.0 is outside the allowed range (0, 1]"),
+    ("keep ratio above one", with_("pruning", keep_ratio=1.5), "pruning.keep_ratio: 1.5 is outside the allowed range (0, 1]"),
+    ("keep ratio negative", with_("pruning", keep_ratio=-0.2), "pruning.keep_ratio: -0.2 is outside the allowed range (0, 1]"),
+    ("undeclared option", with_("pruning", options={"layer": 3}), "pruning.options.layer: strategy 'uniform' has no such option (allowed: none)"),
+    ("bad weights", with_("model", weights="trained"), "model.weights: 'trained' is not allowed (allowed: pretrained, random)"),
+    ("bad dtype", with_("model", dtype="int8"), "model.dtype: 'int8' is not allowed (allowed: auto, float32, float16, bfloat16)"),
+    ("bad device", with_("model", device="tpu"), "model.device: 'tpu' is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
+    ("bad tiny model", with_("model", path="tiny:qwen"), "model.path: 'tiny:qwen' is not allowed (allowed: tiny:mllama, tiny:llava, tiny:llava_next)"),
+    ("wrong type", with_("pruning", keep_ratio="half"), "pruning.keep_ratio: expected a number, got 'half'"),
+    ("malformed yaml", "model: [unclosed\n", "is not valid YAML"),
+    ("not a mapping", "- a\n- b\n", "must be a mapping of keys"),
+]
+
+
+@pytest.mark.parametrize("label,data,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path, label, data, message):
+    path = write(tmp_path, data)
+    out_dir = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--dry-run", "--output-dir", str(out_dir)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+    assert not out_dir.exists()
+
+
+def test_missing_file(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--config", str(tmp_path / "nope.yaml"), "--dry-run"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: config: file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_dry_run_prints_resolved_config(tmp_path):
+    path = write(tmp_path, GOOD, "mine.yaml")
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--dry-run", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["name"] == "t"
+    assert resolved["pruning"] == {"strategy": "uniform", "keep_ratio": 0.5, "options": {}}
+    assert resolved["eval"]["limit"] == 3
+    assert resolved["bench"]["batch_sizes"] == [1, 4, 16]  # defaults filled in
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    data = {k: v for k, v in GOOD.items() if k != "name"}
+    assert load_config(write(tmp_path, data, "my-run.yaml")).name == "my-run"
+
+
+def test_strategy_family_mismatch_is_rejected(tmp_path):
+    from vtprune.strategies import STRATEGIES
+
+    restricted = [s for _, s in STRATEGIES.items() if s.families and "llava" not in s.families]
+    if not restricted:
+        pytest.skip("no family-restricted strategy registered")
+    data = with_("pruning", strategy=restricted[0].name)
+    with pytest.raises(ConfigError, match=f"pruning.strategy: '{restricted[0].name}' does not run on model family 'llava'"):
+        load_config(write(tmp_path, data))
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        load_config(path)
