@@ -208,6 +208,8 @@ def _check_option(key: str, value, option) -> None:
         raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
     if option.choices and value not in option.choices:
         raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(map(str, option.choices))})")
+    if option.bounds and not option.bounds[0] <= value <= option.bounds[1]:
+        raise ConfigError(f"{key}: {value} is outside the allowed range [{option.bounds[0]}, {option.bounds[1]}]")
 
 
 def declared_family(config: Config) -> str | None:

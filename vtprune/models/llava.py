@@ -1,15 +1,22 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): visual tokens pruned before the language model.
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): visual tokens pruned before or inside the language model.
 
-Pre-LLM strategies run here: the adapter computes the projector outputs itself, selects the kept tokens,
-splices them with the text embeddings into a shorter sequence per sample (left padded again), and hands
-``inputs_embeds`` to the model's own ``generate``. Position ids, attention mask and KV cache are therefore
-those of the shorter sequence. ``none`` takes the model's own unmodified path, so that it is the reference.
+Pre-LLM strategies: the adapter computes the projector outputs itself, selects the kept tokens, splices them
+with the text embeddings into a shorter sequence per sample (left padded again), and hands ``inputs_embeds``
+to the model's own ``generate``. Position ids, attention mask and KV cache are those of the shorter sequence.
+
+In-LLM strategies (``fastv``): the model runs its own path; forward pre-hooks on the decoder layers, alive only
+inside the call, score the image tokens at layer K (1-based: ``layers[K-1]``) and drop the pruned positions
+from the hidden states, rotary embeddings and mask of ``layers[K:]`` during prefill, so those layers' KV cache
+holds only the kept tokens; decode steps get masks sized to each layer's own cache.
+
+``none`` takes the model's own unmodified path, so that it is the reference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,9 +34,26 @@ class VisualTokens:
     vision: object = None  # the vision tower's output, for signals that need it (family-specific)
 
 
+@dataclass
+class _FastVState:
+    """Per-call state of the in-LLM hooks."""
+
+    plan: PrunePlan
+    layer: int  # K: layers[:K] see every token, layers[K:] only the kept ones
+    image_pos: list[torch.Tensor]  # [N_b] image-token positions in the full prompt
+    full_mask: torch.Tensor  # [B, S] 2-D padding mask of the prompt
+    keys: list[bytes]
+    records: list[SampleRecord] = field(default_factory=list)
+    gather: torch.Tensor | None = None  # [B, S'] prompt positions kept for layers[K:], left padded
+    short_mask: torch.Tensor | None = None  # [B, S' + new tokens] padding mask of layers[K:]
+    prefill: bool = True
+    short_rope: tuple | None = None
+    short_position_ids: torch.Tensor | None = None
+
+
 @register_family
 class LlavaAdapter(Adapter):
-    """LLaVA-1.5 (LlavaForConditionalGeneration): visual tokens pruned before the language model."""
+    """LLaVA-1.5 (LlavaForConditionalGeneration): visual tokens pruned before or inside the language model."""
 
     family = "llava"
     model_class = "LlavaForConditionalGeneration"
@@ -38,6 +62,14 @@ class LlavaAdapter(Adapter):
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
 
     # -- visual tokens and signals -------------------------------------------------------------------------
 
@@ -65,24 +97,49 @@ class LlavaAdapter(Adapter):
         return _pad_rows(rows)
 
     def signals(self, inputs, visual: VisualTokens, needs: tuple[str, ...]) -> Signals:
-        valid = _pad_rows([torch.ones(len(f), dtype=torch.bool, device=f.device) for f in visual.features])[0]
-        signals = Signals(valid=valid.bool())
+        # Visual signals are right padded: index i of a row is visual token i of that sample.
+        valid = _pad_right([torch.ones(len(f), dtype=torch.bool, device=f.device) for f in visual.features], False)
+        signals = Signals(valid=valid)
         for name in needs:
             if name == "groups":
-                signals.groups = _pad_rows(visual.groups, fill=-1)[0]
+                signals.groups = _pad_right(visual.groups, -1)
             elif name == "features":
-                signals.features = _pad_rows(visual.features)[0]
+                signals.features = _pad_right(visual.features, 0)
             elif name == "text_embeds":
                 signals.text_embeds, signals.text_valid = self.text_embeds(inputs)
             elif name == "cls_attention":
-                signals.cls_attention = _pad_rows(self.cls_attention(inputs, visual))[0]
+                signals.cls_attention = _pad_right(self.cls_attention(inputs, visual), 0)
             else:
                 raise ConfigError(f"pruning.strategy: model family '{self.family}' cannot provide the signal '{name}'")
         return signals
 
+    def crop_cls_attention(self, vision_output) -> torch.Tensor:
+        """``[crops, P]`` CLS→patch attention inside the vision layer producing the used features, head mean.
+
+        Recomputed from that layer's ``layer_norm1``/``q_proj``/``k_proj`` so the tower keeps its fast attention.
+        Column order is the features' order: the CLS column is dropped with the ``default`` select strategy.
+        """
+        cfg = self.model.config
+        layer_index = cfg.vision_feature_layer
+        if not isinstance(layer_index, int):
+            raise ConfigError("pruning.strategy: cls_attention needs a single vision_feature_layer")
+        hidden = vision_output.hidden_states  # embeddings, then the output of each encoder layer
+        produced = layer_index % len(hidden)  # hidden[produced] is the output of encoder layer produced - 1
+        if produced == 0:
+            raise ConfigError("pruning.strategy: cls_attention needs features taken after an encoder layer")
+        layer = _vision_layers(self.model.model.vision_tower)[produced - 1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden[produced - 1])
+        crops, length, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(crops, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [crops, H, 1, 1+P]
+        scores = probs.mean(dim=1)[:, 0]
+        return scores[:, 1:] if cfg.vision_feature_select_strategy == "default" else scores
+
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """CLS→patch attention of the vision encoder per visual token, in the features' order."""
-        raise ConfigError(f"pruning.strategy: model family '{self.family}' cannot provide the signal 'cls_attention' yet")
+        return list(self.crop_cls_attention(visual.vision))
 
     # -- pruning before the LLM ----------------------------------------------------------------------------
 
@@ -115,19 +172,127 @@ class LlavaAdapter(Adapter):
         inputs_embeds, attention_mask = _pad_rows(rows)
         return inputs_embeds, attention_mask.long(), records
 
+    # -- pruning inside the LLM (fastv) --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def in_llm_pruning(self, inputs, plan: PrunePlan):
+        """Hooks for one call (prefill + decode) of the model on ``inputs``; yields the state, removes them on exit."""
+        layers = self.decoder_layers
+        k = int(plan.option("layer"))
+        if not 1 <= k < len(layers):
+            raise ConfigError(f"pruning.options.layer: must be in 1..{len(layers) - 1} for this model (got {k})")
+        ids = inputs["input_ids"]
+        state = _FastVState(
+            plan=plan,
+            layer=k,
+            image_pos=[torch.nonzero(row == self.image_token_id).flatten() for row in ids],
+            full_mask=inputs["attention_mask"].bool(),
+            keys=sample_keys(inputs),
+        )
+        handles = [layers[k - 1].register_forward_pre_hook(self._score_hook(state), with_kwargs=True)]
+        handles += [
+            layer.register_forward_pre_hook(self._cut_hook(state, index), with_kwargs=True)
+            for index, layer in enumerate(layers)
+            if index >= k
+        ]
+        try:
+            yield state
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _score_hook(self, state: _FastVState):
+        def hook(layer, args, kwargs):
+            if state.gather is not None:  # decode step: the kept set is fixed after prefill
+                return None
+            start = time.perf_counter()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            head_scores = last_token_attention(layer, hidden, kwargs["position_embeddings"], state.full_mask)
+            scores = [head_scores[b][:, pos] for b, pos in enumerate(state.image_pos)]  # [H, N_b]
+            width = max(len(p) for p in state.image_pos)
+            padded = head_scores.new_zeros(len(scores), head_scores.shape[1], width)
+            valid = torch.zeros(len(scores), width, dtype=torch.bool, device=hidden.device)
+            for b, s in enumerate(scores):
+                padded[b, :, : s.shape[1]] = s
+                valid[b, : s.shape[1]] = True
+            signals = Signals(valid=valid, head_scores=padded, generators=sample_generators(state.plan.seed, state.keys))
+            kept = state.plan.strategy.select(signals, state.plan.keep_ratio, **state.plan.options)
+            rows = []
+            total = len(self.decoder_layers)
+            for b, keep in enumerate(kept):
+                stay = state.full_mask[b].clone()
+                drop = torch.ones(len(state.image_pos[b]), dtype=torch.bool, device=stay.device)
+                drop[keep.to(stay.device)] = False
+                stay[state.image_pos[b][drop]] = False
+                rows.append(torch.nonzero(stay).flatten())
+                n, kept_n = len(state.image_pos[b]), len(keep)
+                state.records.append(
+                    SampleRecord(
+                        kept=keep.tolist(),
+                        num_visual=n,
+                        equivalent_tokens=(state.layer * n + (total - state.layer) * kept_n) / total,
+                    )
+                )
+            state.gather, state.short_mask = _pad_rows(rows)
+            seconds = (time.perf_counter() - start) / len(kept)
+            for record in state.records:
+                record.select_seconds = seconds
+            return None
+
+        return hook
+
+    def _cut_hook(self, state: _FastVState, index: int):
+        from transformers.masking_utils import create_causal_mask
+
+        def hook(layer, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == state.layer:
+                state.prefill = state.short_rope is None
+                if state.prefill:
+                    hidden = _take(hidden, state.gather)
+                    state.short_rope = tuple(_take(t.expand(len(hidden), *t.shape[1:]), state.gather) for t in kwargs["position_embeddings"])
+                    pos = kwargs.get("position_ids")
+                    state.short_position_ids = _take(pos.expand(len(hidden), -1), state.gather) if pos is not None else None
+                else:
+                    new = state.short_mask.new_ones(len(hidden), hidden.shape[1])
+                    state.short_mask = torch.cat([state.short_mask, new], dim=1)
+            if state.prefill:
+                kwargs["position_embeddings"] = state.short_rope
+                if state.short_position_ids is not None:
+                    kwargs["position_ids"] = state.short_position_ids
+            kwargs["attention_mask"] = create_causal_mask(
+                config=self.text_config,
+                inputs_embeds=hidden,
+                attention_mask=state.short_mask,
+                cache=kwargs.get("cache"),
+                layer_idx=index,
+            )
+            return (hidden, *args[1:]), kwargs
+
+        return hook
+
+    # -- calls ---------------------------------------------------------------------------------------------
+
     def generate(self, inputs, plan: PrunePlan, **gen):
         if plan.is_noop:
             out = self.model.generate(**inputs, **gen)
             return out[:, inputs["input_ids"].shape[1] :], self.unpruned_records(inputs)
+        if plan.strategy.stage == "in_llm":
+            with self.in_llm_pruning(inputs, plan) as state:
+                out = self.model.generate(**inputs, **gen)
+            return out[:, inputs["input_ids"].shape[1] :], state.records
         inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)
         out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen)
         return out, records
 
     def prefill_logits(self, inputs, plan: PrunePlan):
-        if plan.is_noop:
+        if plan.is_noop or plan.strategy.stage == "in_llm":
             positions = left_pad_positions(inputs["attention_mask"])
-            logits = self.model(**inputs, position_ids=positions).logits[:, -1]
-            return logits, self.unpruned_records(inputs)
+            if plan.is_noop:
+                return self.model(**inputs, position_ids=positions).logits[:, -1], self.unpruned_records(inputs)
+            with self.in_llm_pruning(inputs, plan) as state:
+                logits = self.model(**inputs, position_ids=positions).logits[:, -1]
+            return logits, state.records
         inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)
         positions = left_pad_positions(attention_mask)
         logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions).logits
@@ -136,6 +301,82 @@ class LlavaAdapter(Adapter):
     def unpruned_records(self, inputs) -> list[SampleRecord]:
         counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
         return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
+
+    # -- benchmarks ----------------------------------------------------------------------------------------
+
+    def num_synthetic_visual(self) -> int:
+        """Visual tokens of one synthetic image."""
+        vision = self.model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (self.model.config.vision_feature_select_strategy == "full")
+
+    def synthetic_pixels(self, batch_size: int, generator) -> dict:
+        size = self.model.config.vision_config.image_size
+        return {"pixel_values": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1}
+
+    def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
+        """Random pixels, then the image tokens followed by ``prompt_tokens`` random text tokens (no tokenizer)."""
+        cfg = self.model.config
+        specials = {cfg.image_token_id, self.text_config.pad_token_id, self.text_config.bos_token_id, self.text_config.eos_token_id}
+        vocab = [t for t in range(min(self.text_config.vocab_size, 32000)) if t not in specials]
+        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        image = torch.full((batch_size, self.num_synthetic_visual()), cfg.image_token_id)
+        input_ids = torch.cat([image, text], dim=1)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **self.synthetic_pixels(batch_size, generator)}
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+
+    def kv_cache_bytes(self, cache) -> dict:
+        """Bytes held by a transformers cache object (keys + values of every layer)."""
+        total = 0
+        for layer in cache.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return {"self": total, "cross": 0}
+
+    def analytic_kv_bytes(self, batch_size: int, prompt_len: int, new_tokens: int, num_kept_per_sample, plan: PrunePlan | None = None) -> dict:
+        """Expected cache bytes after ``new_tokens`` tokens were appended to a ``prompt_len``-token synthetic prompt.
+
+        ``num_kept_per_sample``: visual tokens kept per sample (the batch is padded to the longest). With an
+        in-LLM ``plan`` only ``layers[K:]`` hold the pruned length; ``layers[:K]`` hold the full prompt.
+        """
+        t = self.text_config
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        per_token_layer = 2 * t.num_key_value_heads * head_dim * next(self.model.parameters()).element_size()
+        num_visual = self.num_synthetic_visual()
+        kept_len = prompt_len - num_visual + max(num_kept_per_sample) + new_tokens
+        full_len = prompt_len + new_tokens
+        full_layers = int(plan.option("layer")) if plan is not None and plan.strategy.stage == "in_llm" else 0
+        tokens = full_layers * full_len + (t.num_hidden_layers - full_layers) * kept_len
+        return {"self": batch_size * per_token_layer * tokens, "cross": 0}
+
+
+def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S]`` attention of the last position to every position in one Llama decoder layer, per query head.
+
+    Recomputed from the layer's ``input_layernorm``/``q_proj``/``k_proj`` with rotary embeddings (eager formula);
+    the last position sees every non-padding key, so the padding mask is the whole mask of that row.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # key heads shared by groups of query heads
+    logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
+    logits = logits.masked_fill(~padding_mask[:, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, index[b]]`` for a ``[B, S, ...]`` tensor and ``[B, S']`` index."""
+    return torch.stack([t[b, index[b]] for b in range(len(index))])
 
 
 def _pad_rows(rows: list[torch.Tensor], fill=0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,3 +389,13 @@ def _pad_rows(rows: list[torch.Tensor], fill=0) -> tuple[torch.Tensor, torch.Ten
             batch[b, length - len(r) :] = r
             mask[b, length - len(r) :] = True
     return batch, mask
+
+
+def _pad_right(rows: list[torch.Tensor], fill) -> torch.Tensor:
+    """Right-pad rows so that index ``i`` of a row is visual token ``i`` of that sample."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
+
+
+def _vision_layers(tower):
+    # CLIPVisionModel in transformers 5 holds the encoder directly; older layouts nest it in vision_model.
+    return getattr(tower, "vision_model", tower).encoder.layers

@@ -47,11 +47,12 @@ class Signals:
 
 @dataclass(frozen=True)
 class Option:
-    """A declared strategy option: its default fixes its type; ``choices`` restricts string options."""
+    """A declared strategy option: its default fixes its type; ``choices`` or ``bounds`` (inclusive) restrict it."""
 
     default: Any
     help: str = ""
     choices: tuple | None = None
+    bounds: tuple | None = None
 
 
 @dataclass(frozen=True)

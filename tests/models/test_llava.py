@@ -1,0 +1,191 @@
+"""LLaVA-1.5 adapter on the tiny model: pre-LLM pruning, fastv inside the LLM, CLS saliency, KV cache."""
+
+import pytest
+import torch
+from PIL import Image
+
+import vtprune
+from vtprune.models.base import PrunePlan, left_pad_positions
+from vtprune.strategies import STRATEGIES
+
+ALL = ["none", "random", "uniform", "fastervlm", "text_sim", "divprune", "adav", "fastv"]
+IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (90, 40), (20, 30, 210))]
+PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
+
+
+def plan(name, keep=1.0, **options):
+    if name not in STRATEGIES:
+        pytest.skip(f"strategy '{name}' is not implemented yet (no vtprune/strategies/{name}.py)")
+    return PrunePlan(STRATEGIES.get(name), keep, options)
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return vtprune.load(model="tiny:llava").adapter
+
+
+@pytest.fixture(scope="module")
+def inputs(adapter):
+    return adapter.prepare(IMAGES, PROMPTS)
+
+
+def masked_reference_hooks(adapter, inputs, kept, k):
+    """Hooks on layers[k:] that hide the pruned image tokens from attention: the full-length equivalent of fastv."""
+    ids, base = inputs["input_ids"], inputs["attention_mask"].bool().clone()
+    for b, keep in enumerate(kept):
+        pos = torch.nonzero(ids[b] == adapter.image_token_id).flatten()
+        hide = torch.ones(len(pos), dtype=torch.bool)
+        hide[torch.tensor(keep, dtype=torch.long)] = False
+        base[b, pos[hide]] = False
+
+    def hook(layer, args, kwargs):
+        q = args[0].shape[1]
+        cache = kwargs.get("cache")
+        past = cache.get_seq_length(layer.self_attn.layer_idx) if cache is not None else 0
+        kv = past + q
+        keys = torch.cat([base, base.new_ones(len(base), kv - base.shape[1])], dim=1)
+        query_pos = torch.arange(q) + past
+        causal = torch.arange(kv)[None, :] <= query_pos[:, None]
+        mask = keys[:, None, None, :] & causal[None, None]
+        mask |= (torch.arange(kv)[None, :] == query_pos[:, None])[None, None]  # no empty rows (padding, pruned)
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in adapter.decoder_layers[k:]]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_keep_all_equals_unpruned(adapter, inputs, name):
+    with torch.no_grad():
+        ref, _ = adapter.prefill_logits(inputs, plan("none"))
+        logits, records = adapter.prefill_logits(inputs, plan(name, 1.0))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert all(r.kept == list(range(r.num_visual)) and r.num_visual == 16 for r in records)
+
+
+def test_pre_llm_pruning_equals_llm_on_shortened_embeds(adapter, inputs):
+    with torch.no_grad():
+        logits, records = adapter.prefill_logits(inputs, plan("uniform", 0.5))
+        model = adapter.model
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        rows = []
+        for b, rec in enumerate(records):
+            ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
+            pos = torch.nonzero(ids == adapter.image_token_id).flatten()
+            row = embeds[b].clone()
+            row[pos] = feats[b]
+            stay = mask.clone()
+            stay[pos] = False
+            stay[pos[rec.kept]] = True
+            rows.append(row[stay])
+        length = max(len(r) for r in rows)
+        batch = torch.zeros(len(rows), length, embeds.shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, r in enumerate(rows):
+            batch[b, length - len(r) :], mask[b, length - len(r) :] = r, 1
+        ref = model(inputs_embeds=batch, attention_mask=mask, position_ids=left_pad_positions(mask)).logits[:, -1]
+    assert [r.num_kept for r in records] == [8, 8]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fastv_equals_masked_reference(adapter, inputs, k):
+    with torch.no_grad():
+        logits, records = adapter.prefill_logits(inputs, plan("fastv", 0.25, layer=k))
+        handles = masked_reference_hooks(adapter, inputs, [r.kept for r in records], k)
+        try:
+            ref = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"])).logits[:, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert (logits - unpruned).abs().max() > 1e-4  # the pruning does change the output
+    layers = len(adapter.decoder_layers)
+    assert all(r.num_kept == 4 and r.equivalent_tokens == (k * 16 + (layers - k) * 4) / layers for r in records)
+    assert not any(layer._forward_pre_hooks for layer in adapter.decoder_layers)
+
+
+def test_fastv_scores_match_eager_attention(inputs):
+    eager = vtprune.load(model="tiny:llava", attn_implementation="eager").adapter
+    k = 2
+    with torch.no_grad():
+        _, records = eager.prefill_logits(inputs, plan("fastv", 0.25, layer=k))
+        out = eager.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"]), output_attentions=True)
+    for b, rec in enumerate(records):
+        pos = torch.nonzero(inputs["input_ids"][b] == eager.image_token_id).flatten()
+        scores = out.attentions[k - 1][b, :, -1, pos].mean(dim=0)
+        assert rec.kept == sorted(scores.topk(4).indices.tolist())
+
+
+def test_fastv_generate_uses_pruned_cache_and_equals_reference(adapter, inputs):
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=adapter.processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        new, records = adapter.generate(inputs, plan("fastv", 0.25, layer=2), **gen)
+        handles = masked_reference_hooks(adapter, inputs, [r.kept for r in records], 2)
+        try:
+            ref = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
+        finally:
+            for h in handles:
+                h.remove()
+        for b in range(2):
+            one = adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1])
+            alone, _ = adapter.generate(one, plan("fastv", 0.25, layer=2), **gen)
+            assert torch.equal(alone[0], new[b])
+    assert torch.equal(new, ref)
+
+
+def test_fastv_cache_holds_only_kept_tokens_after_layer_k(adapter, inputs):
+    p = plan("fastv", 0.25, layer=2)
+    with torch.no_grad(), adapter.in_llm_pruning(inputs, p):
+        out = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"]), use_cache=True)
+    lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
+    full = inputs["input_ids"].shape[1]
+    assert lengths == [full, full, full - 12, full - 12]
+    expected = adapter.analytic_kv_bytes(2, full, 0, [4, 4], plan=p)
+    assert adapter.kv_cache_bytes(out.cache) == expected
+
+
+@pytest.mark.parametrize("name", ["uniform", "fastv"])
+def test_synthetic_inputs_and_kv_bytes(adapter, name):
+    p = plan(name, 0.5)
+    inputs = adapter.synthetic_inputs(2, 16, torch.Generator().manual_seed(0))
+    assert inputs["input_ids"].shape == (2, 16 + 16) and (inputs["input_ids"] == adapter.image_token_id).sum() == 32
+    with torch.no_grad():
+        if name == "fastv":
+            with adapter.in_llm_pruning(inputs, p):
+                out = adapter.model(**inputs, use_cache=True)
+        else:
+            embeds, mask, _ = adapter.pruned_inputs(inputs, p)
+            out = adapter.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+    assert adapter.kv_cache_bytes(out.cache) == adapter.analytic_kv_bytes(2, 32, 0, [8, 8], plan=p)
+
+
+def test_pruned_generate_batched_equals_per_sample(adapter, inputs):
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=adapter.processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        new, records = adapter.generate(inputs, plan("fastervlm", 0.5), **gen)
+        first, _ = adapter.prefill_logits(inputs, plan("fastervlm", 0.5))
+        for b in range(2):
+            alone, rec = adapter.generate(adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1]), plan("fastervlm", 0.5), **gen)
+            assert torch.equal(alone[0], new[b]) and rec[0].kept == records[b].kept
+    assert torch.equal(new[:, 0], first.argmax(-1))
+
+
+def test_cls_attention_matches_eager_vision_tower(adapter, inputs):
+    from transformers import CLIPVisionModel
+
+    tower = adapter.model.model.vision_tower
+    config = tower.config.__class__.from_dict(tower.config.to_dict())
+    config._attn_implementation = "eager"
+    eager = CLIPVisionModel(config).eval()
+    eager.load_state_dict(tower.state_dict())
+    with torch.no_grad():
+        visual = adapter.visual_tokens(inputs)
+        scores = adapter.cls_attention(inputs, visual)
+        out = eager(inputs["pixel_values"], output_attentions=True)
+    layer = len(out.attentions) + adapter.model.config.vision_feature_layer  # the layer producing hidden_states[-2]
+    expected = out.attentions[layer][:, :, 0, 1:].mean(dim=1)
+    assert len(scores) == 2 and scores[0].shape == (16,)
+    torch.testing.assert_close(torch.stack(scores), expected, atol=1e-6, rtol=1e-5)

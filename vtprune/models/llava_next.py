@@ -1,0 +1,88 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): the LLaVA adapter over the model's anyres layout.
+
+The visual tokens of one image are, in the model's own order: the base view (one crop of the whole image),
+then the high-resolution crops stitched into one grid, unpadded to the image's aspect ratio, with an
+``image_newline`` token closing every grid row. vtprune takes that sequence from the model's own
+``get_image_features`` / ``pack_image_features``; newline tokens are candidates like any other visual token
+and count in the budget. Per-token maps (crop ids, CLS saliency) are carried through the same
+``pack_image_features`` as 1-channel feature maps, so token i's value is token i's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.models.base import register_family
+from vtprune.models.llava import LlavaAdapter, VisualTokens
+
+
+@register_family
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (LlavaNextForConditionalGeneration): anyres crops, unpad and newlines followed exactly."""
+
+    family = "llava_next"
+    model_class = "LlavaNextForConditionalGeneration"
+    model_types = ("llava_next",)
+
+    def crops_per_image(self, image_sizes) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        return [
+            image_size_to_num_patches(size, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size)
+            for size in image_sizes
+        ]
+
+    def pack_maps(self, maps: torch.Tensor, image_sizes, newline_value: float) -> list[torch.Tensor]:
+        """Pack a per-crop map ``[crops, P]`` (all images' crops in order) exactly like the features: ``[N_b]`` per image."""
+        per_image = torch.split(maps[..., None], self.crops_per_image(image_sizes), dim=0)
+        newline = maps.new_full((1,), newline_value)
+        packed, _ = self.model.model.pack_image_features(
+            list(per_image), image_sizes, self.model.config.vision_feature_select_strategy, image_newline=newline
+        )
+        return [p[:, 0] for p in packed]
+
+    def visual_tokens(self, inputs) -> VisualTokens:
+        cfg = self.model.config
+        out = self.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            image_sizes=inputs["image_sizes"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            output_hidden_states=True,
+        )
+        feats = list(out.pooler_output)
+        # Group = crop id: base view 0, crops 1..n; newline tokens form their own last group (n + 1) so that
+        # `uniform` spreads its share over the rows instead of treating separators as picture content.
+        counts = self.crops_per_image(inputs["image_sizes"])
+        tokens = out.hidden_states[0].shape[1] - (cfg.vision_feature_select_strategy == "default")
+        ids = torch.cat([torch.arange(n, dtype=torch.float32) for n in counts])[:, None].expand(-1, tokens)
+        groups = [
+            torch.where(g < 0, n, g).round().long().to(f.device)
+            for g, n, f in zip(self.pack_maps(ids.to(feats[0].device), inputs["image_sizes"], -1.0), counts, feats)
+        ]
+        return VisualTokens(feats, groups, out)
+
+    def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """CLS saliency per crop, packed like the features; newline tokens score 0 (no patch behind them)."""
+        return self.pack_maps(self.crop_cls_attention(visual.vision), inputs["image_sizes"], 0.0)
+
+    # -- benchmarks ----------------------------------------------------------------------------------------
+
+    def synthetic_image_size(self) -> list[int]:
+        """The largest grid pinpoint: the most crops, as for a large photo."""
+        return list(max(self.model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1]))
+
+    def num_synthetic_visual(self) -> int:
+        size = torch.tensor([self.synthetic_image_size()])
+        crops = self.crops_per_image(size)[0]
+        vision = self.model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + (self.model.config.vision_feature_select_strategy == "full")
+        return len(self.pack_maps(torch.zeros(crops, tokens), size, 0.0)[0])
+
+    def synthetic_pixels(self, batch_size: int, generator) -> dict:
+        size = self.model.config.vision_config.image_size
+        image_sizes = torch.tensor([self.synthetic_image_size()] * batch_size)
+        crops = self.crops_per_image(image_sizes[:1])[0]
+        pixels = torch.rand(batch_size, crops, 3, size, size, generator=generator) * 2 - 1
+        return {"pixel_values": pixels, "image_sizes": image_sizes}

@@ -1,0 +1,40 @@
+"""DivPrune: greedy max–min diversity of the visual tokens."""
+
+import torch
+import torch.nn.functional as F
+
+from vtprune.strategies.base import register_strategy
+
+
+def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max–min subset of ``k`` rows of ``features`` [n, D] under cosine distance ``1 − cos``.
+
+    The first pick is the token farthest from its own nearest neighbour (DivPrune's released code: the
+    second-smallest entry of each distance column, the smallest being the token itself); then each step
+    adds the token whose distance to the selected set (its nearest selected token) is largest. Ties → lower index.
+    """
+    unit = F.normalize(features.double(), dim=-1)  # float64: rounding noise should not reorder equal distances
+    distance = 1 - unit @ unit.T
+    n = len(features)
+    k = min(k, n)
+    nearest = (
+        distance.masked_fill(torch.eye(n, dtype=torch.bool, device=distance.device), float("inf")).min(dim=1).values
+    )
+    chosen = [int(torch.argmax(nearest))]  # argmax returns the first maximum
+    to_chosen = distance[chosen[0]].clone()
+    to_chosen[chosen[0]] = float("-inf")
+    while len(chosen) < k:
+        chosen.append(int(torch.argmax(to_chosen)))
+        to_chosen = torch.minimum(to_chosen, distance[chosen[-1]])
+        to_chosen[chosen[-1]] = float("-inf")
+    return torch.tensor(chosen, device=features.device)
+
+
+@register_strategy("divprune", needs=("features",))
+def keep_divprune(signals, budgets):
+    """DivPrune: greedy max–min cosine diversity of the projector outputs (most isolated token first)."""
+    kept = []
+    for b, k in enumerate(budgets.tolist()):
+        candidates = torch.nonzero(signals.valid[b]).flatten()
+        kept.append(candidates[max_min_diverse(signals.features[b, candidates], k)])
+    return kept
