@@ -1,0 +1,151 @@
+"""``vtprune cost``: analytic KV cache and prefill FLOPs of LLaMA-3.2-11B-Vision, checked against hand computations."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vtprune.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH_11B = REPO / "configs/architectures/llama-3.2-11b-vision/config.json"
+
+# The facts of meta-llama/Llama-3.2-11B-Vision that the figures depend on.
+CONFIG_11B = {
+    "model_type": "mllama",
+    "architectures": ["MllamaForConditionalGeneration"],
+    "image_token_index": 128256,
+    "text_config": {
+        "model_type": "mllama_text_model", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+    },
+    "vision_config": {"model_type": "mllama_vision_model", "image_size": 560, "patch_size": 14, "max_num_tiles": 4},
+}
+
+N = 4 * 1601  # 4 tiles × (40 × 40 patches + CLS)
+PER_TOKEN_LAYER = 2 * 8 * 128 * 2  # K and V × 8 KV heads × head_dim 128 × 2 bytes (bf16)
+
+
+@pytest.fixture
+def config_11b(tmp_path):
+    arch = tmp_path / "llama-3.2-11b-vision"
+    arch.mkdir()
+    if ARCH_11B.is_file():  # the shipped architecture file, when it exists, must give the same figures
+        shutil.copy(ARCH_11B, arch / "config.json")
+    else:
+        (arch / "config.json").write_text(json.dumps(CONFIG_11B))
+    path = tmp_path / "llama11b.yaml"
+    path.write_text(
+        "model: {path: llama-3.2-11b-vision, weights: random, dtype: bfloat16}\n"
+        "pruning: {strategy: uniform, keep_ratio: 0.5}\n"
+        "bench: {batch_sizes: [1], prompt_tokens: 64}\n"
+    )
+    return path
+
+
+def _hf_config():
+    from transformers import MllamaConfig
+
+    return MllamaConfig(text_config=CONFIG_11B["text_config"], vision_config=CONFIG_11B["vision_config"])
+
+
+def _trimmed(prune_first_layer_cache: bool):
+    """trimmed_llama as registered, or a stand-in with its declared stage and option until it lands."""
+    from vtprune.strategies import STRATEGIES
+    from vtprune.strategies.base import Option, Strategy
+
+    if "trimmed_llama" in STRATEGIES:
+        strategy = STRATEGIES.get("trimmed_llama")
+    else:
+        strategy = Strategy("trimmed_llama", fn=None, stage="in_llm", options={"prune_first_layer_cache": Option(True)})
+    return strategy, {"prune_first_layer_cache": prune_first_layer_cache}
+
+
+def _rows(strategy, ratios, batch_sizes):
+    from vtprune.bench import cost_rows
+
+    return cost_rows(_hf_config(), strategies=[strategy], ratios=ratios, batch_sizes=batch_sizes, prompt_tokens=64, dtype="bfloat16")
+
+
+def test_trimmed_llama_kv_cache_by_hand():
+    kept = math.ceil(0.5 * N)
+    assert kept == 3202
+    cut, = _rows(_trimmed(True), [0.5], [32])
+    # every cross layer holds the kept tokens once the first layer's own cache is cut after prefill
+    assert cut["num_visual"] == 6404 and cut["num_kept"] == 3202
+    assert cut["kv_cross_bytes"] == 32 * 8 * 2 * 8 * 128 * 3202 * 2
+    # the 32 self-attention layers hold the 64 text tokens, whatever is pruned
+    assert cut["kv_self_bytes"] == 32 * 32 * 2 * 8 * 128 * 64 * 2
+    kept_first, = _rows(_trimmed(False), [0.5], [32])
+    assert kept_first["kv_cross_bytes"] == 32 * PER_TOKEN_LAYER * (6404 + 7 * 3202)
+
+
+def test_unpruned_and_ratio_one():
+    from vtprune.strategies import STRATEGIES
+
+    none = _rows((STRATEGIES.get("none"), {}), [0.5, 0.25], [1])
+    assert len(none) == 1 and none[0]["keep_ratio"] == 1.0  # nothing to vary
+    assert none[0]["kv_cross_bytes"] == 8 * PER_TOKEN_LAYER * 6404
+    full, = _rows(_trimmed(False), [1.0], [1])
+    assert full["kv_cross_bytes"] == none[0]["kv_cross_bytes"]
+
+
+def test_prefill_flops_by_hand():
+    s, h, heads, kv, d, inter, vocab = 64, 4096, 32, 8, 128, 14336, 128256
+
+    def self_layer():
+        return 2 * s * h * heads * d * 2 + 2 * s * h * kv * d * 2 + 4 * s * s * heads * d + 6 * s * h * inter
+
+    def cross_layer(m):
+        return 2 * s * h * heads * d * 2 + 2 * m * h * kv * d * 2 + 4 * s * m * heads * d + 6 * s * h * inter
+
+    # trimmed_llama scores in the first cross layer (all N tokens), the 7 later ones see 3202
+    expected = 32 * self_layer() + cross_layer(6404) + 7 * cross_layer(3202) + 2 * h * vocab
+    row, = _rows(_trimmed(True), [0.5], [2])
+    assert row["prefill_flops"] == 2 * expected
+
+
+def test_cost_cli_json(config_11b):
+    result = CliRunner().invoke(app, ["cost", "--config", str(config_11b), "--batch-sizes", "1,8,32",
+                                      "--ratios", "1.0,0.5", "--strategies", "none,uniform", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["strategy"], r["keep_ratio"], r["batch_size"]) for r in rows] == [
+        ("none", 1.0, 1), ("none", 1.0, 8), ("none", 1.0, 32),
+        ("uniform", 1.0, 1), ("uniform", 1.0, 8), ("uniform", 1.0, 32),
+        ("uniform", 0.5, 1), ("uniform", 0.5, 8), ("uniform", 0.5, 32),
+    ]
+    # uniform prunes before the first cross layer: all 8 hold ceil(0.5 · 6404) tokens
+    last = rows[-1]
+    assert last["kv_cross_bytes"] == 32 * 8 * 2 * 8 * 128 * 3202 * 2
+    assert last["kv_bytes"] == last["kv_self_bytes"] + last["kv_cross_bytes"]
+    assert rows[2]["kv_cross_bytes"] == 2 * last["kv_cross_bytes"]
+
+
+def test_cost_cli_table_and_errors(config_11b):
+    runner = CliRunner()
+    result = runner.invoke(app, ["cost", "--config", str(config_11b), "--batch-sizes", "1,32"])
+    assert result.exit_code == 0, result.output
+    assert "KV cross MiB" in result.stdout and "6404" in result.stdout
+    # uniform @ 0.5, batch 32: 32 × 8 × 3202 × 4096 bytes = 3202 MiB
+    assert "3202.00" in result.stdout
+    for args, key in ((["--ratios", "0,0.5"], "--ratios"), (["--ratios", "a"], "--ratios"),
+                      (["--batch-sizes", "0"], "bench.batch_sizes"), (["--strategies", "nope"], "--strategies")):
+        bad = runner.invoke(app, ["cost", "--config", str(config_11b), *args])
+        assert bad.exit_code == 2
+        assert bad.stderr.strip().startswith(f"error: {key}") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_visual_token_counts_match_the_adapters():
+    """The config-only counts of vtprune.bench.kv equal what the adapters' synthetic inputs produce."""
+    import vtprune
+    from vtprune.bench.kv import num_visual_tokens
+
+    assert num_visual_tokens(_hf_config()) == N
+    for family in ("llava", "llava_next"):
+        adapter = vtprune.load(model=f"tiny:{family}").adapter
+        assert num_visual_tokens(adapter.model.config) == adapter.num_synthetic_visual()

@@ -1,0 +1,87 @@
+"""``vtprune cost``: analytic KV-cache bytes and prefill FLOPs of a model at each keep ratio, from its HF config alone.
+
+Nothing is allocated, so the full-size architectures (LLaMA-3.2-11B-Vision, LLaVA-1.5/NeXT-7B) are costed on a
+laptop. The figures are those of the synthetic benchmark input: ``bench.prompt_tokens`` text tokens and one image
+at the model's largest input, cache taken at the end of prefill. Kept counts use the strategy's budget
+``ceil(r · N)``; trimmed_llama's adaptive mode keeps at least that many (its union over heads).
+"""
+
+from __future__ import annotations
+
+from vtprune.bench.kv import VISUAL_FAMILIES, analytic_kv_bytes, layer_tokens, layout_for, num_visual_tokens
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout) -> int:
+    """Multiply-adds × 2 of the language model's prefill (projections, attention, MLP, one LM-head row).
+
+    Attention counts every query-key pair (no causal saving), as sdpa computes it. The vision encoder and the
+    projector, the same at every keep ratio, are not counted.
+    """
+    text = config.get_text_config(decoder=True)
+    h, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    total = 0
+    for kind, queries, keys, _ in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, layout=layout):
+        kv_inputs = queries if kind == "self" else keys  # cross layers project K/V from the visual tokens
+        total += 2 * queries * h * heads * head_dim * 2  # q_proj, o_proj
+        total += 2 * kv_inputs * h * kv_heads * head_dim * 2  # k_proj, v_proj
+        total += 2 * 2 * queries * keys * heads * head_dim  # QKᵀ and AV
+        total += 2 * queries * 3 * h * text.intermediate_size  # gate, up, down
+    total += 2 * h * text.vocab_size  # generate() computes the logits of the last position only
+    return batch_size * total
+
+
+def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: list[int], prompt_tokens: int,
+              dtype: str, model: str = "") -> list[dict]:
+    """One row per (strategy, keep_ratio, batch_size); ``strategies`` are (Strategy, options) pairs."""
+    from vtprune.strategies.base import budget
+
+    n = num_visual_tokens(hf_config)
+    rows = []
+    for strategy, options in strategies:
+        layout = layout_for(strategy, options, hf_config)
+        for ratio in [1.0] if strategy.name == "none" else ratios:
+            kept = n if strategy.name == "none" else budget(n, ratio)
+            for batch in batch_sizes:
+                shape = {"text_tokens": prompt_tokens, "num_visual": n, "num_kept": kept, "layout": layout}
+                kv = analytic_kv_bytes(hf_config, batch_size=batch, element_size=DTYPE_BYTES[dtype], **shape)
+                rows.append({
+                    "model": model, "family": hf_config.model_type, "strategy": strategy.name, "keep_ratio": ratio,
+                    "batch_size": batch, "dtype": dtype, "prompt_tokens": prompt_tokens, "num_visual": n, "num_kept": kept,
+                    "kv_self_bytes": kv["self"], "kv_cross_bytes": kv["cross"], "kv_bytes": kv["self"] + kv["cross"],
+                    "prefill_flops": prefill_flops(hf_config, batch_size=batch, **shape),
+                })
+    return rows
+
+
+def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -> list[dict]:
+    """``cost_rows`` for a vtprune ``Config``: its model's HF config, its strategy (or ``strategies``), its dtype."""
+    from transformers import AutoConfig
+
+    from vtprune.errors import ConfigError
+    from vtprune.models import resolve_path
+    from vtprune.strategies import STRATEGIES
+
+    try:
+        hf_config = AutoConfig.from_pretrained(resolve_path(config.model.path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: cannot load a model config from '{config.model.path}': {str(exc).splitlines()[0]}") from None
+    if hf_config.model_type not in VISUAL_FAMILIES:
+        raise ConfigError(f"model.path: model type '{hf_config.model_type}' is not supported (allowed: {', '.join(VISUAL_FAMILIES)})")
+    names = strategies or [config.pruning.strategy]
+    pairs = [(STRATEGIES.get(s), dict(config.pruning.options) if s == config.pruning.strategy else {}) for s in names]
+    dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: full-size models run on a GPU
+    return cost_rows(hf_config, strategies=pairs, ratios=check_ratios(ratios or [1.0, 0.75, 0.5, 0.25]),
+                     batch_sizes=batch_sizes or config.bench.batch_sizes, prompt_tokens=config.bench.prompt_tokens,
+                     dtype=dtype, model=config.model.path)
+
+
+def check_ratios(ratios: list[float]) -> list[float]:
+    from vtprune.errors import ConfigError
+
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise ConfigError(f"--ratios: {r} is outside the allowed range (0, 1]")
+    return ratios

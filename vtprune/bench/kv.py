@@ -1,0 +1,123 @@
+"""KV-cache accounting: bytes measured from a transformers cache object, and the same figure from the HF config.
+
+Both split self-attention from cross-attention (Mllama's ``text_config.cross_attention_layers``), so that a
+measured run can be checked against the analytic figure and ``vtprune cost`` can give it for a full-size
+model without allocating one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VISUAL_FAMILIES = ("mllama", "llava", "llava_next")
+
+
+def cross_layer_indices(config) -> set[int]:
+    """Decoder layers that cross-attend to the image (empty for self-attention VLMs)."""
+    text = config.get_text_config(decoder=True)
+    return set(getattr(text, "cross_attention_layers", None) or ())
+
+
+def measured_kv_bytes(cache, config) -> dict:
+    """``{"self", "cross"}`` bytes of the keys and values a transformers cache holds."""
+    if hasattr(cache, "self_attention_cache"):  # EncoderDecoderCache keeps the two kinds apart itself
+        return {"self": measured_kv_bytes(cache.self_attention_cache, config)["self"],
+                "cross": measured_kv_bytes(cache.cross_attention_cache, config)["self"]}
+    cross = cross_layer_indices(config)
+    out = {"self": 0, "cross": 0}
+    for index, layer in enumerate(cache.layers):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "numel"):
+                out["cross" if index in cross else "self"] += t.numel() * t.element_size()
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a strategy's kept set takes effect, as far as the cache and the FLOPs are concerned."""
+
+    in_llm_layer: int = 0  # self-attention models: layers[:K] see every visual token (fastv), 0 = pre-LLM
+    first_cross_full: bool = False  # cross-attention models: the first cross layer attends to (and caches) all N
+    first_cross_cached_full: bool = False  # ... and its cache still holds all N after prefill
+
+
+def layout_for(strategy, options: dict, config) -> Layout:
+    """The layout of ``strategy`` (a registered ``Strategy``) with ``options`` on a model of ``config``."""
+    if getattr(strategy, "name", None) == "none" or strategy.stage != "in_llm":
+        return Layout()
+    def option(name):
+        return options.get(name, strategy.options[name].default) if name in strategy.options else None
+
+    if cross_layer_indices(config):
+        # trimmed_llama scores in the first cross layer, so that layer sees every visual token during prefill.
+        cut = option("prune_first_layer_cache")
+        return Layout(first_cross_full=True, first_cross_cached_full=cut is False)
+    return Layout(in_llm_layer=int(option("layer")))
+
+
+def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, layout: Layout) -> list[tuple[str, int, int, int]]:
+    """Per decoder layer: (kind, query tokens, key tokens during prefill, tokens cached after prefill), one sample.
+
+    Self-attention models: the image tokens are part of the sequence (``text_tokens`` excludes them).
+    Cross-attention models: the self-attention layers see only the text; the cross layers see the image.
+    """
+    text = config.get_text_config(decoder=True)
+    cross = cross_layer_indices(config)
+    out = []
+    first_cross = min(cross) if cross else None
+    for index in range(text.num_hidden_layers):
+        if index in cross:
+            full = layout.first_cross_full and index == first_cross
+            keys = num_visual if full else num_kept
+            cached = num_visual if full and layout.first_cross_cached_full else num_kept
+            out.append(("cross", text_tokens, keys, cached))
+        elif cross:
+            out.append(("self", text_tokens, text_tokens, text_tokens))
+        else:
+            seq = text_tokens + (num_visual if index < layout.in_llm_layer else num_kept)
+            out.append(("self", seq, seq, seq))
+    return out
+
+
+def kv_bytes_per_token(config, element_size: int) -> int:
+    """Bytes one token adds to one layer's cache: K and V over the KV heads."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_key_value_heads * head_dim * element_size
+
+
+def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout: Layout,
+                      element_size: int, decoded: int = 0) -> dict:
+    """``{"self", "cross"}`` cache bytes after prefill plus ``decoded`` tokens fed back (self-attention layers grow).
+
+    ``num_kept`` is the batch's longest kept set: shorter samples are padded to it.
+    """
+    per_token = kv_bytes_per_token(config, element_size)
+    out = {"self": 0, "cross": 0}
+    for kind, _, _, cached in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, layout=layout):
+        out[kind] += batch_size * per_token * (cached + (decoded if kind == "self" else 0))
+    return out
+
+
+def num_visual_tokens(config) -> int:
+    """Visual tokens of one image at the model's largest input (Mllama: every tile; LLaVA-NeXT: the largest pinpoint)."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    if config.model_type == "mllama":
+        return vision.max_num_tiles * tile_tokens(config)
+    base = side * side + (config.vision_feature_select_strategy == "full")
+    if config.model_type == "llava":
+        return base
+    if config.model_type == "llava_next":
+        # The largest pinpoint is its own best resolution, so the grid is not unpadded; one newline per grid row.
+        h, w = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        rows, cols = h // vision.image_size * side, w // vision.image_size * side
+        newlines = rows if getattr(config, "use_image_newline_parameter", True) else 0
+        return base + rows * cols + newlines
+    raise ValueError(f"no visual-token count for model type '{config.model_type}' (known: {', '.join(VISUAL_FAMILIES)})")
+
+
+def tile_tokens(config) -> int:
+    """Mllama: visual tokens of one tile, its patches and a CLS token."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side * side + 1

@@ -1,0 +1,115 @@
+"""``vtprune bench`` (measured speed, memory, KV cache) and ``vtprune cost`` (analytic KV cache and FLOPs)."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vtprune.cli import app
+from vtprune.cli.common import ConfigOpt, OutputDirOpt, handle_errors, load_cli_config, parse_list, quiet_libraries
+
+BatchSizesOpt = Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (overrides bench.batch_sizes).")]
+StrategiesOpt = Annotated[str | None, typer.Option("--strategies", help="Comma-separated strategies (default: pruning.strategy).")]
+
+
+def _ratios_opt(default: str):
+    return typer.Option("--ratios", help=f"Comma-separated keep ratios in (0, 1] (default: {default}).")
+
+
+@app.command()
+@handle_errors
+def bench(
+    config: ConfigOpt,
+    batch_sizes: BatchSizesOpt = None,
+    ratios: Annotated[str | None, _ratios_opt("pruning.keep_ratio")] = None,
+    strategies: StrategiesOpt = None,
+    output_dir: OutputDirOpt = None,
+) -> None:
+    """Measure TTFT, decode time, peak memory and KV cache per (strategy, keep ratio, batch size); writes <output_dir>/<name>/bench.jsonl."""
+    cfg = load_cli_config(
+        config,
+        **{"output_dir": str(output_dir) if output_dir else None,
+           "bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes")},
+    )
+    ratio_list = parse_list(ratios, float, "--ratios")
+    strategy_list = parse_list(strategies, name="--strategies")
+    _check_strategies(strategy_list)
+    quiet_libraries()
+    import vtprune
+    from vtprune.bench import run_bench
+
+    pipeline = vtprune.load(cfg)
+    out = Path(cfg.output_dir) / cfg.name
+    rows = run_bench(pipeline, ratios=ratio_list, strategies=strategy_list, output_dir=out)
+    _print_table(rows, [
+        ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
+        ("kept", "kept_fraction_mean", "{:.3f}"), ("TTFT ms", "ttft_ms", "{:.1f}"),
+        ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
+        ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
+        ("select ms", "select_ms", "{:.2f}"),
+    ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else ""))
+    typer.echo(f"wrote {out / 'bench.jsonl'}", err=True)
+
+
+@app.command()
+@handle_errors
+def cost(
+    config: ConfigOpt,
+    batch_sizes: BatchSizesOpt = None,
+    ratios: Annotated[str | None, _ratios_opt("1.0,0.75,0.5,0.25")] = None,
+    strategies: StrategiesOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+) -> None:
+    """Analytic KV-cache bytes (self / cross attention) and prefill FLOPs per keep ratio, from the model's config alone."""
+    import json
+
+    cfg = load_cli_config(config, **{"bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes")})
+    strategy_list = parse_list(strategies, name="--strategies")
+    _check_strategies(strategy_list)
+    quiet_libraries()
+    from vtprune.bench import cost_for_config
+
+    rows = cost_for_config(cfg, ratios=parse_list(ratios, float, "--ratios"), strategies=strategy_list)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(rows, [
+        ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
+        ("visual", "num_visual", str), ("kept", "num_kept", str), ("KV self MiB", "kv_self_bytes", _mib),
+        ("KV cross MiB", "kv_cross_bytes", _mib), ("KV total MiB", "kv_bytes", _mib), ("prefill TFLOPs", "prefill_flops", _tflops),
+    ], title=f"{cfg.name} — {rows[0]['family']}, {rows[0]['dtype']}, {cfg.bench.prompt_tokens} text tokens, cache after prefill")
+
+
+def _check_strategies(names) -> None:
+    from vtprune.errors import ConfigError
+    from vtprune.strategies import STRATEGIES
+
+    for name in names or []:
+        try:
+            STRATEGIES.get(name)
+        except ConfigError as exc:
+            raise ConfigError(f"--strategies: {str(exc).partition(': ')[2]}") from None
+
+
+def _mib(value) -> str:
+    return f"{value / 2**20:.2f}"
+
+
+def _tflops(value) -> str:
+    return f"{value / 1e12:.3f}"
+
+
+def _print_table(rows: list[dict], columns, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for header, _, _ in columns:
+        table.add_column(header, justify="left" if header == "strategy" else "right")
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append("—" if value is None else fmt.format(value) if isinstance(fmt, str) else fmt(value))
+        table.add_row(*cells)
+    Console(width=200).print(table)
