@@ -1,0 +1,169 @@
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vtprune.cli import app
+from vtprune.results import write_json, write_jsonl
+
+MODEL = "tiny:llava"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# (strategy, keep_ratio) → score on task_a; task_b (a judge-scored task) is unscored everywhere.
+SCORES = {("none", 1.0): 0.8, ("uniform", 0.5): 0.6, ("uniform", 0.25): 0.4}
+KEPT = {1.0: 16, 0.5: 8, 0.25: 4}
+E2E_MS = {("none", 1.0): 100.0, ("uniform", 0.5): 80.0, ("uniform", 0.25): 50.0}
+
+
+def _run_json(name, kind, smoke=True):
+    return {
+        "name": name, "kind": kind, "config": {"model": {"path": MODEL}}, "smoke": smoke,
+        "versions": {"vtprune": "0.1.0", "torch": "2.13.0", "transformers": "5.24.0", "lmms_eval": None, "python": "3.12"},
+        "device": "cpu (x86_64, 2 cores)", "dtype": "float32", "git_commit": "abc",
+        "started": "2025-01-01T00:00:00+00:00", "finished": "2025-01-01T00:01:00+00:00",
+    }
+
+
+def _metric(strategy, ratio, task, metric, value, scored=True):
+    kept = KEPT[ratio]
+    return {
+        "run": f"{strategy}-{ratio}", "model": MODEL, "family": "llava", "strategy": strategy, "keep_ratio": ratio,
+        "task": task, "metric": metric, "value": value, "stderr": None, "n": 2, "scored": scored,
+        "kept_fraction_mean": kept / 16, "num_visual_mean": 16.0, "num_kept_mean": float(kept),
+        "equivalent_tokens_mean": None, "smoke": True,
+    }
+
+
+def _bench(strategy, ratio, batch_size):
+    kept = KEPT[ratio]
+    e2e = E2E_MS[(strategy, ratio)] * batch_size
+    return {
+        "run": f"bench-{strategy}-{ratio}", "model": MODEL, "family": "llava", "strategy": strategy, "keep_ratio": ratio,
+        "batch_size": batch_size, "device": "cpu (x86_64, 2 cores)", "dtype": "float32", "weights": "pretrained",
+        "smoke": True, "prompt_tokens": 8, "new_tokens": 4, "repeats": 3, "num_visual": 16, "num_kept_mean": kept,
+        "kept_fraction_mean": kept / 16, "ttft_ms": e2e / 4, "ttft_ms_spread": 0.1, "decode_ms_per_token": e2e / 8,
+        "decode_ms_per_token_spread": 0.1, "e2e_ms": e2e, "e2e_ms_spread": 0.2, "tokens_per_s": 4000 / e2e,
+        "peak_memory_bytes": 3 * 2**30, "kv_self_bytes": (24 + kept) * 2**16 * batch_size, "kv_cross_bytes": 0,
+        "kv_self_bytes_analytic": (24 + kept) * 2**16 * batch_size, "kv_cross_bytes_analytic": 0, "select_ms": 0.5,
+    }
+
+
+def build_results(root, with_reference=True, bench=True):
+    for (strategy, ratio), score in SCORES.items():
+        if strategy == "none" and not with_reference:
+            continue
+        run = root / f"eval-{strategy}-{ratio}"
+        write_jsonl(run / "metrics.jsonl", [
+            _metric(strategy, ratio, "task_a", "exact_match", score),
+            _metric(strategy, ratio, "task_b", "gpt_eval", None, scored=False),
+        ])
+        write_json(run / "run.json", _run_json(run.name, "eval"))
+        if bench:
+            run = root / "nested" / f"bench-{strategy}-{ratio}"
+            write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, b) for b in (1, 2)])
+            write_json(run / "run.json", _run_json(run.name, "bench"))
+    return root
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, ["report", *map(str, args)])
+
+
+def _table_rows(text, first_cell):
+    return [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
+def test_markdown_report_tables_percentages_and_plots(tmp_path):
+    root = build_results(tmp_path / "results")
+    out = tmp_path / "out" / "REPORT.md"
+    result = _invoke(root, "-o", out)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+
+    assert "smoke figures: tiny random model, not accuracy claims" in text
+    assert "| strategy | keep ratio | kept fraction | kept / visual | equivalent tokens | task_a | task_b |" in text
+    # % of unpruned by hand: 0.6 / 0.8 = 75 %, 0.4 / 0.8 = 50 %.
+    assert "| none | 1 | 1.000 | 16.0 / 16.0 | — | 0.8 (100.0%) | unscored |" in text
+    assert "| uniform | 0.5 | 0.500 | 8.0 / 16.0 | — | 0.6 (75.0%) | unscored |" in text
+    assert "| uniform | 0.25 | 0.250 | 4.0 / 16.0 | — | 0.4 (50.0%) | unscored |" in text
+    assert "nan" not in text.lower().replace("nano", "")
+
+    # Speed: ratios to the unpruned run of the same batch size. Batch 2, keep 0.5: e2e 160 / 200 = 0.80×;
+    # KV (24 + 8) · 64 KiB · 2 = 4 MiB vs (24 + 16) · 64 KiB · 2 = 5 MiB → 0.80×.
+    uniform_rows = _table_rows(text, "uniform")
+    assert any("| 160 ms (0.80×) |" in r and "| 4.00 MiB (0.80×) |" in r and "3.00 GiB (1.00×)" in r for r in uniform_rows)
+    assert any("| 50 ms (0.50×) |" in r and "| 1.75 MiB (0.70×) |" in r for r in uniform_rows)  # batch 1, keep 0.25
+    assert text.count("Batch size 1:") == 1 and text.count("Batch size 2:") == 1
+
+    pngs = sorted((tmp_path / "out" / "plots").glob("*.png"))
+    assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "speed"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(png) as image:
+            image.verify()
+        assert f"(plots/{png.name})" in text  # linked relative to the report
+    assert "task_b (gpt_eval): unscored in every run" in text
+
+
+def test_csv_and_json_formats_hold_the_merged_table(tmp_path):
+    root = build_results(tmp_path / "results")
+    result = _invoke(root, "--format", "csv", "-o", tmp_path / "r.csv")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "r.csv")
+    acc = table[(table["kind"] == "accuracy") & (table["task"] == "task_a")].set_index("keep_ratio")
+    assert acc.loc[0.5, "pct_of_unpruned"] == pytest.approx(75.0)
+    assert acc.loc[0.25, "pct_of_unpruned"] == pytest.approx(50.0)
+    unscored = table[(table["kind"] == "accuracy") & (table["task"] == "task_b")]
+    assert len(unscored) == 3 and not unscored["scored"].any() and unscored["pct_of_unpruned"].isna().all()
+    speed = table[table["kind"] == "speed"]
+    assert len(speed) == 6
+    row = speed[(speed["keep_ratio"] == 0.5) & (speed["batch_size"] == 2)].iloc[0]
+    assert row["e2e_ms_ratio"] == pytest.approx(0.8) and row["kv_bytes"] == 32 * 2**16 * 2
+
+    result = _invoke(root, "--format", "json", "-o", "-")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 6 + 6
+    assert {r["kind"] for r in rows} == {"accuracy", "speed"}
+
+
+def test_missing_unpruned_row_and_missing_bench_give_notes(tmp_path):
+    root = build_results(tmp_path / "results", with_reference=False, bench=False)
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "| uniform | 0.5 | 0.500 | 8.0 / 16.0 | — | 0.6 | unscored |" in text
+    assert "task_a (exact_match): no scored unpruned row" in text
+    assert "No benchmark results." in text and "run `vtprune bench`" in text
+
+
+def test_bench_without_eval(tmp_path):
+    root = build_results(tmp_path / "results")
+    for run in root.glob("eval-*"):
+        (run / "metrics.jsonl").unlink()
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "No accuracy results." in text and "0.80×" in text
+
+
+def test_no_runs_is_one_line_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _invoke(tmp_path / "empty")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "no complete runs" in result.stderr
+    result = _invoke(tmp_path / "empty", "--format", "xml")
+    assert result.exit_code == 2 and "--format" in result.stderr
+
+
+def test_incomplete_run_is_skipped_with_a_note(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    partial = _run_json("partial", "eval") | {"finished": None}
+    write_jsonl(root / "partial" / "metrics.jsonl", [_metric("uniform", 0.5, "task_a", "exact_match", 0.1)])
+    write_json(root / "partial" / "run.json", partial)
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "0.6 (75.0%)" in text and "incomplete run" in text

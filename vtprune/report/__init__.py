@@ -1,0 +1,9 @@
+"""``vtprune report``: every run below a results folder → markdown tables + PNG plots (or the merged table).
+
+``show`` (which visual tokens were kept, drawn on the image the model saw) lives in ``show.py``.
+"""
+
+from vtprune.report.load import Results, load_results
+from vtprune.report.tables import accuracy_frame, merged_frame, speed_frame, write_report
+
+__all__ = ["Results", "load_results", "accuracy_frame", "speed_frame", "merged_frame", "write_report"]

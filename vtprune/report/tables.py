@@ -1,0 +1,242 @@
+"""Join every row with the unpruned (``none``, keep 1.0) row of the same model and task / batch size, and
+format the result as markdown, CSV or JSON."""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from vtprune.report.load import Results
+
+SMOKE_MARK = "smoke figures: tiny random model, not accuracy claims"
+UNSCORED = "unscored"
+SPEED_COLUMNS = {  # bench column → (table header, unit)
+    "ttft_ms": ("TTFT", "ms"),
+    "decode_ms_per_token": ("decode / token", "ms"),
+    "e2e_ms": ("end-to-end", "ms"),
+    "peak_memory_bytes": ("peak memory", "bytes"),
+    "kv_bytes": ("KV cache (self+cross)", "bytes"),
+}
+_ACC_KEY = ["model", "task", "metric"]
+_SPEED_KEY = ["model", "device", "dtype", "batch_size"]
+
+
+def _is_reference(frame: pd.DataFrame) -> pd.Series:
+    return (frame["strategy"] == "none") & ((pd.to_numeric(frame["keep_ratio"]) - 1.0).abs() < 1e-9)
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    if column not in frame.columns:
+        return pd.Series(float("nan"), index=frame.index)
+    return pd.to_numeric(frame[column], errors="coerce").astype(float)
+
+
+def accuracy_frame(metrics: pd.DataFrame) -> pd.DataFrame:
+    """metrics rows + ``ref_value`` (the unpruned score of the same model/task/metric) and ``pct_of_unpruned``."""
+    if metrics.empty:
+        return metrics
+    m = metrics.copy()
+    m["value"] = _numeric(m, "value")
+    scored = m["scored"].fillna(True).astype(bool) if "scored" in m.columns else True
+    # A value without a score (e.g. no judge API key) must never be shown as a number.
+    m["scored"] = scored & m["value"].notna()
+    ref = m[_is_reference(m) & m["scored"]][[*_ACC_KEY, "value"]].rename(columns={"value": "ref_value"})
+    m = m.merge(ref.drop_duplicates(_ACC_KEY), on=_ACC_KEY, how="left")
+    usable = m["scored"] & m["ref_value"].notna() & (m["ref_value"] != 0)
+    m["pct_of_unpruned"] = (100 * m["value"] / m["ref_value"]).where(usable)
+    for column in ("kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean"):
+        m[column] = _numeric(m, column)
+    return m
+
+
+def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
+    """bench rows + ``kv_bytes`` and, per figure, ``<figure>_ref`` and ``<figure>_ratio`` to unpruned."""
+    if bench.empty:
+        return bench
+    b = bench.copy()
+    kv_self, kv_cross = _numeric(b, "kv_self_bytes"), _numeric(b, "kv_cross_bytes")
+    b["kv_bytes"] = kv_self.fillna(0) + kv_cross.fillna(0)
+    b.loc[kv_self.isna() & kv_cross.isna(), "kv_bytes"] = float("nan")
+    for column in SPEED_COLUMNS:
+        b[column] = _numeric(b, column)
+    b["kept_fraction_mean"] = _numeric(b, "kept_fraction_mean")
+    ref = b[_is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
+    b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
+    for column in SPEED_COLUMNS:
+        ref_value = b[f"{column}_ref"]
+        b[f"{column}_ratio"] = (b[column] / ref_value).where(ref_value > 0)
+    return b
+
+
+def merged_frame(results: Results) -> pd.DataFrame:
+    """The accuracy and speed rows in one long table (``kind`` says which), for ``--format csv|json``."""
+    parts = [frame.assign(kind=kind) for kind, frame in
+             (("accuracy", accuracy_frame(results.metrics)), ("speed", speed_frame(results.bench))) if not frame.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["kind"])
+
+
+# -- formatting ------------------------------------------------------------------------------------------------
+
+
+def human_bytes(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return ""
+
+
+def _number(value: float, digits: int = 4) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}g}"
+
+
+def _fraction_range(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "—"
+    low, high = values.min(), values.max()
+    return f"{low:.3f}" if high - low < 5e-4 else f"{low:.3f}–{high:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _order(frame: pd.DataFrame) -> pd.DataFrame:
+    """The reference row first, then strategies by name, keep ratios from high to low."""
+    return frame.assign(_ref=~_is_reference(frame)).sort_values(
+        ["_ref", "strategy", "keep_ratio"], ascending=[True, True, False], kind="stable").drop(columns="_ref")
+
+
+def _task_columns(acc: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(task, metric, header) per column; the metric is named only where a task has several."""
+    pairs = acc[["task", "metric"]].drop_duplicates().sort_values(["task", "metric"]).itertuples(index=False)
+    pairs = list(pairs)
+    counts = pd.Series([t for t, _ in pairs]).value_counts()
+    return [(t, m, f"{t} ({m})" if counts[t] > 1 else t) for t, m in pairs]
+
+
+def _accuracy_cell(row) -> str:
+    if not row.scored:
+        return UNSCORED
+    if math.isnan(row.pct_of_unpruned):
+        return _number(row.value)
+    return f"{_number(row.value)} ({row.pct_of_unpruned:.1f}%)"
+
+
+def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
+    out = ["## Accuracy", ""]
+    if acc.empty:
+        notes.append("no accuracy rows (metrics.jsonl): run `vtprune eval` or `vtprune sweep ratios`")
+        return out + ["No accuracy results.", ""]
+    for model, group in acc.groupby("model", sort=True):
+        smoke = " — " + SMOKE_MARK if group["smoke"].fillna(False).astype(bool).any() else ""
+        out += [f"### {model}{smoke}", ""]
+        columns = _task_columns(group)
+        for task, metric, _ in columns:
+            cell = group[(group["task"] == task) & (group["metric"] == metric)]
+            if not cell["scored"].any():
+                notes.append(f"{model}, {task} ({metric}): unscored in every run")
+            elif not (_is_reference(cell) & cell["scored"]).any():
+                notes.append(f"{model}, {task} ({metric}): no scored unpruned row (strategy none, keep 1.0): "
+                             "scores shown without % of unpruned")
+        header = ["strategy", "keep ratio", "kept fraction", "kept / visual", "equivalent tokens"] + [c[2] for c in columns]
+        rows = []
+        for (strategy, ratio), point in _order(group).groupby(["strategy", "keep_ratio"], sort=False):
+            cells = []
+            for task, metric, _ in columns:
+                match = point[(point["task"] == task) & (point["metric"] == metric)]
+                cells.append(_accuracy_cell(next(match.itertuples())) if len(match) else "—")
+            kept = f"{point['num_kept_mean'].mean():.1f} / {point['num_visual_mean'].mean():.1f}" \
+                if point["num_visual_mean"].notna().any() else "—"
+            rows.append([strategy, f"{ratio:g}", _fraction_range(point["kept_fraction_mean"]), kept,
+                         _number(point["equivalent_tokens_mean"].mean(), 5), *cells])
+        out += [markdown_table(header, rows), ""]
+        out += [f"![{model} {label}]({relative(path)})" for (m, label), path in plots.items() if m == model]
+        out.append("")
+    out.append("Cells: score (% of the unpruned score of the same model and task). Kept fraction: achieved kept / "
+               "visual tokens (range over tasks).")
+    return out + [""]
+
+
+def _speed_cell(row, column: str) -> str:
+    value, ratio = getattr(row, column), getattr(row, f"{column}_ratio")
+    if math.isnan(value):
+        return "—"
+    text = human_bytes(value) if SPEED_COLUMNS[column][1] == "bytes" else f"{value:.4g} ms"
+    return text if math.isnan(ratio) else f"{text} ({ratio:.2f}×)"
+
+
+def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
+    out = ["## Speed, memory, KV cache", ""]
+    if speed.empty:
+        notes.append("no speed rows (bench.jsonl): run `vtprune bench`")
+        return out + ["No benchmark results.", ""]
+    for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
+        smoke = " — " + SMOKE_MARK if group["smoke"].fillna(False).astype(bool).any() else ""
+        out += [f"### {model} — {device}, {dtype}{smoke}", ""]
+        header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS]
+        for batch_size, batch in group.groupby("batch_size", sort=True):
+            if not _is_reference(batch).any():
+                notes.append(f"{model} ({device}, {dtype}), batch size {batch_size}: no unpruned row "
+                             "(strategy none, keep 1.0): figures shown without ratios")
+            rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
+                     *(_speed_cell(row, c) for c in SPEED_COLUMNS)] for row in _order(batch).itertuples()]
+            out += [f"Batch size {batch_size}:", "", markdown_table(header, rows), ""]
+        out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
+                if (m, d, t) == (model, device, dtype)]
+        out.append("")
+    out.append("Each figure is a median; (n×) is its ratio to the unpruned run of the same model and batch size "
+               "(below 1 is faster / smaller). KV cache: self- plus cross-attention cache measured after generation.")
+    return out + [""]
+
+
+def header_section(results: Results, root: Path) -> list[str]:
+    runs = results.runs
+    smoke = runs.get("smoke", pd.Series(dtype=bool)).fillna(False).astype(bool).any() or any(
+        frame["smoke"].fillna(False).astype(bool).any() for frame in (results.metrics, results.bench) if "smoke" in frame)
+    out = ["# vtprune report", ""]
+    if smoke:
+        out += [f"> **{SMOKE_MARK}**", ""]
+    versions = sorted({", ".join(f"{k} {v}" for k, v in (r or {}).items() if v) for r in runs.get("versions", [])})
+    dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
+    out += [
+        f"- Results: `{root}` ({len(runs)} runs)",
+        f"- Device: {'; '.join(sorted(set(runs.get('device', pd.Series()).dropna().astype(str)))) or 'unknown'}",
+        f"- dtype: {', '.join(sorted(set(runs.get('dtype', pd.Series()).dropna().astype(str)))) or 'unknown'}",
+        f"- Versions: {'; '.join(versions) or 'unknown'}",
+        f"- Runs dated: {dates[0]} … {dates[-1]}" if dates else "- Runs dated: unknown",
+        f"- Report written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- '{UNSCORED}': the run recorded outputs but no score (e.g. a judge-scored task without an API key).",
+        "",
+    ]
+    return out
+
+
+def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path) -> str:
+    """The markdown report; plots are written under ``plots_dir`` and linked relative to ``output``."""
+    from vtprune.report.plots import accuracy_plots, speed_plots
+
+    notes = list(results.notes)
+    acc, speed = accuracy_frame(results.metrics), speed_frame(results.bench)
+    base = output.parent if output is not None else Path.cwd()
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path, base)).as_posix()
+
+    acc_plots = accuracy_plots(acc, plots_dir, notes) if not acc.empty else {}
+    speed_plots_ = speed_plots(speed, plots_dir, notes) if not speed.empty else {}
+    lines = header_section(results, root)
+    lines += accuracy_section(acc, acc_plots, relative, notes)
+    lines += speed_section(speed, speed_plots_, relative, notes)
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
