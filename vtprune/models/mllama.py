@@ -1,0 +1,329 @@
+"""LLaMA-3.2-Vision (``MllamaForConditionalGeneration``): visual tokens pruned between cross-attention layers.
+
+Every pruning strategy on this family (``trimmed_llama``, ``random``, ``uniform``, ``cls_saliency``) prunes at
+one point, so that comparisons differ only in the selection signal: during prefill the first cross-attention
+layer sees every visual token; a forward pre-hook on it computes the strategy's signals and selects the kept
+set; every later cross-attention layer then receives only the kept features (each sample's set padded to the
+batch maximum, pad columns masked in its cross-attention mask), so its K/V projections, attention and KV cache
+cover only the kept tokens. With ``prune_first_layer_cache`` (default, and always for the baselines, which have
+no such option) the first layer's cached K/V are cut to the kept set right after prefill, so its decode steps
+see only kept tokens too. Decode steps reuse the kept set. ``none`` runs the model's own untouched path.
+
+Hooks live only inside one adapter call (``with self.pruning(...)``) and are removed on exit. The cache cut
+assumes a dynamic cache (``cache.layers[i].keys/values`` replaced), which is what ``generate`` uses by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune.errors import ConfigError
+from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
+from vtprune.strategies.base import Signals, sample_generators
+
+
+@dataclass
+class _TrimState:
+    """Per-call state of the hooks."""
+
+    plan: PrunePlan
+    valid: torch.Tensor  # [B, N] bool: visual tokens of real tiles
+    text_mask: torch.Tensor  # [B, S] bool: prompt positions that are not left padding
+    keys: list[bytes]
+    cut_first: bool
+    vision_input: torch.Tensor | None = None  # input of the vision layer scored by cls_attention
+    gather: torch.Tensor | None = None  # [B, K] kept token indices, padded to the batch maximum
+    gather_valid: torch.Tensor | None = None  # [B, K] False on pad columns
+    first_cut: bool = False
+    records: list[SampleRecord] = field(default_factory=list)
+
+
+@register_family
+class MllamaAdapter(Adapter):
+    """LLaMA-3.2-Vision (MllamaForConditionalGeneration): visual tokens pruned after the first cross-attention layer."""
+
+    family = "mllama"
+    model_class = "MllamaForConditionalGeneration"
+    model_types = ("mllama",)
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def cross_layers(self) -> list[int]:
+        return list(self.text_config.cross_attention_layers)
+
+    @property
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.model.model.vision_model.num_patches  # patches + CLS
+
+    def _images_arg(self, images):
+        return [[image] for image in images]  # one image per sample
+
+    # -- signals -------------------------------------------------------------------------------------------
+
+    def visual_valid(self, inputs) -> torch.Tensor:
+        """``[B, N]`` True for visual tokens of real tiles; a tile is real if some text row may attend to it."""
+        tiles = inputs["cross_attention_mask"].bool().any(dim=1)[:, 0]  # [B, tiles] (one image per sample)
+        return tiles.repeat_interleave(self.tokens_per_tile, dim=1)
+
+    def signals(self, state: _TrimState, layer, hidden, kwargs) -> Signals:
+        signals = Signals(valid=state.valid, generators=sample_generators(state.plan.seed, state.keys))
+        for name in state.plan.strategy.needs:
+            if name == "head_scores":
+                rows = state.text_mask.clone()
+                if kwargs.get("full_text_row_masked_out_mask") is not None:
+                    rows &= kwargs["full_text_row_masked_out_mask"][:, 0, :, 0].bool()
+                states = _per_sample(kwargs["cross_attention_states"], len(hidden))
+                signals.head_scores = cross_attention_scores(layer, hidden, states, rows, state.valid)
+            elif name == "groups":
+                tiles = torch.arange(state.valid.shape[1], device=state.valid.device) // self.tokens_per_tile
+                signals.groups = tiles.expand_as(state.valid).masked_fill(~state.valid, -1)
+            elif name == "cls_attention":
+                vision = self.model.model.vision_model
+                scores = tile_cls_attention(vision.global_transformer.layers[-1], state.vision_input, self.tokens_per_tile)
+                signals.cls_attention = scores.reshape(len(state.valid), -1)
+            else:
+                raise ConfigError(f"pruning.strategy: model family '{self.family}' cannot provide the signal '{name}'")
+        return signals
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def pruning(self, inputs, plan: PrunePlan):
+        """Hooks for one call (prefill + decode) on ``inputs``; yields the per-call state, removes them on exit."""
+        strategy = plan.strategy
+        state = _TrimState(
+            plan=plan,
+            valid=self.visual_valid(inputs),
+            text_mask=inputs["attention_mask"].bool(),
+            keys=sample_keys(inputs),
+            cut_first=cuts_first_layer(plan),
+        )
+        first, *later = self.cross_layers
+        layers = self.decoder_layers
+        handles = [
+            layers[first].register_forward_pre_hook(self._select_hook(state), with_kwargs=True),
+            layers[first].register_forward_hook(self._cut_cache_hook(state, first), with_kwargs=True),
+        ]
+        handles += [layers[i].register_forward_pre_hook(self._later_hook(state), with_kwargs=True) for i in later]
+        if "cls_attention" in strategy.needs:
+            scored = self.model.model.vision_model.global_transformer.layers[-1]
+            handles.append(scored.register_forward_pre_hook(self._vision_hook(state), with_kwargs=True))
+        try:
+            yield state
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _vision_hook(self, state: _TrimState):
+        def hook(module, args, kwargs):
+            state.vision_input = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _select_hook(self, state: _TrimState):
+        def hook(layer, args, kwargs):
+            if kwargs.get("cross_attention_states") is None:  # decode step: the layer reads its cache
+                if state.first_cut:
+                    kwargs["cross_attention_mask"] = _take_columns(kwargs["cross_attention_mask"], state)
+                    return args, kwargs
+                return None
+            start = time.perf_counter()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kept, _ = state.plan.select(self.signals(state, layer, hidden, kwargs))
+            device = state.valid.device
+            width = max(len(k) for k in kept)
+            state.gather = torch.zeros(len(kept), width, dtype=torch.long, device=device)
+            state.gather_valid = torch.zeros(len(kept), width, dtype=torch.bool, device=device)
+            seconds = (time.perf_counter() - start) / len(kept)
+            num_layers = len(self.cross_layers)
+            for b, keep in enumerate(kept):
+                state.gather[b, : len(keep)] = keep.to(device)
+                state.gather_valid[b, : len(keep)] = True
+                n = int(state.valid[b].sum())
+                state.records.append(
+                    SampleRecord(
+                        kept=keep.tolist(),
+                        num_visual=n,
+                        select_seconds=seconds,
+                        equivalent_tokens=(n + (num_layers - 1) * len(keep)) / num_layers,
+                    )
+                )
+            return None
+
+        return hook
+
+    def _cut_cache_hook(self, state: _TrimState, index: int):
+        def hook(layer, args, kwargs, output):
+            cache = kwargs.get("cache")
+            if not state.cut_first or state.first_cut or cache is None or kwargs.get("cross_attention_states") is None:
+                return None
+            cached = cache.layers[index]
+            cached.keys = _take_tokens(cached.keys, state.gather)
+            cached.values = _take_tokens(cached.values, state.gather)
+            state.first_cut = True
+            return None
+
+        return hook
+
+    def _later_hook(self, state: _TrimState):
+        def hook(layer, args, kwargs):
+            states = kwargs.get("cross_attention_states")
+            if states is not None:  # prefill: this layer projects and caches only the kept features
+                states = _per_sample(states, len(state.gather))
+                kwargs["cross_attention_states"] = torch.stack([states[b, idx] for b, idx in enumerate(state.gather)])
+            kwargs["cross_attention_mask"] = _take_columns(kwargs["cross_attention_mask"], state)
+            return args, kwargs
+
+        return hook
+
+    # -- calls ---------------------------------------------------------------------------------------------
+
+    def forward(self, inputs, plan: PrunePlan, **kwargs):
+        """One prefill forward (position ids from the padding mask); returns the model output and the records."""
+        positions = left_pad_positions(inputs["attention_mask"])
+        if plan.is_noop:
+            return self.model(**inputs, position_ids=positions, **kwargs), self.unpruned_records(inputs)
+        with self.pruning(inputs, plan) as state:
+            out = self.model(**inputs, position_ids=positions, **kwargs)
+        return out, state.records
+
+    def prefill_logits(self, inputs, plan: PrunePlan):
+        out, records = self.forward(inputs, plan, logits_to_keep=1)
+        return out.logits[:, -1], records
+
+    def generate(self, inputs, plan: PrunePlan, **gen):
+        prompt_len = inputs["input_ids"].shape[1]
+        if plan.is_noop:
+            return self.model.generate(**inputs, **gen)[:, prompt_len:], self.unpruned_records(inputs)
+        with self.pruning(inputs, plan) as state:
+            out = self.model.generate(**inputs, **gen)
+        return out[:, prompt_len:], state.records
+
+    def unpruned_records(self, inputs) -> list[SampleRecord]:
+        counts = self.visual_valid(inputs).sum(dim=1).tolist()
+        return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
+
+    # -- benchmarks ----------------------------------------------------------------------------------------
+
+    def num_synthetic_visual(self) -> int:
+        """Visual tokens of one synthetic image: every tile is real."""
+        return self.model.config.vision_config.max_num_tiles * self.tokens_per_tile
+
+    def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
+        """Random pixels on every tile, then the image token followed by ``prompt_tokens`` random text tokens."""
+        cfg, vision = self.model.config, self.model.config.vision_config
+        text = self.text_config
+        specials = {cfg.image_token_id, text.pad_token_id, text.bos_token_id, text.eos_token_id}
+        vocab = [t for t in range(min(text.vocab_size, 32000)) if t not in specials]
+        words = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        input_ids = torch.cat([torch.full((batch_size, 1), cfg.image_token_id), words], dim=1)
+        tiles, size = vision.max_num_tiles, vision.image_size
+        ratios = [list(r) for r in vision.supported_aspect_ratios]
+        ratio_id = next((i + 1 for i, (h, w) in enumerate(ratios) if h * w == tiles), 1)  # ids are 1-based
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": torch.rand(batch_size, 1, tiles, 3, size, size, generator=generator) * 2 - 1,
+            "aspect_ratio_ids": torch.full((batch_size, 1), ratio_id),
+            "aspect_ratio_mask": torch.ones(batch_size, 1, tiles, dtype=torch.long),
+            "cross_attention_mask": torch.ones(batch_size, input_ids.shape[1], 1, tiles, dtype=torch.long),
+        }
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+
+    def kv_cache_bytes(self, cache) -> dict:
+        """Bytes of keys + values held by a transformers cache, self- and cross-attention layers apart."""
+        cross = set(self.cross_layers)
+        total = {"self": 0, "cross": 0}
+        for index, layer in enumerate(cache.layers):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total["cross" if index in cross else "self"] += t.numel() * t.element_size()
+        return total
+
+    def analytic_kv_bytes(self, batch_size: int, prompt_len: int, new_tokens: int, num_kept_per_sample, plan: PrunePlan | None = None) -> dict:
+        """Expected cache bytes after ``new_tokens`` tokens were appended to a ``prompt_len``-token synthetic prompt.
+
+        Self-attention layers hold the text; cross-attention layers hold visual tokens only: the first one all of
+        them (or the batch's largest kept set when its cache is cut), the later ones the largest kept set.
+        """
+        t = self.text_config
+        per_token_layer = 2 * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * next(self.model.parameters()).element_size()
+        kept = max(num_kept_per_sample)
+        first = kept if plan is None or cuts_first_layer(plan) else self.num_synthetic_visual()
+        num_cross = len(self.cross_layers)
+        self_tokens = (t.num_hidden_layers - num_cross) * (prompt_len + new_tokens)
+        cross_tokens = first + (num_cross - 1) * kept
+        return {"self": batch_size * per_token_layer * self_tokens, "cross": batch_size * per_token_layer * cross_tokens}
+
+
+def cuts_first_layer(plan: PrunePlan) -> bool:
+    """Whether the first cross-attention layer's cache is cut to the kept set (baselines: always, as the default)."""
+    if plan.is_noop:
+        return False
+    return "prune_first_layer_cache" not in plan.strategy.options or bool(plan.option("prune_first_layer_cache"))
+
+
+def cross_attention_scores(layer, hidden, states, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N]`` per query head attention of the valid text rows to the valid visual tokens, row mean.
+
+    Recomputed from one Mllama cross-attention decoder layer's ``input_layernorm``/``q_proj``/``q_norm`` and
+    ``k_proj``/``k_norm`` (the eager formula, before the tanh gate); ``rows`` [B, S] and ``columns`` [B, N] mark
+    what is valid, so padding tiles get no probability and masked-out text rows do not count.
+    """
+    attn = layer.cross_attn
+    x = layer.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    q = attn.q_norm(attn.q_proj(x).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2))
+    k = attn.k_proj(states).view(batch, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_norm(k).repeat_interleave(attn.num_key_value_groups, dim=1)  # key heads shared by query groups
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [B, H, S, N]
+    probs = torch.softmax(logits.masked_fill(~columns[:, None, None, :], float("-inf")), dim=-1)
+    weights = rows.float()[:, None, :, None]
+    return (probs * weights).sum(dim=2) / weights.sum(dim=2).clamp(min=1)
+
+
+def tile_cls_attention(layer, hidden: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
+    """``[B, tiles, tokens_per_tile]`` attention of each tile's CLS to that tile's tokens in one vision layer, head mean.
+
+    ``hidden`` is the layer's input ``[B, tiles · padded_len, D]`` (each tile padded to a multiple of 8). The
+    softmax runs over the tile's own tokens, the CLS itself included (it is a visual token the LLM sees, so it
+    competes like any other); per-tile normalisation keeps a tile's ranking identical to the model's.
+    """
+    attn = layer.self_attn
+    batch, _, dim = hidden.shape
+    tiles = hidden.shape[1] // (tokens_per_tile + (8 - tokens_per_tile % 8) % 8)
+    x = layer.input_layernorm(hidden).view(batch, tiles, -1, dim)[:, :, :tokens_per_tile]
+    q = attn.q_proj(x[:, :, :1]).view(batch, tiles, 1, attn.num_heads, attn.head_dim).transpose(2, 3)
+    k = attn.k_proj(x).view(batch, tiles, tokens_per_tile, attn.num_heads, attn.head_dim).transpose(2, 3)
+    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scaling, dim=-1)  # [B, tiles, H, 1, P]
+    return probs.mean(dim=2)[:, :, 0]
+
+
+def _per_sample(states: torch.Tensor, batch: int) -> torch.Tensor:
+    """The projected vision states come as ``[B · tiles, tokens_per_tile, D]``; the layer reads them as ``[B, N, D]``."""
+    return states.reshape(batch, -1, states.shape[-1])
+
+
+def _take_tokens(t: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Cached ``[B, heads, N, d]`` keys or values at the kept token indices ``[B, K]``."""
+    index = gather[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]).to(t.device)
+    return torch.gather(t, 2, index)
+
+
+def _take_columns(mask: torch.Tensor, state: _TrimState) -> torch.Tensor:
+    """A prepared ``[B, 1, S, N]`` cross-attention mask at the kept columns, the pad columns masked."""
+    index = state.gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1).to(mask.device)
+    taken = torch.gather(mask, 3, index)
+    return taken.masked_fill(~state.gather_valid[:, None, None, :].to(mask.device), torch.finfo(mask.dtype).min)

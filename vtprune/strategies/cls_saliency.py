@@ -1,0 +1,7 @@
+from vtprune.strategies.base import register_strategy, topk_per_sample
+
+
+@register_strategy("cls_saliency", needs=("cls_attention",), families=("mllama",))
+def keep_cls_saliency(signals, budgets):
+    """Top-k of the vision encoder's CLS→patch attention (per tile, head mean), on cross-attention models."""
+    return topk_per_sample(signals.cls_attention, signals.valid, budgets)
