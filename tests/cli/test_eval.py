@@ -1,0 +1,137 @@
+"""``vtprune eval`` end to end on tiny models and the offline mini tasks, scored by lmms-eval's own task code."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vtprune.cli import app
+from vtprune.results import is_complete, read_jsonl
+
+MINI = ["vtprune_textvqa_mini", "vtprune_vqav2_mini", "vtprune_llava_bench_mini"]
+METRIC_KEYS = {
+    "run", "model", "family", "strategy", "keep_ratio", "task", "metric", "value", "stderr", "n", "scored",
+    "kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean", "smoke",
+}
+SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "select_ms"}
+
+
+def write_config(tmp_path, path="tiny:llava", strategy="uniform", keep_ratio=0.5, tasks=MINI, name="run1"):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": name, "model": {"path": path}, "pruning": {"strategy": strategy, "keep_ratio": keep_ratio},
+        "eval": {"tasks": tasks, "generation": {"max_new_tokens": 3, "do_sample": False}},
+    }))
+    return config
+
+
+@pytest.fixture
+def no_judge(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("AZURE_API_KEY", raising=False)
+    monkeypatch.delenv("API_TYPE", raising=False)
+
+
+def test_eval_llava_on_the_mini_tasks(tmp_path, no_judge):
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["eval", "-c", str(write_config(tmp_path)), "--limit", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    run = out / "run1"
+    assert is_complete(run)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["kind"] == "eval" and meta["smoke"] is True and meta["versions"]["lmms_eval"]
+
+    samples = read_jsonl(run / "samples.jsonl")
+    assert [s["task"] for s in samples] == [t for t in MINI for _ in range(2)]
+    for s in samples:
+        assert set(s) == SAMPLE_KEYS
+        assert (s["num_visual"], s["num_kept"], s["kept_fraction"]) == (16, 8, 0.5)
+        assert s["select_ms"] >= 0 and isinstance(s["output"], str)
+    # Targets come from the generated docs in the official schema.
+    assert samples[0]["target"] == ["stop"] * 10
+    assert samples[2]["target"] == ["red"] * 10
+
+    rows = read_jsonl(run / "metrics.jsonl")
+    for r in rows:
+        assert set(r) == METRIC_KEYS
+        expected = ("tiny:llava", "llava", "uniform", 0.5, 2)
+        assert (r["model"], r["family"], r["strategy"], r["keep_ratio"], r["n"]) == expected
+        assert r["kept_fraction_mean"] == 0.5 and r["num_visual_mean"] == 16 and r["num_kept_mean"] == 8
+    by_task = {(r["task"], r["metric"]): r for r in rows}
+    for task in MINI[:2]:
+        row = by_task[(task, "exact_match")]
+        # A random tiny model answers nonsense: lmms-eval's VQA accuracy of it is a real 0.0, not None.
+        assert row["scored"] is True and row["value"] == 0.0
+
+
+def test_llava_bench_without_a_judge_key_is_unscored(tmp_path, no_judge):
+    out = tmp_path / "results"
+    config = write_config(tmp_path, tasks=["vtprune_llava_bench_mini"])
+    result = CliRunner().invoke(app, ["eval", "-c", str(config), "--limit", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out / "run1" / "metrics.jsonl")
+    assert [r["metric"] for r in rows] == [f"gpt_eval_llava_{c}" for c in ("all", "conv", "detail", "complex")]
+    assert all(r["value"] is None and r["stderr"] is None and r["scored"] is False for r in rows)
+    samples = read_jsonl(out / "run1" / "samples.jsonl")
+    assert len(samples) == 2 and samples[0]["target"] == "The shapes are red."
+
+
+def test_failed_judge_requests_are_unscored_not_a_number(tmp_path, monkeypatch):
+    # A key the judge cannot use (no network here): lmms-eval would aggregate its [-1, -1] scores to 100%.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-a-key")
+    monkeypatch.delenv("API_TYPE", raising=False)
+    out = tmp_path / "results"
+    config = write_config(tmp_path, tasks=["vtprune_llava_bench_mini"])
+    result = CliRunner().invoke(app, ["eval", "-c", str(config), "--limit", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(out / "run1" / "metrics.jsonl")
+    assert len(rows) == 4 and all(r["value"] is None and r["scored"] is False for r in rows)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "mllama"])
+def test_eval_other_families(tmp_path, family, no_judge):
+    from vtprune.models.base import FAMILIES
+
+    if family not in FAMILIES:
+        pytest.skip(f"the {family} adapter has not landed")
+    out = tmp_path / "results"
+    config = write_config(tmp_path, f"tiny:{family}", "none", 1.0, tasks=["vtprune_vqav2_mini"])
+    result = CliRunner().invoke(app, ["eval", "-c", str(config), "--limit", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = read_jsonl(out / "run1" / "metrics.jsonl")
+    assert row["family"] == family and row["value"] is not None and row["kept_fraction_mean"] == 1.0
+
+
+def test_generation_errors_are_not_scored_as_empty(tmp_path, no_judge):
+    import vtprune
+    from vtprune.eval.runner import run_eval
+
+    pipe = vtprune.load(write_config(tmp_path, tasks=["vtprune_vqav2_mini"]))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    pipe.generate = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_eval(pipe, limit=1, output_dir=tmp_path / "results", progress=False)
+    assert not is_complete(tmp_path / "results" / "run1")
+
+
+def test_bad_task_name_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    args = ["eval", "-c", str(write_config(tmp_path)), "--tasks", "textvqa_val,nope", "-o", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: eval.tasks: unknown task 'nope' (allowed: ")
+    assert "vtprune_textvqa_mini" in lines[0]
+    assert not out.exists()
+
+
+def test_lmms_eval_finds_the_model_by_entry_point(tmp_path):
+    from lmms_eval import models
+
+    cls = models.get_model("vtprune")
+    with pytest.raises(ValueError, match="unknown model_args \\['foo'\\]"):
+        cls.create_from_arg_string(f"config={write_config(tmp_path)},foo=1")

@@ -1,0 +1,178 @@
+"""Offline mirrors of textvqa_val, vqav2_val and llava_in_the_wild: a few generated images, official columns.
+
+Each mirror is drawn with PIL from a fixed table (no binaries in git), saved once with ``datasets`` under
+``$VTPRUNE_CACHE/mini/`` and read by the task YAMLs in ``vtprune/eval/tasks/`` through lmms-eval's
+``load_from_disk`` path, with the official tasks' own prompt and scoring functions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+MINI_VERSION = "v1"  # bump when the tables or the drawing change, so stale caches are not reused
+
+# name of the task -> (dataset folder, split the official task reads)
+MINI_TASKS = {
+    "vtprune_textvqa_mini": ("textvqa", "validation"),
+    "vtprune_vqav2_mini": ("vqav2", "validation"),
+    "vtprune_llava_bench_mini": ("llava_bench", "train"),
+}
+
+_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20),
+            "black": (10, 10, 10), "white": (250, 250, 250)}
+
+# (word or number on the sign, colour of the sign, background)
+_TEXT = [("STOP", "red", "white"), ("42", "blue", "yellow"), ("OPEN", "green", "white"), ("CAFE", "black", "yellow"),
+         ("7", "yellow", "blue"), ("EXIT", "green", "black")]
+# (shape, colour, count, background)
+_SHAPES = [("circle", "red", 1, "white"), ("square", "blue", 2, "white"), ("triangle", "green", 3, "black"),
+           ("circle", "yellow", 2, "blue"), ("square", "red", 4, "white"), ("triangle", "blue", 1, "yellow")]
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+def mini_dataset_path(task: str) -> Path:
+    """Folder of the saved ``DatasetDict`` of a mini task, built on first use."""
+    from vtprune.models.tiny import cache_root
+
+    folder, _ = MINI_TASKS[task]
+    target = cache_root() / "mini" / f"{folder}-{MINI_VERSION}"
+    if not (target / "dataset_dict.json").exists():
+        _build(task, target)
+    return target
+
+
+def _build(task: str, target: Path) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder, split = MINI_TASKS[task]
+    rows, features = {"textvqa": _textvqa, "vqav2": _vqav2, "llava_bench": _llava_bench}[folder]()
+    data = datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=datasets.Features(features))})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        data.save_to_disk(str(tmp))
+        if target.exists():  # a half-built folder from a crash
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _sign_image(word: str, colour: str, background: str):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (336, 252), _COLOURS[background])
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((48, 56, 288, 196), fill=_COLOURS[colour])
+    ink = _COLOURS["black" if colour in ("yellow", "white") else "white"]
+    draw.text((168, 126), word, fill=ink, font=_font(64), anchor="mm")
+    return image
+
+
+def _shapes_image(shape: str, colour: str, count: int, background: str):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (336, 252), _COLOURS[background])
+    draw = ImageDraw.Draw(image)
+    for k in range(count):
+        x0, y0 = 24 + 78 * k, 90
+        box = (x0, y0, x0 + 64, y0 + 64)
+        fill = _COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x0 + 32, y0), (x0, y0 + 64), (x0 + 64, y0 + 64)], fill=fill)
+    return image
+
+
+def _textvqa():
+    from datasets import Image, Sequence, Value
+
+    rows = []
+    for i, (word, colour, background) in enumerate(_TEXT):
+        question = "what does the sign say?" if not word.isdigit() else "what number is on the sign?"
+        rows.append({
+            "image_id": f"mini{i:04d}", "question_id": 90000 + i, "question": question,
+            "question_tokens": question.rstrip("?").split(), "image": _sign_image(word, colour, background),
+            "image_width": 336, "image_height": 252, "answers": [word.lower()] * 10, "image_classes": ["Sign"],
+            "set_name": "val", "ocr_tokens": [word.lower()],
+        })
+    features = {
+        "image_id": Value("string"), "question_id": Value("int64"), "question": Value("string"),
+        "question_tokens": Sequence(Value("string")), "image": Image(), "image_width": Value("int64"),
+        "image_height": Value("int64"), "answers": Sequence(Value("string")),
+        "image_classes": Sequence(Value("string")),
+        "set_name": Value("string"), "ocr_tokens": Sequence(Value("string")),
+    }
+    return rows, features
+
+
+def _vqav2():
+    from datasets import Image, Value
+
+    rows = []
+    for i, (shape, colour, count, background) in enumerate(_SHAPES):
+        if i % 3 == 0:
+            question, answer, kind, qtype = f"What color is the {shape}?", colour, "other", "what color is the"
+        elif i % 3 == 1:
+            question, answer, kind, qtype = f"How many {shape}s are there?", _NUMBER_WORDS[count], "number", "how many"
+        else:
+            question, answer, kind, qtype = f"Is there a {shape}?", "yes", "yes/no", "is there a"
+        rows.append({
+            "question_type": qtype, "multiple_choice_answer": answer,
+            "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
+            "image_id": 80000 + i, "answer_type": kind, "question_id": 800000 + i, "question": question,
+            "image": _shapes_image(shape, colour, count, background),
+        })
+    features = {
+        "question_type": Value("string"), "multiple_choice_answer": Value("string"),
+        "answers": [{"answer": Value("string"), "answer_confidence": Value("string"), "answer_id": Value("int64")}],
+        "image_id": Value("int64"), "answer_type": Value("string"), "question_id": Value("int64"),
+        "question": Value("string"), "image": Image(),
+    }
+    return rows, features
+
+
+def _llava_bench():
+    from datasets import Image, Value
+
+    categories = ("conv", "detail", "complex")
+    rows = []
+    for i, (shape, colour, count, background) in enumerate(_SHAPES):
+        category = categories[i % 3]
+        noun = f"{_NUMBER_WORDS[count]} {colour} {shape}{'s' if count > 1 else ''}"
+        question = {
+            "conv": "What color are the shapes in the image?",
+            "detail": "Describe the image in detail.",
+            "complex": "What could these shapes be used to teach?",
+        }[category]
+        answer = {
+            "conv": f"The shapes are {colour}.",
+            "detail": f"The image shows {noun} in a row on a {background} background.",
+            "complex": f"With {noun} on a plain background, the picture could teach colors, shapes and counting.",
+        }[category]
+        rows.append({
+            "question_id": i, "question": question, "image": _shapes_image(shape, colour, count, background),
+            "caption": f"{noun} on a {background} background", "gpt_answer": answer, "category": category,
+            "image_id": f"mini_{i:03d}.png",
+        })
+    features = {
+        "question_id": Value("int64"), "question": Value("string"), "image": Image(), "caption": Value("string"),
+        "gpt_answer": Value("string"), "category": Value("string"), "image_id": Value("string"),
+    }
+    return rows, features

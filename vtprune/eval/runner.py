@@ -1,0 +1,184 @@
+"""``run_eval``: score a loaded pipeline on lmms-eval tasks and write ``results/<name>/`` (``vtprune.results``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from statistics import mean
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+
+# Tasks scored by a GPT judge; without a key their outputs are kept and their metrics marked unscored.
+JUDGE_TASKS = ("llava_in_the_wild", "vtprune_llava_bench_mini")
+
+
+def judge_available() -> bool:
+    """The key lmms-eval's llava_in_the_wild judge reads (API_TYPE openai or azure)."""
+    key = "AZURE_API_KEY" if os.environ.get("API_TYPE", "openai") == "azure" else "OPENAI_API_KEY"
+    return bool(os.environ.get(key))
+
+
+def task_manager():
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager("WARNING", include_path=str(TASKS_DIR), model_name="vtprune")
+
+
+def task_spec(name: str):
+    """What ``simple_evaluate`` gets for one task: a mini task points at its generated dataset."""
+    from vtprune.eval.mini import MINI_TASKS, mini_dataset_path
+
+    if name in MINI_TASKS:
+        return {"task": name, "dataset_path": str(mini_dataset_path(name))}
+    return name
+
+
+def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True) -> Path:
+    """Run ``tasks`` (default: the config's) and write run.json (last), metrics.jsonl, samples.jsonl.
+
+    Returns the run folder ``<output_dir>/<config name>``. Generation errors propagate: nothing is scored as "".
+    """
+    from lmms_eval.evaluator import simple_evaluate
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vtprune.eval.lmms_model import VtpruneLMM
+    from vtprune.eval.tasks import TASKS
+    from vtprune.results import RUN_FILE, now, run_metadata, write_json, write_jsonl
+
+    config = pipeline.config
+    tasks = list(tasks or config.eval.tasks)
+    for name in tasks:
+        TASKS.get(name)
+    limit = limit if limit is not None else config.eval.limit
+    run_dir = Path(output_dir or config.output_dir) / config.name
+    started = now()
+    # A finished run.json from an earlier run must not vouch for files this run is about to replace.
+    (run_dir / RUN_FILE).unlink(missing_ok=True)
+
+    manager = task_manager()
+    scored = [t for t in tasks if t not in JUDGE_TASKS or judge_available()]
+    unscored = [t for t in tasks if t not in scored]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        job = bar.add_task(f"eval {config.name}", total=None)
+        lm = VtpruneLMM(pipeline=pipeline, progress=lambda n: bar.advance(job, n))
+        outputs = {}
+        for group, predict_only in ((scored, False), (unscored, True)):
+            if not group:
+                continue
+            # predict_only: lmms-eval records the outputs and calls no judge (which would score a failed
+            # request as a number).
+            result = simple_evaluate(
+                model=lm, tasks=[task_spec(t) for t in group], limit=limit, task_manager=manager,
+                log_samples=True, predict_only=predict_only, process_docs_parallel=1,
+                random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+                verbosity="WARNING",
+            )
+            if result is not None:  # None on ranks > 0
+                outputs.update({t: (result, predict_only) for t in group})
+    stats = _gather(lm.stats)
+    if lm.rank != 0:
+        return run_dir
+
+    metric_rows, sample_rows = [], []
+    for name in tasks:
+        result, predict_only = outputs[name]
+        logged = result["samples"][name]
+        task_stats = [stats[(name, s["doc_id"])] for s in logged]
+        samples = [_sample_row(name, s, st) for s, st in zip(logged, task_stats)]
+        sample_rows += samples
+        names = _metric_names(manager, name)
+        if predict_only or _judge_failed(name, logged):
+            metrics = [(m, None, None) for m in names]
+        else:
+            metrics = _metrics(result["results"][name], names)
+        for metric, value, stderr in metrics:
+            metric_rows.append(_metric_row(pipeline, name, metric, value, stderr, samples, task_stats))
+    write_jsonl(run_dir / "samples.jsonl", sample_rows)
+    write_jsonl(run_dir / "metrics.jsonl", metric_rows)
+    adapter = pipeline.adapter
+    meta = run_metadata(config, "eval", adapter.device, adapter.model.dtype, started)
+    meta.update(tasks=tasks, limit=limit, judge=judge_available(), finished=now())
+    write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
+    return run_dir
+
+
+def _judge_failed(task: str, logged: list[dict]) -> bool:
+    """lmms-eval's llava judge scores a failed request [-1, -1], which its aggregation turns into 100%."""
+    if task not in JUDGE_TASKS:
+        return False
+    return any((s.get("gpt_eval_llava_all") or {}).get("scores") == [-1, -1] for s in logged)
+
+
+def _gather(stats: dict) -> dict:
+    """Per-sample records live in each process; under data parallelism rank 0 needs them all."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, stats)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _metrics(task_result: dict, names: list[str]) -> list[tuple[str, float | None, float | None]]:
+    """(metric, value, stderr) for the task's declared metrics, from lmms-eval's ``"metric,filter"`` keys."""
+    out = []
+    for metric in names:
+        key = next((k for k in task_result if k.partition(",")[0] == metric), None)
+        filt = key.partition(",")[2] if key else "none"
+        stderr = task_result.get(f"{metric}_stderr,{filt}")
+        out.append((metric, _number(task_result.get(key)), _number(stderr)))
+    return out
+
+
+def _number(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _metric_names(manager, name: str) -> list[str]:
+    from lmms_eval.utils import load_yaml_config
+
+    config = load_yaml_config(manager.task_index[name]["yaml_path"], mode="simple")
+    return [m["metric"] for m in config.get("metric_list", [])]
+
+
+def _sample_row(task: str, sample: dict, s) -> dict:
+    return {
+        "task": task, "doc_id": sample["doc_id"], "output": s.output, "target": _target(sample),
+        "num_visual": s.num_visual, "num_kept": s.num_kept, "kept_fraction": s.kept_fraction, "select_ms": s.select_ms,
+    }
+
+
+def _target(sample: dict):
+    """The reference answers: VQA docs keep theirs in ``answers`` (their doc_to_target names a column they lack)."""
+    answers = (sample.get("doc") or {}).get("answers")
+    if isinstance(answers, list) and answers:
+        return [a["answer"] if isinstance(a, dict) else a for a in answers]
+    return _plain(sample.get("target"))
+
+
+def _plain(value):
+    return value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
+
+
+def _metric_row(pipeline, task, metric, value, stderr, samples, stats) -> dict:
+    from vtprune.results import is_smoke
+
+    config = pipeline.config
+    equivalent = [s.equivalent_tokens for s in stats]
+    return {
+        "run": config.name, "model": config.model.path, "family": pipeline.adapter.family,
+        "strategy": config.pruning.strategy, "keep_ratio": config.pruning.keep_ratio, "task": task,
+        "metric": metric, "value": value, "stderr": stderr, "n": len(samples), "scored": value is not None,
+        "kept_fraction_mean": _mean([s["kept_fraction"] for s in samples]),
+        "num_visual_mean": _mean([s["num_visual"] for s in samples]),
+        "num_kept_mean": _mean([s["num_kept"] for s in samples]),
+        "equivalent_tokens_mean": None if any(e is None for e in equivalent) else _mean(equivalent),
+        "smoke": is_smoke(config),
+    }
+
+
+def _mean(values):
+    return mean(values) if values else None
