@@ -54,15 +54,9 @@ def _hf_config():
 
 
 def _trimmed(prune_first_layer_cache: bool):
-    """trimmed_llama as registered, or a stand-in with its declared stage and option until it lands."""
     from vtprune.strategies import STRATEGIES
-    from vtprune.strategies.base import Option, Strategy
 
-    if "trimmed_llama" in STRATEGIES:
-        strategy = STRATEGIES.get("trimmed_llama")
-    else:
-        strategy = Strategy("trimmed_llama", fn=None, stage="in_llm", options={"prune_first_layer_cache": Option(True)})
-    return strategy, {"prune_first_layer_cache": prune_first_layer_cache}
+    return STRATEGIES.get("trimmed_llama"), {"prune_first_layer_cache": prune_first_layer_cache}
 
 
 def _rows(strategy, ratios, batch_sizes):
@@ -109,6 +103,17 @@ def test_prefill_flops_by_hand():
     assert row["prefill_flops"] == 2 * expected
 
 
+def test_mllama_baselines_prune_where_trimmed_llama_does():
+    # All Mllama strategies differ only in selection: the first cross layer attends to all N in prefill and
+    # every cross layer's cache is cut to the kept set, so the figures equal trimmed_llama's with its cache cut.
+    from vtprune.strategies import STRATEGIES
+
+    trimmed, = _rows(_trimmed(True), [0.5], [4])
+    for name in ("random", "uniform", "cls_saliency"):
+        row, = _rows((STRATEGIES.get(name), {}), [0.5], [4])
+        assert (row["kv_cross_bytes"], row["prefill_flops"]) == (trimmed["kv_cross_bytes"], trimmed["prefill_flops"])
+
+
 def test_cost_cli_json(config_11b):
     result = CliRunner().invoke(app, ["cost", "--config", str(config_11b), "--batch-sizes", "1,8,32",
                                       "--ratios", "1.0,0.5", "--strategies", "none,uniform", "--json"])
@@ -119,7 +124,7 @@ def test_cost_cli_json(config_11b):
         ("uniform", 1.0, 1), ("uniform", 1.0, 8), ("uniform", 1.0, 32),
         ("uniform", 0.5, 1), ("uniform", 0.5, 8), ("uniform", 0.5, 32),
     ]
-    # uniform prunes before the first cross layer: all 8 hold ceil(0.5 · 6404) tokens
+    # uniform cuts every cross layer's cache to ceil(0.5 · 6404) tokens after prefill
     last = rows[-1]
     assert last["kv_cross_bytes"] == 32 * 8 * 2 * 8 * 128 * 3202 * 2
     assert last["kv_bytes"] == last["kv_self_bytes"] + last["kv_cross_bytes"]

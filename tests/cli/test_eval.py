@@ -80,6 +80,8 @@ def test_llava_bench_without_a_judge_key_is_unscored(tmp_path, no_judge):
 def test_failed_judge_requests_are_unscored_not_a_number(tmp_path, monkeypatch):
     # A key the judge cannot use (no network here): lmms-eval would aggregate its [-1, -1] scores to 100%.
     monkeypatch.setenv("OPENAI_API_KEY", "sk-not-a-key")
+    # A closed loopback port: the judge's requests fail at once and never leave this machine.
+    monkeypatch.setenv("OPENAI_API_URL", "http://127.0.0.1:9/v1")
     monkeypatch.delenv("API_TYPE", raising=False)
     out = tmp_path / "results"
     config = write_config(tmp_path, tasks=["vtprune_llava_bench_mini"])

@@ -43,15 +43,19 @@ class Layout:
 
 def layout_for(strategy, options: dict, config) -> Layout:
     """The layout of ``strategy`` (a registered ``Strategy``) with ``options`` on a model of ``config``."""
-    if getattr(strategy, "name", None) == "none" or strategy.stage != "in_llm":
+    if getattr(strategy, "name", None) == "none":
         return Layout()
+
     def option(name):
         return options.get(name, strategy.options[name].default) if name in strategy.options else None
 
     if cross_layer_indices(config):
-        # trimmed_llama scores in the first cross layer, so that layer sees every visual token during prefill.
+        # Every Mllama strategy prunes at the same point: the first cross layer sees all visual tokens during
+        # prefill, later ones only the kept. Only trimmed_llama can keep the first layer's full cache.
         cut = option("prune_first_layer_cache")
         return Layout(first_cross_full=True, first_cross_cached_full=cut is False)
+    if strategy.stage != "in_llm":
+        return Layout()
     return Layout(in_llm_layer=int(option("layer")))
 
 
