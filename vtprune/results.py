@@ -2,7 +2,7 @@
 
 ``results/<name>/``
 - ``run.json``      — written LAST; its ``finished`` time marks the folder complete (a sweep redoes others).
-  Keys: name, kind ("eval" | "bench"), config (resolved), versions {vtprune, torch, transformers, lmms_eval,
+  Keys: name, kind ("eval" | "bench" | "eval+bench" for a sweep point benchmarked after its eval), config (resolved), versions {vtprune, torch, transformers, lmms_eval,
   python}, device, dtype, git_commit, started, finished, smoke (True for tiny models: smoke figures only).
 - ``metrics.jsonl`` — one row per (task, metric): run, model, family, strategy, keep_ratio, task, metric,
   value (None when unscored), stderr, n, scored (bool), kept_fraction_mean, num_visual_mean, num_kept_mean,

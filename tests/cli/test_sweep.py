@@ -1,5 +1,7 @@
 """``vtprune sweep ratios``: shards, skipping finished points, redoing partial ones."""
 
+import json
+
 import yaml
 from typer.testing import CliRunner
 
@@ -65,6 +67,8 @@ def test_sweep_bench_writes_bench_rows_and_needs_them_to_skip(tmp_path):
     pruned = out / "b" / "uniform-0.5"
     for point in (out / "b" / "none-1.0", pruned):
         assert is_complete(point) and read_jsonl(point / "metrics.jsonl") and read_jsonl(point / "bench.jsonl")
+        meta = json.loads((point / "run.json").read_text())
+        assert meta["kind"] == "eval+bench" and meta["tasks"] == ["vtprune_vqav2_mini"] and meta["weights"] == "pretrained"
     (pruned / "bench.jsonl").unlink()  # eval finished, bench did not
     result = CliRunner().invoke(app, args)
     assert "2 points in this shard, 1 to run" in result.stderr

@@ -8,6 +8,8 @@ selection, prefill) and one with exactly ``new_tokens`` tokens (end to end). Dec
 
 from __future__ import annotations
 
+import json
+
 import math
 import statistics
 from pathlib import Path
@@ -36,7 +38,7 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vtprune.results import RUN_FILE, now, run_metadata, write_json, write_jsonl
+    from vtprune.results import RUN_FILE, is_complete, now, run_metadata, write_json, write_jsonl
 
     started = now()
     batch_sizes = batch_sizes or pipeline.config.bench.batch_sizes
@@ -59,6 +61,11 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
         adapter = pipeline.adapter
         meta = run_metadata(pipeline.config, "bench", adapter.device, adapter.model.dtype, started)
         meta.update(weights=pipeline.config.model.weights, peak_memory=memory_kind(adapter.device), finished=now())
+        if is_complete(out):
+            # A sweep point benchmarked after its eval: keep the eval's metadata (tasks, limit, judge) beside ours.
+            previous = json.loads((out / RUN_FILE).read_text())
+            if previous.get("kind") == "eval":
+                meta = {**previous, **meta, "kind": "eval+bench", "started": previous["started"]}
         write_json(out / RUN_FILE, meta)  # last: marks the folder complete
     return rows
 

@@ -53,7 +53,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 def point_complete(point_dir: Path, bench: bool) -> bool:
     from vtprune.results import is_complete
 
-    # With --bench the bench's run.json replaces the eval's, so both row files must be there too.
+    # run.json is rewritten by each part (eval, then bench), so each part's rows must be there too.
     files = ("metrics.jsonl", "bench.jsonl") if bench else ("metrics.jsonl",)
     return is_complete(point_dir) and all((point_dir / f).is_file() for f in files)
 
