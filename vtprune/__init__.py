@@ -10,4 +10,4 @@ def load(config=None, **keys):
     return _load(config, **keys)
 
 
-__all__ = ["load", "__version__"]
+__all__ = ["__version__", "load"]

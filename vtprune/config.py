@@ -69,7 +69,7 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> Config:
         """A copy with some top-level fields or nested fields replaced: ``replace(pruning={"keep_ratio": 0.5})``."""
         data = self.to_dict()
         for key, value in sections.items():

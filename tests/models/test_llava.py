@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kvcheck import expected_kv, measured_kv
 from PIL import Image
 
 import vtprune
@@ -143,8 +144,8 @@ def test_fastv_cache_holds_only_kept_tokens_after_layer_k(adapter, inputs):
     lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
     full = inputs["input_ids"].shape[1]
     assert lengths == [full, full, full - 12, full - 12]
-    expected = adapter.analytic_kv_bytes(2, full, 0, [4, 4], plan=p)
-    assert adapter.kv_cache_bytes(out.cache) == expected
+    expected = expected_kv(adapter, p, batch_size=2, text_tokens=full - 16, num_visual=16, num_kept=4)
+    assert measured_kv(adapter, out.cache) == expected
 
 
 @pytest.mark.parametrize("name", ["uniform", "fastv"])
@@ -159,7 +160,7 @@ def test_synthetic_inputs_and_kv_bytes(adapter, name):
         else:
             embeds, mask, _ = adapter.pruned_inputs(inputs, p)
             out = adapter.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-    assert adapter.kv_cache_bytes(out.cache) == adapter.analytic_kv_bytes(2, 32, 0, [8, 8], plan=p)
+    assert measured_kv(adapter, out.cache) == expected_kv(adapter, p, batch_size=2, text_tokens=16, num_visual=16, num_kept=8)
 
 
 def test_pruned_generate_batched_equals_per_sample(adapter, inputs):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kvcheck import expected_kv, measured_kv
 from PIL import Image
 
 import vtprune
@@ -97,4 +98,4 @@ def test_fastv_cache_and_kv_bytes(adapter):
         out = adapter.model(**synthetic, use_cache=True)
     kept = [r.num_kept for r in state.records]
     assert [layer.keys.shape[-2] for layer in out.cache.layers][1:] == [16 + kept[0]] * 3
-    assert adapter.kv_cache_bytes(out.cache) == adapter.analytic_kv_bytes(2, n + 16, 0, kept, plan=p)
+    assert measured_kv(adapter, out.cache) == expected_kv(adapter, p, batch_size=2, text_tokens=16, num_visual=n, num_kept=max(kept))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kvcheck import expected_kv, measured_kv
 from PIL import Image
 
 import vtprune
@@ -217,10 +218,10 @@ def test_cross_cache_holds_kept_tokens(adapter, padded, cut):
     for i in later:
         assert full.cache.layers[i].keys.shape[2] == n
         assert out.cache.layers[i].keys.shape[2] == out.cache.layers[i].values.shape[2] == width
-    saved = adapter.kv_cache_bytes(full.cache)["cross"] - adapter.kv_cache_bytes(out.cache)["cross"]
+    saved = measured_kv(adapter, full.cache)["cross"] - measured_kv(adapter, out.cache)["cross"]
     per_token = full.cache.layers[first].keys[0, :, 0].numel() * 4 * 2 * len(padded["input_ids"])
     assert saved == per_token * ((n - width) * len(later) + (n - width) * cut)
-    assert adapter.kv_cache_bytes(out.cache)["self"] == adapter.kv_cache_bytes(full.cache)["self"]
+    assert measured_kv(adapter, out.cache)["self"] == measured_kv(adapter, full.cache)["self"]
 
 
 def test_synthetic_inputs_and_analytic_kv_bytes(adapter):
@@ -232,8 +233,8 @@ def test_synthetic_inputs_and_analytic_kv_bytes(adapter):
         with torch.no_grad():
             out, records = adapter.forward(inputs, p, use_cache=True)
         assert all(r.num_visual == 4 * PER_TILE for r in records)
-        measured = adapter.kv_cache_bytes(out.cache)
-        assert measured == adapter.analytic_kv_bytes(2, 8, 0, [r.num_kept for r in records], p)
+        kept = max(r.num_kept for r in records)
+        assert measured_kv(adapter, out.cache) == expected_kv(adapter, p, batch_size=2, text_tokens=8, num_visual=4 * PER_TILE, num_kept=kept)
 
 
 # -- baselines, padding, hooks -----------------------------------------------------------------------------
@@ -263,9 +264,8 @@ def test_random_is_seeded_per_sample(adapter, padded):
 
 def test_hooks_removed_after_an_error(adapter, padded):
     broken = {k: v for k, v in padded.items() if k != "aspect_ratio_ids"}
-    with pytest.raises(Exception):
-        with torch.no_grad(), adapter.pruning(padded, plan("trimmed_llama", 0.3)):
-            adapter.model(**broken)
+    with pytest.raises(Exception), torch.no_grad(), adapter.pruning(padded, plan("trimmed_llama", 0.3)):
+        adapter.model(**broken)
     assert hooks_left(adapter) == 0
 
 

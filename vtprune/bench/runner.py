@@ -9,7 +9,6 @@ selection, prefill) and one with exactly ``new_tokens`` tokens (end to end). Dec
 from __future__ import annotations
 
 import json
-
 import math
 import statistics
 from pathlib import Path

@@ -16,11 +16,7 @@ app = typer.Typer(
 
 # Each module adds its commands to `app` on import (one file per command group).
 for _module in ("list_cmd", "generate", "eval_cmd", "sweep", "bench", "report", "show"):
-    try:
-        importlib.import_module(f"vtprune.cli.{_module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"vtprune.cli.{_module}":
-            raise
+    importlib.import_module(f"vtprune.cli.{_module}")
 
 
 def main() -> None:

@@ -6,16 +6,16 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from vtprune.errors import VtpruneError
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see README: Config reference).")]
-OutputDirOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Results folder (overrides output_dir).")]
-StrategyOpt = Annotated[Optional[str], typer.Option("--strategy", help="Override pruning.strategy.")]
-KeepRatioOpt = Annotated[Optional[float], typer.Option("--keep-ratio", help="Override pruning.keep_ratio, in (0, 1].")]
+OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Results folder (overrides output_dir).")]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Override pruning.strategy.")]
+KeepRatioOpt = Annotated[float | None, typer.Option("--keep-ratio", help="Override pruning.keep_ratio, in (0, 1].")]
 
 
 def fail(message: str) -> typer.Exit:

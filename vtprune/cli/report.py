@@ -1,5 +1,5 @@
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,9 +13,9 @@ FORMATS = ("md", "csv", "json")
 @handle_errors
 def report(
     results_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for runs (run.json).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Report file ('-': stdout). "
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report file ('-': stdout). "
                                                    "Default: RESULTS_DIR/report.<format>.")] = None,
-    plots_dir: Annotated[Optional[Path], typer.Option("--plots-dir", help="PNG plots (default: plots/ beside the report).")] = None,
+    plots_dir: Annotated[Path | None, typer.Option("--plots-dir", help="PNG plots (default: plots/ beside the report).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="md (tables + plots) | csv | json (the merged table).")] = "md",
 ) -> None:
     """Accuracy and speed tables of every run below RESULTS_DIR, relative to the unpruned run; PNG plots."""

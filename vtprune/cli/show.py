@@ -1,5 +1,5 @@
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,7 +14,7 @@ def show(
     image: Annotated[Path, typer.Option("--image", help="Image file.")],
     question: Annotated[str, typer.Option("--question", "-q", help="Prompt text (text-guided strategies use it).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")],
-    strategies: Annotated[Optional[str], typer.Option("--strategies", help="Comma-separated: one panel each "
+    strategies: Annotated[str | None, typer.Option("--strategies", help="Comma-separated: one panel each "
                                                       "(default: the config's strategy).")] = None,
     keep_ratio: KeepRatioOpt = None,
 ) -> None:

@@ -9,11 +9,7 @@ from vtprune.errors import ConfigError
 from vtprune.models.base import FAMILIES, Adapter, PrunePlan, SampleRecord
 
 for _name in ("llava", "llava_next", "mllama"):
-    try:
-        importlib.import_module(f"vtprune.models.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"vtprune.models.{_name}":
-            raise
+    importlib.import_module(f"vtprune.models.{_name}")
 
 
 def resolve_path(path: str) -> str:
@@ -73,4 +69,4 @@ def load_model(model_cfg) -> Adapter:
     return adapter_cls(model, processor)
 
 
-__all__ = ["FAMILIES", "Adapter", "PrunePlan", "SampleRecord", "load_model", "resolve_path", "resolve_family"]
+__all__ = ["FAMILIES", "Adapter", "PrunePlan", "SampleRecord", "load_model", "resolve_family", "resolve_path"]

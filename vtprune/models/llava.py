@@ -204,7 +204,7 @@ class LlavaAdapter(Adapter):
     def _score_hook(self, state: _FastVState):
         def hook(layer, args, kwargs):
             if state.gather is not None:  # decode step: the kept set is fixed after prefill
-                return None
+                return
             start = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
             head_scores = last_token_attention(layer, hidden, kwargs["position_embeddings"], state.full_mask)
@@ -237,7 +237,7 @@ class LlavaAdapter(Adapter):
             seconds = (time.perf_counter() - start) / len(kept)
             for record in state.records:
                 record.select_seconds = seconds
-            return None
+            return
 
         return hook
 
@@ -325,31 +325,6 @@ class LlavaAdapter(Adapter):
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **self.synthetic_pixels(batch_size, generator)}
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
-
-    def kv_cache_bytes(self, cache) -> dict:
-        """Bytes held by a transformers cache object (keys + values of every layer)."""
-        total = 0
-        for layer in cache.layers:
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return {"self": total, "cross": 0}
-
-    def analytic_kv_bytes(self, batch_size: int, prompt_len: int, new_tokens: int, num_kept_per_sample, plan: PrunePlan | None = None) -> dict:
-        """Expected cache bytes after ``new_tokens`` tokens were appended to a ``prompt_len``-token synthetic prompt.
-
-        ``num_kept_per_sample``: visual tokens kept per sample (the batch is padded to the longest). With an
-        in-LLM ``plan`` only ``layers[K:]`` hold the pruned length; ``layers[:K]`` hold the full prompt.
-        """
-        t = self.text_config
-        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        per_token_layer = 2 * t.num_key_value_heads * head_dim * next(self.model.parameters()).element_size()
-        num_visual = self.num_synthetic_visual()
-        kept_len = prompt_len - num_visual + max(num_kept_per_sample) + new_tokens
-        full_len = prompt_len + new_tokens
-        full_layers = int(plan.option("layer")) if plan is not None and plan.strategy.stage == "in_llm" else 0
-        tokens = full_layers * full_len + (t.num_hidden_layers - full_layers) * kept_len
-        return {"self": batch_size * per_token_layer * tokens, "cross": 0}
 
 
 def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:

@@ -167,12 +167,12 @@ class MllamaAdapter(Adapter):
         def hook(layer, args, kwargs, output):
             cache = kwargs.get("cache")
             if not state.cut_first or state.first_cut or cache is None or kwargs.get("cross_attention_states") is None:
-                return None
+                return
             cached = cache.layers[index]
             cached.keys = _take_tokens(cached.keys, state.gather)
             cached.values = _take_tokens(cached.values, state.gather)
             state.first_cut = True
-            return None
+            return
 
         return hook
 
@@ -241,31 +241,6 @@ class MllamaAdapter(Adapter):
         }
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
-
-    def kv_cache_bytes(self, cache) -> dict:
-        """Bytes of keys + values held by a transformers cache, self- and cross-attention layers apart."""
-        cross = set(self.cross_layers)
-        total = {"self": 0, "cross": 0}
-        for index, layer in enumerate(cache.layers):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total["cross" if index in cross else "self"] += t.numel() * t.element_size()
-        return total
-
-    def analytic_kv_bytes(self, batch_size: int, prompt_len: int, new_tokens: int, num_kept_per_sample, plan: PrunePlan | None = None) -> dict:
-        """Expected cache bytes after ``new_tokens`` tokens were appended to a ``prompt_len``-token synthetic prompt.
-
-        Self-attention layers hold the text; cross-attention layers hold visual tokens only: the first one all of
-        them (or the batch's largest kept set when its cache is cut), the later ones the largest kept set.
-        """
-        t = self.text_config
-        per_token_layer = 2 * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * next(self.model.parameters()).element_size()
-        kept = max(num_kept_per_sample)
-        first = kept if plan is None or cuts_first_layer(plan) else self.num_synthetic_visual()
-        num_cross = len(self.cross_layers)
-        self_tokens = (t.num_hidden_layers - num_cross) * (prompt_len + new_tokens)
-        cross_tokens = first + (num_cross - 1) * kept
-        return {"self": batch_size * per_token_layer * self_tokens, "cross": batch_size * per_token_layer * cross_tokens}
 
 
 def cuts_first_layer(plan: PrunePlan) -> bool:

@@ -6,4 +6,4 @@
 from vtprune.report.load import Results, load_results
 from vtprune.report.tables import accuracy_frame, merged_frame, speed_frame, write_report
 
-__all__ = ["Results", "load_results", "accuracy_frame", "speed_frame", "merged_frame", "write_report"]
+__all__ = ["Results", "accuracy_frame", "load_results", "merged_frame", "speed_frame", "write_report"]

@@ -4,13 +4,9 @@ import importlib
 
 from vtprune.strategies.base import STRATEGIES, Option, Signals, Strategy, budget, register_strategy
 
-# Every strategy module registers itself on import; a module that is missing is simply not available yet.
+# Every strategy module registers itself on import.
 _MODULES = ["none", "random", "uniform", "trimmed_llama", "cls_saliency", "adav", "fastv", "fastervlm", "text_sim", "divprune"]
 for _name in _MODULES:
-    try:
-        importlib.import_module(f"vtprune.strategies.{_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"vtprune.strategies.{_name}":
-            raise
+    importlib.import_module(f"vtprune.strategies.{_name}")
 
 __all__ = ["STRATEGIES", "Option", "Signals", "Strategy", "budget", "register_strategy"]

@@ -8,8 +8,9 @@ signals the strategy declares in ``needs`` and applies the kept set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
