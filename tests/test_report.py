@@ -167,3 +167,15 @@ def test_incomplete_run_is_skipped_with_a_note(tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r.md").read_text()
     assert "0.6 (75.0%)" in text and "incomplete run" in text
+
+
+def test_zero_unpruned_score_has_no_percentage_and_says_why(tmp_path, monkeypatch):
+    # A tiny random model scores 0 unpruned: % of unpruned is undefined, never a number.
+    monkeypatch.setitem(SCORES, ("none", 1.0), 0.0)
+    root = build_results(tmp_path / "results", bench=False)
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "| uniform | 0.5 | 0.500 | 8.0 / 16.0 | — | 0.6 | unscored |" in text
+    assert "task_a (exact_match): the unpruned score is 0, so % of unpruned is undefined" in text
+    assert not list((tmp_path).rglob("accuracy_*.png"))

@@ -148,6 +148,9 @@ def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str])
             elif not (_is_reference(cell) & cell["scored"]).any():
                 notes.append(f"{model}, {task} ({metric}): no scored unpruned row (strategy none, keep 1.0): "
                              "scores shown without % of unpruned")
+            elif (cell["ref_value"] == 0).all():
+                notes.append(f"{model}, {task} ({metric}): the unpruned score is 0, so % of unpruned is undefined "
+                             "(no percentages, no plot)")
         header = ["strategy", "keep ratio", "kept fraction", "kept / visual", "equivalent tokens"] + [c[2] for c in columns]
         rows = []
         for (strategy, ratio), point in _order(group).groupby(["strategy", "keep_ratio"], sort=False):
