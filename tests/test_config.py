@@ -104,3 +104,10 @@ def test_every_shipped_config_is_valid():
     assert configs, "no configs shipped"
     for path in configs:
         load_config(path)
+
+
+def test_strategy_needing_llm_features_is_rejected_on_mllama(tmp_path):
+    data = {**GOOD, "model": {"path": "tiny:mllama"}, "pruning": {"strategy": "divprune", "keep_ratio": 0.5}}
+    with pytest.raises(ConfigError, match="pruning.strategy: 'divprune' does not run on model family 'mllama' "
+                                          r"\(allowed families: llava, llava_next\)"):
+        load_config(write(tmp_path, data))

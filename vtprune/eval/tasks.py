@@ -6,9 +6,9 @@ TASKS: Registry[str] = Registry("task", "eval.tasks")
 
 # name -> one-line description
 for _name, _desc in {
-    "textvqa_val": "TextVQA validation (lmms-eval official; needs the lmms-lab/textvqa dataset)",
-    "vqav2_val": "VQAv2 validation (lmms-eval official; needs lmms-lab/VQAv2)",
-    "vqav2_val_lite": "VQAv2 validation, lite subset (lmms-eval official; needs lmms-lab/LMMs-Eval-Lite)",
+    "textvqa_val": "TextVQA validation (lmms-eval official; needs the lmms-lab-encoder/textvqa dataset)",
+    "vqav2_val": "VQAv2 validation (lmms-eval official; needs lmms-lab-encoder/VQAv2)",
+    "vqav2_val_lite": "VQAv2 validation, lite subset (lmms-eval official; needs lmms-lab-encoder/LMMs-Eval-Lite)",
     "llava_in_the_wild": "LLaVA-Bench in the wild (lmms-eval official; GPT judge, unscored without a key)",
     "vtprune_textvqa_mini": "offline mirror of textvqa_val: generated images, official scoring",
     "vtprune_vqav2_mini": "offline mirror of vqav2_val: generated images, official scoring",
