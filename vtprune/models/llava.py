@@ -145,8 +145,9 @@ class LlavaAdapter(Adapter):
 
     def pruned_inputs(self, inputs, plan: PrunePlan):
         """``inputs_embeds``, ``attention_mask`` of the shortened, re-left-padded sequences and the records."""
-        start = time.perf_counter()
+        # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
         visual = self.visual_tokens(inputs)
+        start = time.perf_counter()
         signals = self.signals(inputs, visual, plan.strategy.needs)
         signals.generators = sample_generators(plan.seed, sample_keys(inputs))
         scoring = time.perf_counter() - start
