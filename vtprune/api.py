@@ -6,23 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.config import Config, config_from_dict, load_config
+from vtprune.models.base import SampleRecord
 
 
 @dataclass
-class GenerationResult:
-    text: str
-    kept: list[int]  # sorted indices into the model's full visual-token sequence
-    num_visual: int
-    select_seconds: float = 0.0
-    equivalent_tokens: float | None = None
+class GenerationResult(SampleRecord):
+    """One sample's answer and what happened to its visual tokens (``kept``, ``num_visual``, ``kept_fraction``)."""
 
-    @property
-    def num_kept(self) -> int:
-        return len(self.kept)
-
-    @property
-    def kept_fraction(self) -> float:
-        return self.num_kept / self.num_visual if self.num_visual else 1.0
+    text: str = ""
 
 
 class Pipeline:
@@ -71,10 +62,7 @@ class Pipeline:
         with torch.inference_mode():
             new_ids, records = self.adapter.generate(inputs, self.plan, **gen)
         texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-        return [
-            GenerationResult(t.strip(), r.kept, r.num_visual, r.select_seconds, r.equivalent_tokens)
-            for t, r in zip(texts, records)
-        ]
+        return [GenerationResult(**vars(r), text=t.strip()) for t, r in zip(texts, records)]
 
 
 def _as_images(images):
