@@ -48,3 +48,12 @@ def test_help_does_not_import_torch():
     code = "import sys; from vtprune.cli import app; sys.argv=['vtprune','--help']\ntry:\n app()\nexcept SystemExit: pass\nprint('torch' in sys.modules, 'lmms_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_list_strategies_says_where_each_prunes():
+    lines = {line.split()[0]: line for line in CliRunner().invoke(app, ["list", "strategies"]).stdout.splitlines()}
+    assert "[before the LLM; llava, llava_next]" in lines["adav"]
+    assert "[inside the LLM; llava, llava_next] options: layer=2" in lines["fastv"]
+    assert "[mllama: after the 1st cross-attention layer; mllama]" in lines["trimmed_llama"]
+    assert "[before the LLM; mllama: after the 1st cross-attention layer; all families]" in lines["uniform"]
+    assert "[nothing pruned; all families]" in lines["none"]

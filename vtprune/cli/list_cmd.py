@@ -24,7 +24,7 @@ def rows(what: str) -> list[tuple[str, str]]:
 
         out = []
         for name, s in STRATEGIES.items():
-            where = f"[{s.stage}{'; ' + ', '.join(s.families) if s.families else ''}]"
+            where = f"[{where_it_prunes(s)}{'; ' + ', '.join(s.families) if s.families else '; all families'}]"
             opts = f" options: {', '.join(f'{k}={o.default}' for k, o in s.options.items())}" if s.options else ""
             out.append((name, f"{s.description} {where}{opts}"))
         return out
@@ -39,3 +39,16 @@ def rows(what: str) -> list[tuple[str, str]]:
     from vtprune.eval.tasks import TASKS
 
     return TASKS.items()
+
+
+CROSS = "mllama: after the 1st cross-attention layer"
+
+
+def where_it_prunes(strategy) -> str:
+    """Where the kept set is applied: ``stage`` on self-attention models; one fixed point on Mllama."""
+    if strategy.name == "none":
+        return "nothing pruned"
+    if strategy.families == ("mllama",):
+        return CROSS
+    where = {"pre_llm": "before the LLM", "in_llm": "inside the LLM"}[strategy.stage]
+    return where if strategy.families else f"{where}; {CROSS}"

@@ -62,7 +62,8 @@ class Strategy:
     fn: Callable[..., list[torch.Tensor]]
     needs: tuple[str, ...] = ()
     options: dict[str, Option] = field(default_factory=dict)
-    #: where the adapter applies the kept set: "pre_llm" (before the language model), "in_llm" (inside it)
+    #: where a self-attention adapter applies the kept set: "pre_llm" (before the language model) or "in_llm"
+    #: (inside it). On cross-attention models (mllama) every strategy prunes after the first cross-attention layer.
     stage: str = "pre_llm"
     #: model families that support it; empty = every family
     families: tuple[str, ...] = ()
