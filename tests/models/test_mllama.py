@@ -281,3 +281,23 @@ def test_architecture_config_on_meta_device():
     assert config.text_config.cross_attention_layers == [3, 8, 13, 18, 23, 28, 33, 38]
     cfg = vtprune.config.load_config(root / "llama-3.2-11b-vision.yaml")
     assert cfg.pruning.strategy == "trimmed_llama" and cfg.model.weights == "random"
+
+
+def test_sampling_generate(adapter):
+    inputs = adapter.prepare(FULL, PROMPTS)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0, temperature=1.0)
+
+    def sample(p, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return adapter.generate(inputs, p, **gen)
+
+    # keep 1.0 gives the unpruned distribution, hence the same draws from the same seed
+    assert torch.equal(sample(plan("trimmed_llama", 1.0), 5)[0], sample(plan("none"), 5)[0])
+    # pruned sampling works, keeps the set it chose at prefill, and is reproducible
+    ids, records = sample(plan("trimmed_llama", 0.3, mode="budget"), 5)
+    again, records_again = sample(plan("trimmed_llama", 0.3, mode="budget"), 5)
+    assert ids.shape == (2, 6) and torch.equal(ids, again)
+    assert [r.kept for r in records] == [r.kept for r in records_again]
+    assert all(r.num_kept == math.ceil(0.3 * 4 * PER_TILE) for r in records)
+    assert hooks_left(adapter) == 0
