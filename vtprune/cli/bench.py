@@ -6,7 +6,15 @@ from typing import Annotated
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import ConfigOpt, OutputDirOpt, handle_errors, load_cli_config, parse_list, quiet_libraries
+from vtprune.cli.common import (
+    ConfigOpt,
+    OutputDirOpt,
+    check_strategies,
+    handle_errors,
+    load_cli_config,
+    parse_list,
+    quiet_libraries,
+)
 
 BatchSizesOpt = Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (overrides bench.batch_sizes).")]
 StrategiesOpt = Annotated[str | None, typer.Option("--strategies", help="Comma-separated strategies (default: pruning.strategy).")]
@@ -33,7 +41,7 @@ def bench(
     )
     ratio_list = parse_list(ratios, float, "--ratios")
     strategy_list = parse_list(strategies, name="--strategies")
-    _check_strategies(strategy_list)
+    check_strategies(strategy_list)
     quiet_libraries()
     import vtprune
     from vtprune.bench import run_bench
@@ -65,7 +73,7 @@ def cost(
 
     cfg = load_cli_config(config, **{"bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes")})
     strategy_list = parse_list(strategies, name="--strategies")
-    _check_strategies(strategy_list)
+    check_strategies(strategy_list)
     quiet_libraries()
     from vtprune.bench import cost_for_config
 
@@ -78,17 +86,6 @@ def cost(
         ("visual", "num_visual", str), ("kept", "num_kept", str), ("KV self MiB", "kv_self_bytes", _mib),
         ("KV cross MiB", "kv_cross_bytes", _mib), ("KV total MiB", "kv_bytes", _mib), ("prefill TFLOPs", "prefill_flops", _tflops),
     ], title=f"{cfg.name} — {rows[0]['family']}, {rows[0]['dtype']}, {cfg.bench.prompt_tokens} text tokens, cache after prefill")
-
-
-def _check_strategies(names) -> None:
-    from vtprune.errors import ConfigError
-    from vtprune.strategies import STRATEGIES
-
-    for name in names or []:
-        try:
-            STRATEGIES.get(name)
-        except ConfigError as exc:
-            raise ConfigError(f"--strategies: {str(exc).partition(': ')[2]}") from None
 
 
 def _mib(value) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,8 @@ from vtprune.errors import VtpruneError
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see README: Config reference).")]
 OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Results folder (overrides output_dir).")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Override pruning.strategy.")]
+ImageOpt = Annotated[Path, typer.Option("--image", help="Image file.")]
+QuestionOpt = Annotated[str, typer.Option("--question", "-q", help="Prompt text.")]
 KeepRatioOpt = Annotated[float | None, typer.Option("--keep-ratio", help="Override pruning.keep_ratio, in (0, 1].")]
 
 
@@ -72,5 +73,17 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def echo_err(message: str) -> None:
-    print(message, file=sys.stderr)
+def check_image(path: Path) -> None:
+    if not path.is_file():
+        raise VtpruneError(f"--image: file not found: {path}")
+
+
+def check_strategies(names: list[str] | None) -> None:
+    """Unknown names fail here, naming the option, before any model loads."""
+    from vtprune.strategies import STRATEGIES
+
+    for name in names or []:
+        try:
+            STRATEGIES.get(name)
+        except VtpruneError as exc:
+            raise VtpruneError(f"--strategies: {str(exc).partition(': ')[2]}") from None

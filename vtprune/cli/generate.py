@@ -1,28 +1,34 @@
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import ConfigOpt, KeepRatioOpt, StrategyOpt, handle_errors, load_cli_config, quiet_libraries
+from vtprune.cli.common import (
+    ConfigOpt,
+    ImageOpt,
+    KeepRatioOpt,
+    QuestionOpt,
+    StrategyOpt,
+    check_image,
+    handle_errors,
+    load_cli_config,
+    quiet_libraries,
+)
 
 
 @app.command()
 @handle_errors
 def generate(
     config: ConfigOpt,
-    image: Annotated[Path, typer.Option("--image", help="Image file.")],
-    question: Annotated[str, typer.Option("--question", "-q", help="Prompt text.")],
+    image: ImageOpt,
+    question: QuestionOpt,
     strategy: StrategyOpt = None,
     keep_ratio: KeepRatioOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
 ) -> None:
     """Answer one question about one image with pruning applied; prints the answer and the kept count."""
-    from vtprune.errors import VtpruneError
-
     cfg = load_cli_config(config, **{"pruning.strategy": strategy, "pruning.keep_ratio": keep_ratio})
-    if not image.is_file():
-        raise VtpruneError(f"--image: file not found: {image}")
+    check_image(image)
     quiet_libraries()
     import vtprune
 

@@ -4,32 +4,36 @@ from typing import Annotated
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import ConfigOpt, KeepRatioOpt, handle_errors, load_cli_config, parse_list, quiet_libraries
+from vtprune.cli.common import (
+    ConfigOpt,
+    ImageOpt,
+    KeepRatioOpt,
+    QuestionOpt,
+    check_image,
+    check_strategies,
+    handle_errors,
+    load_cli_config,
+    parse_list,
+    quiet_libraries,
+)
 
 
 @app.command()
 @handle_errors
 def show(
     config: ConfigOpt,
-    image: Annotated[Path, typer.Option("--image", help="Image file.")],
-    question: Annotated[str, typer.Option("--question", "-q", help="Prompt text (text-guided strategies use it).")],
+    image: ImageOpt,
+    question: QuestionOpt,
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")],
     strategies: Annotated[str | None, typer.Option("--strategies", help="Comma-separated: one panel each "
                                                       "(default: the config's strategy).")] = None,
     keep_ratio: KeepRatioOpt = None,
 ) -> None:
     """Draw which visual tokens were kept: pruned patches dimmed, kept ones outlined, on the image the model saw."""
-    from vtprune.errors import VtpruneError
-
     names = parse_list(strategies, str, "--strategies")
     cfg = load_cli_config(config, **{"pruning.keep_ratio": keep_ratio})
-    if not image.is_file():
-        raise VtpruneError(f"--image: file not found: {image}")
-    if names:
-        from vtprune.strategies import STRATEGIES
-
-        for name in names:
-            STRATEGIES.get(name)  # an unknown name fails here, before the model loads
+    check_image(image)
+    check_strategies(names)
     quiet_libraries()
     import vtprune
     from vtprune.report.show import show as draw_kept
