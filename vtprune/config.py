@@ -71,13 +71,7 @@ class Config:
 
     def replace(self, **sections) -> Config:
         """A copy with some top-level fields or nested fields replaced: ``replace(pruning={"keep_ratio": 0.5})``."""
-        data = self.to_dict()
-        for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict) and key not in ("options",):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        return config_from_dict(data)
+        return config_from_dict(merge_sections(self.to_dict(), sections))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
@@ -100,12 +94,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         local = path.parent / model["path"]
         if not Path(model["path"]).is_absolute() and not Path(model["path"]).exists() and local.exists():
             data["model"] = {**model, "path": str(local.resolve())}
-    for section, values in (overrides or {}).items():
-        if isinstance(values, dict) and isinstance(data.get(section), dict):
-            data[section] = {**data[section], **values}
+    return config_from_dict(merge_sections(data, overrides or {}))
+
+
+def merge_sections(data: dict, sections: dict) -> dict:
+    """``data`` with each section's keys merged over its own (a mapping) or replacing it (anything else)."""
+    merged = dict(data)
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
         else:
-            data[section] = values
-    return config_from_dict(data)
+            merged[key] = value
+    return merged
 
 
 def config_from_dict(data: dict) -> Config:

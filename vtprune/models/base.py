@@ -121,11 +121,6 @@ def register_family(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-def new_token_ids(sequences: torch.Tensor, prompt_len: int, from_embeds: bool) -> torch.Tensor:
-    """generate() returns prompt + new tokens for input_ids but only new tokens for inputs_embeds."""
-    return sequences if from_embeds else sequences[:, prompt_len:]
-
-
 def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding, as generate() computes them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
