@@ -12,8 +12,8 @@ around an already loaded pipeline (``VtpruneLMM(pipeline=...)``) and hands the o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
 
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -24,16 +24,6 @@ CLASS_PATH = "vtprune.eval.lmms_model.VtpruneLMM"
 def manifest() -> ModelManifest:
     """Entry-point payload (``[project.entry-points."lmms_eval.models"] vtprune = ...:manifest``)."""
     return ModelManifest(model_id="vtprune", simple_class_path=CLASS_PATH)
-
-
-@dataclass
-class SampleStats:
-    output: str
-    num_visual: int
-    num_kept: int
-    kept_fraction: float
-    select_ms: float
-    equivalent_tokens: float | None
 
 
 class VtpruneLMM(lmms):
@@ -71,7 +61,7 @@ class VtpruneLMM(lmms):
         self._world_size = accelerator.num_processes
         self.batch_size_per_gpu = int(batch_size or pipeline.config.eval.batch_size)
         self.progress = progress
-        self.stats: dict[tuple[str, int], SampleStats] = {}
+        self.stats: dict = {}  # (task, doc_id) -> GenerationResult with the stop-trimmed text
 
     @property
     def batch_size(self) -> int:
@@ -117,10 +107,7 @@ class VtpruneLMM(lmms):
                     text = text.split(stop)[0]
             text = text.strip()
             texts.append(text)
-            self.stats[(task, doc_id)] = SampleStats(
-                text, result.num_visual, result.num_kept, result.kept_fraction, result.select_seconds * 1000,
-                result.equivalent_tokens,
-            )
+            self.stats[(task, doc_id)] = dataclasses.replace(result, text=text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs[0]), text)
         return texts
 
