@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Install vtprune with the CPU build of torch into the active Python environment.
-# Why the three steps: lmms-eval depends on torchvision; an unconstrained resolve picks the newest torchvision,
-# which pulls a multi-GB CUDA torch. Pinning torch keeps the CPU wheel, and the torchvision pip then installs
-# is built for CUDA torch and breaks `import transformers` ("operator torchvision::nms does not exist"), so it
-# is removed: vtprune and the lmms-eval tasks it runs do not need it.
+# Install vtprune with the CPU build of torch into the active Python environment, exactly as CI tests it:
+# every package at the version pinned in requirements/cpu.lock (made by scripts/lock-cpu.sh), nothing resolved
+# from whatever the index serves today. --no-deps because the lock is complete on purpose without torchvision
+# and timm (see scripts/lock-cpu.sh): lmms-eval lists them, vtprune never calls the code that needs them, and
+# PyPI's torchvision breaks `import transformers` beside CPU torch ("operator torchvision::nms does not exist").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install torch==2.13.0
-python -m pip install -e ".[dev]" -c constraints-cpu.txt
-python -m pip uninstall -y torchvision
-python -c "import transformers, torch; print('ok: torch', torch.__version__, 'transformers', transformers.__version__)"
+python -m pip install --no-deps -r requirements/cpu.lock
+python -m pip install --no-deps -e .
+# A venv set up by an older version of this script may still hold them.
+python -m pip uninstall -y -q torchvision timm 2>/dev/null || true
+python -c "import transformers, torch, lmms_eval, accelerate; print('ok: torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -49,3 +49,22 @@ def test_image_prompt_count_mismatch():
     pipe = vtprune.load(model="tiny:llava")
     with pytest.raises(ValueError, match="one image per prompt"):
         pipe.generate([Image.new("RGB", (32, 32))], ["a", "b"])
+
+
+def test_an_unreadable_image_file_is_one_clear_error(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from vtprune.errors import VtpruneError
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)  # PIL's default; importing lmms_eval turns it on
+    pipe = vtprune.load(model="tiny:llava")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    whole = tmp_path / "whole.png"
+    Image.effect_noise((64, 64), 50).convert("RGB").save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for path in (text, truncated, tmp_path / "missing.png"):
+        with pytest.raises(VtpruneError, match=rf"^image: {path} is not a readable image \(.+\)$"):
+            pipe.generate([path], ["What?"], max_new_tokens=1)
+    assert pipe.generate([whole], ["What?"], max_new_tokens=1)[0].num_visual == 16

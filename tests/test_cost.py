@@ -139,7 +139,7 @@ def test_cost_cli_table_and_errors(config_11b):
     # uniform @ 0.5, batch 32: 32 × 8 × 3202 × 4096 bytes = 3202 MiB
     assert "3202.00" in result.stdout
     for args, key in ((["--ratios", "0,0.5"], "--ratios"), (["--ratios", "a"], "--ratios"),
-                      (["--batch-sizes", "0"], "bench.batch_sizes"), (["--strategies", "nope"], "--strategies")):
+                      (["--batch-sizes", "0"], "--batch-sizes"), (["--strategies", "nope"], "--strategies")):
         bad = runner.invoke(app, ["cost", "--config", str(config_11b), *args])
         assert bad.exit_code == 2
         assert bad.stderr.strip().startswith(f"error: {key}") and len(bad.stderr.strip().splitlines()) == 1

@@ -166,7 +166,8 @@ def test_incomplete_run_is_skipped_with_a_note(tmp_path):
     result = _invoke(root, "-o", tmp_path / "r.md")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r.md").read_text()
-    assert "0.6 (75.0%)" in text and "incomplete run" in text
+    assert "0.6 (75.0%)" in text
+    assert f"- interrupted or still running: {root / 'partial'} — run the same command again to resume" in text
 
 
 def test_zero_unpruned_score_has_no_percentage_and_says_why(tmp_path, monkeypatch):

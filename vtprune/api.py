@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.config import Config, config_from_dict, load_config
+from vtprune.errors import VtpruneError
 from vtprune.models.base import SampleRecord
+
+# transformers samples from torch's global RNG, which every model in the process shares.
+_GLOBAL_RNG = threading.RLock()
 
 
 @dataclass
@@ -14,6 +20,8 @@ class GenerationResult(SampleRecord):
     """One sample's answer and what happened to its visual tokens (``kept``, ``num_visual``, ``kept_fraction``)."""
 
     text: str = ""
+    input_tokens: int = 0  # prompt tokens as the processor built them, image tokens included, before pruning
+    output_tokens: int = 0  # tokens generated, up to the end-of-sequence token
 
 
 class Pipeline:
@@ -50,25 +58,69 @@ class Pipeline:
         return self.adapter.prepare(_as_images(images), list(prompts))
 
     def generate(self, images, prompts, **gen) -> list[GenerationResult]:
-        """One image and one prompt per sample; ``gen`` goes to transformers' ``generate``."""
+        """One image and one prompt per sample; ``gen`` goes to transformers' ``generate``.
+
+        Sampling draws from ``config.seed`` on every call; the caller's torch RNG state is left as it was.
+        """
         import torch
 
         gen = {**self.config.eval.generation, **gen}
-        if gen.get("do_sample"):
-            torch.manual_seed(self.config.seed)
-        inputs = self.prepare(images, prompts)
-        tokenizer = self.processor.tokenizer
-        gen.setdefault("pad_token_id", tokenizer.pad_token_id)
-        with torch.inference_mode():
-            new_ids, records = self.adapter.generate(inputs, self.plan, **gen)
-        texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-        return [GenerationResult(**vars(r), text=t.strip()) for t, r in zip(texts, records)]
+        images = _as_images(images)
+        # The model for the whole call, before the RNG lock: every caller takes the two in the same order.
+        with self.adapter.exclusive():
+            inputs = self.adapter.prepare(images, list(prompts))
+            tokenizer = self.processor.tokenizer
+            gen.setdefault("pad_token_id", tokenizer.pad_token_id)
+            sampling = gen.get("do_sample")
+            seeded = _seeded_rng(self.adapter.device, self.config.seed) if sampling else contextlib.nullcontext()
+            with seeded, torch.inference_mode():
+                new_ids, records = self.adapter.generate(inputs, self.plan, **gen)
+            texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+            prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+            new_lengths = (new_ids != gen["pad_token_id"]).sum(-1).tolist()
+        return [
+            GenerationResult(**vars(r), text=t.strip(), input_tokens=int(p), output_tokens=int(n))
+            for t, r, p, n in zip(texts, records, prompt_lengths, new_lengths)
+        ]
+
+
+@contextlib.contextmanager
+def _seeded_rng(device, seed: int):
+    """torch's global RNG seeded from ``seed`` for one call (on ``device`` too if CUDA), then restored."""
+    import torch
+
+    cuda = [device] if device.type == "cuda" else []
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=cuda):
+        # Not torch.manual_seed: it also seeds (or queues a seed for) every CUDA device, outside this fork.
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def read_image(path: str | Path):
+    """An image file as RGB, decoded whole: a truncated JPEG opens fine and fails only when its pixels are read."""
+    from PIL import Image, ImageFile
+
+    # Importing lmms-eval sets LOAD_TRUNCATED_IMAGES for the whole process, which would let half an image pass.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VtpruneError(f"{path} is not a readable image ({reason}; allowed: an image file PIL can read, "
+                           "e.g. PNG or JPEG)") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _as_images(images):
-    from PIL import Image
-
-    return [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in images]
+    try:
+        return [read_image(i) if isinstance(i, (str, Path)) else i for i in images]
+    except VtpruneError as exc:
+        raise VtpruneError(f"image: {exc}") from None
 
 
 def load(config: str | Path | Config | None = None, **keys) -> Pipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -20,6 +21,40 @@ FAMILIES = ("auto", "mllama", "llava", "llava_next")
 WEIGHTS = ("pretrained", "random")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN = ("sdpa", "eager", "flash_attention_2")
+# A run name is one folder below output_dir: no separators, so results cannot land outside it.
+NAME_PATTERN = re.compile(r"[\w .+@=-]+")
+NAME_ALLOWED = "a folder name of letters, digits, spaces and . _ - + @ =, not '.' or '..'"
+
+
+def _value(kind, lo=-math.inf, hi=math.inf, lo_open=False):
+    """A check for a value of ``kind`` (bool, int or float) within [lo, hi] (lo excluded when ``lo_open``)."""
+
+    def ok(value) -> bool:
+        if kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            return False
+        return math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi
+
+    return ok
+
+
+# The generate() / GenerationConfig keywords a config may set in eval.generation, each with its check and the
+# allowed values as the error line states them. Other modules validate generation keywords against these.
+GENERATION = {
+    "max_new_tokens": (_value(int, 1), "a positive integer"),
+    "min_new_tokens": (_value(int, 0), "an integer >= 0"),
+    "do_sample": (_value(bool), "true or false"),
+    "use_cache": (_value(bool), "true or false"),
+    "temperature": (_value(float, 0), "a number >= 0"),
+    "top_p": (_value(float, 0, 1, lo_open=True), "a number in (0, 1]"),
+    "top_k": (_value(int, 0), "an integer >= 0"),
+    "num_beams": (_value(int, 1), "a positive integer"),
+    "repetition_penalty": (_value(float, 0, lo_open=True), "a number > 0"),
+    "length_penalty": (_value(float), "a number"),
+    "no_repeat_ngram_size": (_value(int, 0), "an integer >= 0"),
+}
+GENERATION_KEYS = tuple(GENERATION)
 
 
 @dataclass
@@ -77,10 +112,15 @@ class Config:
 def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     """Read and validate a YAML config; ``overrides`` are nested dicts merged over the file's values."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config: {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"config: cannot read {path} as a YAML file: {reason}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -94,7 +134,13 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         local = path.parent / model["path"]
         if not Path(model["path"]).is_absolute() and not Path(model["path"]).exists() and local.exists():
             data["model"] = {**model, "path": str(local.resolve())}
-    return config_from_dict(merge_sections(data, overrides or {}))
+    data = merge_sections(data, overrides or {})
+    # A file must name its model (the keyword API defaults it); a wrong type is left to the type check.
+    if data.get("model") is None or isinstance(data["model"], dict) and "path" not in data["model"]:
+        from vtprune.models.tiny import TINY_FAMILIES
+
+        raise ConfigError(f"model.path: required (HF id, local dir, or {'|'.join('tiny:' + f for f in TINY_FAMILIES)})")
+    return config_from_dict(data)
 
 
 def merge_sections(data: dict, sections: dict) -> dict:
@@ -155,10 +201,11 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def validate(config: Config) -> None:
-    from vtprune.eval.tasks import TASKS
     from vtprune.strategies import STRATEGIES
 
     m, p = config.model, config.pruning
+    if not NAME_PATTERN.fullmatch(config.name) or config.name in (".", ".."):
+        raise ConfigError(f"name: '{config.name}' is not allowed (allowed: {NAME_ALLOWED})")
     _choice("model.family", m.family, FAMILIES)
     _choice("model.weights", m.weights, WEIGHTS)
     _choice("model.dtype", m.dtype, DTYPES)
@@ -183,12 +230,17 @@ def validate(config: Config) -> None:
             f"pruning.strategy: '{p.strategy}' does not run on model family '{family}' "
             f"(allowed families: {', '.join(strategy.families)})"
         )
-    for task in config.eval.tasks:
-        TASKS.get(task)
+    if "layer" in strategy.options:
+        _check_layer(config.model, p.options.get("layer", strategy.options["layer"].default))
+    # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:
+    # indexing every lmms-eval task takes seconds, too slow for each config load.
+    if not config.eval.tasks or not all(isinstance(t, str) and t for t in config.eval.tasks):
+        raise ConfigError(f"eval.tasks: {config.eval.tasks!r} must be a non-empty list of task names")
     if config.eval.limit is not None and config.eval.limit < 1:
         raise ConfigError(f"eval.limit: {config.eval.limit} must be a positive integer or null")
     if config.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {config.eval.batch_size} must be a positive integer")
+    check_generation(config.eval.generation)
     b = config.bench
     if not b.batch_sizes or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b.batch_sizes):
         raise ConfigError(f"bench.batch_sizes: {b.batch_sizes} must be a list of positive integers")
@@ -210,6 +262,46 @@ def _check_option(key: str, value, option) -> None:
         raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(map(str, option.choices))})")
     if option.bounds and not option.bounds[0] <= value <= option.bounds[1]:
         raise ConfigError(f"{key}: {value} is outside the allowed range [{option.bounds[0]}, {option.bounds[1]}]")
+
+
+def check_generation(values: dict, where: str = "eval.generation") -> None:
+    """Generation keywords: known keys (GENERATION_KEYS), each value of its type and range; errors say ``where``."""
+    for key, value in values.items():
+        if key not in GENERATION:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(GENERATION_KEYS)})")
+        ok, allowed = GENERATION[key]
+        if not ok(value):
+            raise ConfigError(f"{where}.{key}: {value!r} is not allowed (allowed: {allowed})")
+
+
+def _check_layer(model: ModelConfig, k) -> None:
+    """An LLM layer index option (fastv's K, 1-based): layers[:K] see every token, so 1 <= K < decoder layers,
+    the adapter's own rule, checked here so that a dry run catches it without loading weights."""
+    n = decoder_layers(model)
+    if not 1 <= k < (n or math.inf):
+        upper, where = (n - 1, f" for {model.path} ({n} decoder layers)") if n else ("decoder layers - 1", "")
+        raise ConfigError(f"pruning.options.layer: {k} is outside the allowed range [1, {upper}]{where}")
+
+
+def decoder_layers(model: ModelConfig) -> int | None:
+    """The language model's decoder layer count, from the model's config alone; None when it cannot be read
+    offline (the adapter checks again once the model is loaded)."""
+    if model.path in ("tiny:llava", "tiny:llava_next"):
+        from types import SimpleNamespace
+
+        from vtprune.models.tiny import _llama_text
+
+        # The tiny recipe itself, so that validating never builds (or needs) the tiny checkpoint.
+        no_tokens = SimpleNamespace(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        return _llama_text(0, no_tokens)["num_hidden_layers"]
+    if model.path.startswith("tiny:"):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model.path, local_files_only=True).get_text_config().num_hidden_layers
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def declared_family(config: Config) -> str | None:

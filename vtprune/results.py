@@ -74,9 +74,10 @@ def is_complete(run_dir: str | Path) -> bool:
     if not run.is_file():
         return False
     try:
-        return bool(json.loads(run.read_text()).get("finished"))
-    except json.JSONDecodeError:
+        meta = json.loads(run.read_text())
+    except ValueError:  # not JSON, or not UTF-8
         return False
+    return isinstance(meta, dict) and bool(meta.get("finished"))
 
 
 def is_smoke(config) -> bool:

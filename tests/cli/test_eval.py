@@ -116,15 +116,31 @@ def test_generation_errors_are_not_scored_as_empty(tmp_path, no_judge):
     assert not is_complete(tmp_path / "results" / "run1")
 
 
-def test_bad_task_name_is_one_line_and_writes_nothing(tmp_path):
+def test_bad_task_name_is_one_line_with_the_closest_names(tmp_path):
     out = tmp_path / "results"
-    args = ["eval", "-c", str(write_config(tmp_path)), "--tasks", "textvqa_val,nope", "-o", str(out)]
+    args = ["eval", "-c", str(write_config(tmp_path)), "--tasks", "textvqa_val,textvqa_vall", "-o", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: eval.tasks: unknown task 'nope' (allowed: ")
-    assert "vtprune_textvqa_mini" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: --tasks: unknown task 'textvqa_vall' (closest: ")
+    assert "textvqa_val" in lines[0].partition("closest: ")[2]
     assert not out.exists()
+
+
+def test_any_lmms_eval_task_passes_the_dry_run(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "-c", str(write_config(tmp_path)), "--tasks", "mme,gqa,pope", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["eval"]["tasks"] == ["mme", "gqa", "pope"]
+
+
+def test_eval_ends_with_its_score_table(tmp_path, no_judge):
+    out = tmp_path / "results"
+    config = write_config(tmp_path, tasks=["vtprune_vqav2_mini"])
+    result = CliRunner().invoke(app, ["eval", "-c", str(config), "--limit", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    table = result.stdout
+    assert "vtprune_vqav2_mini" in table and "exact_match" in table and "8.0/16.0" in table
+    assert result.stdout.strip().endswith(str(out / "run1"))
 
 
 def test_lmms_eval_finds_the_model_by_entry_point(tmp_path):

@@ -137,7 +137,7 @@ def test_fastv_generate_uses_pruned_cache_and_equals_reference(adapter, inputs):
 
 def test_fastv_cache_holds_only_kept_tokens_after_layer_k(adapter, inputs):
     p = plan("fastv", 0.25, layer=2)
-    with torch.no_grad(), adapter.in_llm_pruning(inputs, p):
+    with torch.no_grad(), adapter.applied(inputs, p):
         out = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"]), use_cache=True)
     lengths = [layer.keys.shape[-2] for layer in out.cache.layers]
     full = inputs["input_ids"].shape[1]
@@ -153,7 +153,7 @@ def test_synthetic_inputs_and_kv_bytes(adapter, name):
     assert inputs["input_ids"].shape == (2, 16 + 16) and (inputs["input_ids"] == adapter.image_token_id).sum() == 32
     with torch.no_grad():
         if name == "fastv":
-            with adapter.in_llm_pruning(inputs, p):
+            with adapter.applied(inputs, p):
                 out = adapter.model(**inputs, use_cache=True)
         else:
             embeds, mask, _ = adapter.pruned_inputs(inputs, p)

@@ -92,7 +92,7 @@ def test_fastv_cache_and_kv_bytes(adapter):
     synthetic = adapter.synthetic_inputs(2, 16, torch.Generator().manual_seed(0))
     n = adapter.num_synthetic_visual()
     assert (synthetic["input_ids"] == adapter.image_token_id).sum(dim=1).tolist() == [n, n]
-    with torch.no_grad(), adapter.in_llm_pruning(synthetic, p) as state:
+    with torch.no_grad(), adapter.applied(synthetic, p) as state:
         out = adapter.model(**synthetic, use_cache=True)
     kept = [r.num_kept for r in state.records]
     assert [layer.keys.shape[-2] for layer in out.cache.layers][1:] == [16 + kept[0]] * 3

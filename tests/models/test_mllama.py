@@ -110,7 +110,7 @@ def test_pruned_equals_masked_reference(adapter, padded, name, keep, cut):
     p = plan(name, keep, **({"prune_first_layer_cache": cut} if name == "trimmed_llama" else {}))
     with torch.no_grad():
         logits, records = adapter.prefill_logits(padded, p)
-        with adapter.pruning(padded, p) as state:
+        with adapter.applied(padded, p) as state:
             ids, scores = greedy_scores(adapter, padded)
         kept = [r.kept for r in records]
         assert [r.kept for r in state.records] == kept
@@ -264,7 +264,7 @@ def test_random_is_seeded_per_sample(adapter, padded):
 
 def test_hooks_removed_after_an_error(adapter, padded):
     broken = {k: v for k, v in padded.items() if k != "aspect_ratio_ids"}
-    with pytest.raises(Exception), torch.no_grad(), adapter.pruning(padded, plan("trimmed_llama", 0.3)):
+    with pytest.raises(Exception), torch.no_grad(), adapter.applied(padded, plan("trimmed_llama", 0.3)):
         adapter.model(**broken)
     assert hooks_left(adapter) == 0
 

@@ -42,6 +42,9 @@ def bench(
     ratio_list = parse_list(ratios, float, "--ratios")
     strategy_list = parse_list(strategies, name="--strategies")
     check_strategies(strategy_list)
+    from vtprune.bench.cost import check_ratios
+
+    check_ratios(ratio_list or [])  # before the model loads, not in the run
     quiet_libraries()
     import vtprune
     from vtprune.bench import run_bench

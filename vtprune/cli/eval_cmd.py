@@ -1,14 +1,27 @@
 """``vtprune eval``: one config on its lmms-eval tasks → results/<name>/ (run.json, metrics.jsonl, samples.jsonl)."""
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import ConfigOpt, OutputDirOpt, handle_errors, load_cli_config, parse_list, quiet_libraries
+from vtprune.cli.common import (
+    ConfigOpt,
+    OutputDirOpt,
+    handle_errors,
+    load_cli_config,
+    options_named,
+    parse_list,
+    quiet_libraries,
+)
 
 LimitOpt = Annotated[int | None, typer.Option(help="Samples per task (overrides eval.limit).")]
+IncludePathOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--include-path", help="Folder of extra lmms-eval task YAMLs (repeatable), as lmms-eval's own."),
+]
 
 
 @app.command("eval")
@@ -17,39 +30,64 @@ def eval_(
     config: ConfigOpt,
     limit: LimitOpt = None,
     output_dir: OutputDirOpt = None,
-    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (overrides eval.tasks).")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated lmms-eval tasks (overrides eval.tasks).")] = None,
+    include_path: IncludePathOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate and print the resolved config; run nothing.")
     ] = False,
 ) -> None:
-    """Score one config on its lmms-eval tasks; writes results/<name>/ (run.json, metrics.jsonl, samples.jsonl).
+    """Score one config on lmms-eval tasks; writes results/<name>/ (run.json, metrics.jsonl, samples.jsonl).
 
-    Data parallel on several GPUs: ``accelerate launch -m vtprune eval --config X.yaml``.
+    Data parallel (CPU or GPUs): ``torchrun --nproc_per_node 2 -m vtprune eval -c X.yaml`` or
+    ``accelerate launch --num_processes 2 -m vtprune eval -c X.yaml``; results equal one process's.
     """
     import yaml
 
+    from vtprune.errors import VtpruneError
+
+    for folder in include_path or []:
+        if not folder.is_dir():
+            raise VtpruneError(f"--include-path: not a folder: {folder}")
     overrides = {
         "eval.limit": limit,
         "output_dir": str(output_dir) if output_dir else None,
         "eval.tasks": parse_list(tasks, name="--tasks"),
-        "model.device": rank_device(),
     }
     cfg = load_cli_config(config, **overrides)
+    quiet_libraries()
+    from vtprune.eval.runner import check_tasks
+
+    with options_named(overrides):
+        check_tasks(cfg.eval.tasks, include_path or ())
     if dry_run:
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
-    quiet_libraries()
     import vtprune
-    from vtprune.eval.runner import run_eval
+    from vtprune.eval.runner import data_parallel_device, run_eval
 
-    run_dir = run_eval(vtprune.load(cfg))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = data_parallel_device(cfg.model.device, world, int(os.environ.get("LOCAL_RANK", "0")))
+    run_dir = run_eval(vtprune.load(cfg, device=device), include_paths=include_path or ())
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(str(run_dir))
+        print_scores(run_dir)
 
 
-def rank_device() -> str | None:
-    """Under ``accelerate launch`` with several processes each one takes the GPU of its local rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return None
+def print_scores(run_dir: Path) -> None:
+    """The score table the run wrote (metrics.jsonl), then the folder."""
+    from rich.console import Console
+    from rich.table import Table
 
+    from vtprune.results import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    table = Table("task", "metric", "value", "± stderr", "n", "kept", title=f"{run_dir.name}", title_justify="left")
+    for r in rows:
+        value = "unscored" if r["value"] is None else f"{r['value']:.4f}"
+        stderr = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
+        kept = "" if r["kept_fraction_mean"] is None else f"{r['num_kept_mean']:.1f}/{r['num_visual_mean']:.1f}"
+        table.add_row(r["task"], r["metric"], value, stderr, str(r["n"]), kept)
+    console = Console()
+    console.print(table)
+    if rows and rows[0].get("smoke"):
+        console.print("smoke figures: a tiny random model shows the machinery works, not how accurate a strategy is")
+    typer.echo(str(run_dir))

@@ -4,7 +4,7 @@ from typing import Annotated
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import handle_errors
+from vtprune.cli.common import check_output_dir, check_output_file, handle_errors
 
 FORMATS = ("md", "csv", "json")
 
@@ -28,13 +28,18 @@ def report(
     results = load_results(results_dir)
     to_stdout = output is not None and str(output) == "-"
     target = None if to_stdout else (output or results_dir / f"report.{fmt}")
+    if target:
+        check_output_file(target, "--output")
     if fmt == "md":
         plots = plots_dir or (target.parent if target else Path.cwd()) / "plots"
+        check_output_dir(plots, "--plots-dir")
         text = write_report(results, results_dir, target, plots)
-    elif fmt == "csv":
-        text = merged_frame(results).to_csv(index=False)
     else:
-        text = merged_frame(results).to_json(orient="records", indent=1) + "\n"
+        # Only the markdown has a Notes section: say here which runs the table leaves out.
+        for note in results.notes:
+            typer.echo(f"note: {note}", err=True)
+        frame = merged_frame(results)
+        text = frame.to_csv(index=False) if fmt == "csv" else frame.to_json(orient="records", indent=1) + "\n"
     if to_stdout:
         typer.echo(text, nl=False)
     else:

@@ -10,6 +10,7 @@ from vtprune.cli.common import (
     KeepRatioOpt,
     QuestionOpt,
     check_image,
+    check_output_file,
     check_strategies,
     handle_errors,
     load_cli_config,
@@ -34,6 +35,7 @@ def show(
     cfg = load_cli_config(config, **{"pruning.keep_ratio": keep_ratio})
     check_image(image)
     check_strategies(names)
+    check_output_file(output, "--output")
     quiet_libraries()
     import vtprune
     from vtprune.report.show import show as draw_kept

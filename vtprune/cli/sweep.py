@@ -14,7 +14,14 @@ from typing import Annotated
 import typer
 
 from vtprune.cli import app
-from vtprune.cli.common import ConfigOpt, OutputDirOpt, handle_errors, load_cli_config, parse_list, quiet_libraries
+from vtprune.cli.common import (
+    ConfigOpt,
+    OutputDirOpt,
+    handle_errors,
+    load_cli_config,
+    parse_list,
+    quiet_libraries,
+)
 from vtprune.cli.eval_cmd import LimitOpt
 from vtprune.errors import VtpruneError
 
@@ -71,10 +78,11 @@ def ratios_(
 ) -> None:
     """Eval every (strategy, keep ratio) point into <output_dir>/<name>/<strategy>-<ratio>/, loading the model once."""
     cfg = load_cli_config(config, **{"eval.limit": limit, "output_dir": str(output_dir) if output_dir else None})
-    ratio_list = parse_list(ratios, float, "--ratios")
-    bad = [r for r in ratio_list if not 0 < r <= 1]
-    if not ratio_list or bad:
-        raise VtpruneError(f"--ratios: {bad[0] if bad else ratios!r} is outside the allowed range (0, 1]")
+    from vtprune.bench.cost import check_ratios
+
+    ratio_list = check_ratios(parse_list(ratios, float, "--ratios"))
+    if not ratio_list:
+        raise VtpruneError("--ratios: give at least one keep ratio in (0, 1], e.g. 0.5,0.25")
     names = parse_list(strategies, name="--strategies") or [cfg.pruning.strategy]
     i, n = parse_shard(shard)
     points = sweep_points(names, ratio_list)
@@ -89,12 +97,15 @@ def ratios_(
             from vtprune.bench import run_bench
         except ImportError:
             raise VtpruneError("--bench: the benchmark module (vtprune.bench.run_bench) is not available") from None
+    quiet_libraries()
+    from vtprune.eval.runner import check_tasks
+
+    check_tasks(cfg.eval.tasks)
     sweep_dir = Path(cfg.output_dir) / cfg.name
     todo = [p for p in points[i::n] if not point_complete(sweep_dir / point_name(*p), bench)]
     typer.echo(f"sweep {cfg.name}: {len(points[i::n])} points in this shard, {len(todo)} to run", err=True)
     if not todo:
         return
-    quiet_libraries()
     import vtprune
     from vtprune.api import Pipeline
     from vtprune.eval.runner import run_eval

@@ -45,13 +45,15 @@ def mini_dataset_path(task: str) -> Path:
 
 def _build(task: str, target: Path) -> None:
     import datasets
+    from datasets.utils import logging as datasets_logging
 
-    datasets.disable_progress_bars()
     folder, split = MINI_TASKS[task]
     rows, features = {"textvqa": _textvqa, "vqav2": _vqav2, "llava_bench": _llava_bench}[folder]()
     data = datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=datasets.Features(features))})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    bars = datasets_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # for this save only: the user's setting is restored below
     try:
         data.save_to_disk(str(tmp))
         if target.exists():  # a half-built folder from a crash
@@ -60,6 +62,9 @@ def _build(task: str, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _font(size: int):

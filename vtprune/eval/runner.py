@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
 from pathlib import Path
 from statistics import mean
 
@@ -18,10 +21,50 @@ def judge_available() -> bool:
     return bool(os.environ.get(key))
 
 
-def task_manager():
+def task_manager(include_paths=()):
+    """lmms-eval's own task index: its tasks, vtprune's mini tasks and the user's ``--include-path`` folders.
+
+    Built once per process and folder list: indexing lmms-eval's ~2000 task YAMLs takes seconds, and a sweep
+    evaluates many points.
+    """
+    return _task_manager(tuple(str(Path(p).resolve()) for p in include_paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_paths: tuple[str, ...]):
     from lmms_eval.tasks import TaskManager
 
-    return TaskManager("WARNING", include_path=str(TASKS_DIR), model_name="vtprune")
+    return TaskManager("WARNING", include_path=[str(TASKS_DIR), *include_paths], model_name="vtprune")
+
+
+def check_tasks(names, include_paths=()) -> None:
+    """Every name must be a task lmms-eval knows; an unknown one is one line with the closest names.
+
+    vtprune's own listed tasks answer at once; any other name needs lmms-eval's index (seconds to build).
+    """
+    import difflib
+
+    from vtprune.errors import ConfigError
+    from vtprune.eval.tasks import TASKS
+
+    unknown = [n for n in names if n not in TASKS]
+    if not unknown:
+        return
+    known = task_manager(include_paths).all_tasks
+    for name in unknown:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else "`vtprune list tasks` lists vtprune's; lmms-eval has ~2000"
+            raise ConfigError(f"eval.tasks: unknown task '{name}' ({hint})")
+
+
+def data_parallel_device(device: str, num_processes: int, local_rank: int) -> str:
+    """Under data parallelism each process takes the GPU of its local rank; a CPU config stays on the CPU."""
+    import torch
+
+    if num_processes > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
 
 
 def task_spec(name: str):
@@ -33,48 +76,59 @@ def task_spec(name: str):
     return name
 
 
-def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True) -> Path:
+def generation_arg(generation: dict) -> str | None:
+    """The config's ``eval.generation`` as lmms-eval's ``gen_kwargs`` string: in ``vtprune eval`` it wins."""
+    return ",".join(f"{k}={v}" for k, v in generation.items()) or None
+
+
+def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True, include_paths=()) -> Path:
     """Run ``tasks`` (default: the config's) and write run.json (last), metrics.jsonl, samples.jsonl.
 
     Returns the run folder ``<output_dir>/<config name>``. Generation errors propagate: nothing is scored as "".
+    ``include_paths``: folders of extra lmms-eval task YAMLs (lmms-eval's ``--include_path``).
     """
     from lmms_eval.evaluator import simple_evaluate
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vtprune.eval.lmms_model import VtpruneLMM
-    from vtprune.eval.tasks import TASKS
     from vtprune.results import RUN_FILE, now, run_metadata, write_json, write_jsonl
 
     config = pipeline.config
     tasks = list(tasks or config.eval.tasks)
-    for name in tasks:
-        TASKS.get(name)
+    check_tasks(tasks, include_paths)
     limit = limit if limit is not None else config.eval.limit
     run_dir = Path(output_dir or config.output_dir) / config.name
     started = now()
     # A finished run.json from an earlier run must not vouch for files this run is about to replace.
     (run_dir / RUN_FILE).unlink(missing_ok=True)
 
-    manager = task_manager()
+    manager = task_manager(include_paths)
     scored = [t for t in tasks if t not in JUDGE_TASKS or judge_available()]
     unscored = [t for t in tasks if t not in scored]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        job = bar.add_task(f"eval {config.name}", total=None)
-        lm = VtpruneLMM(pipeline=pipeline, progress=lambda n: bar.advance(job, n))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with Progress(*columns, console=Console(stderr=True), disable=not (progress and rank0)) as bar:
+        job = bar.add_task(f"eval {config.name}", total=0)
+
+        def report(advance=0, expect=0):
+            bar.update(job, total=bar.tasks[0].total + expect, advance=advance)
+
+        lm = VtpruneLMM(pipeline=pipeline, progress=report)
         outputs = {}
         for group, predict_only in ((scored, False), (unscored, True)):
             if not group:
                 continue
             # predict_only: lmms-eval records the outputs and calls no judge (which would score a failed
             # request as a number).
-            result = simple_evaluate(
-                model=lm, tasks=[task_spec(t) for t in group], limit=limit, task_manager=manager,
-                log_samples=True, predict_only=predict_only, process_docs_parallel=1,
-                random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-                verbosity="WARNING",
-            )
+            with contextlib.redirect_stderr(_WithoutProgressBars(sys.stderr)):
+                result = simple_evaluate(
+                    model=lm, tasks=[task_spec(t) for t in group], limit=limit, task_manager=manager,
+                    log_samples=True, predict_only=predict_only, process_docs_parallel=1,
+                    gen_kwargs=generation_arg(config.eval.generation), distributed_executor_backend="accelerate",
+                    random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+                    verbosity="WARNING",
+                )
             if result is not None:  # None on ranks > 0
                 outputs.update({t: (result, predict_only) for t in group})
     stats = _gather(lm.stats)
@@ -84,7 +138,8 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     metric_rows, sample_rows = [], []
     for name in tasks:
         result, predict_only = outputs[name]
-        logged = result["samples"][name]
+        # Under data parallelism lmms-eval gathers samples rank by rank: order them as one process would.
+        logged = sorted(result["samples"][name], key=lambda s: s["doc_id"])
         task_stats = [stats[(name, s["doc_id"])] for s in logged]
         samples = [_sample_row(name, s, st) for s, st in zip(logged, task_stats)]
         sample_rows += samples
@@ -102,6 +157,22 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     meta.update(tasks=tasks, limit=limit, judge=judge_available(), finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
+
+
+class _WithoutProgressBars:
+    """stderr for lmms-eval's call: its tqdm bars (redrawn with a leading \\r) would cut through vtprune's bar."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        # tqdm ends a finished bar with a bare newline after its last \r redraw: drop that one too.
+        self.dropped = text.startswith("\r") or (self.dropped and text == "\n")
+        return len(text) if self.dropped else self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _judge_failed(task: str, logged: list[dict]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def load_model(model_cfg) -> Adapter:
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    transformers.utils.logging.disable_progress_bar()
-    path = resolve_path(model_cfg.path)
+    with _no_progress_bar():  # building a tiny model writes shards
+        path = resolve_path(model_cfg.path)
     try:
         hf_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -61,12 +62,27 @@ def load_model(model_cfg) -> Adapter:
         with torch.device(device):
             model = model_cls._from_config(hf_config, **kwargs)
     else:
-        model = model_cls.from_pretrained(path, **kwargs).to(device)
+        with _no_progress_bar():
+            model = model_cls.from_pretrained(path, **kwargs).to(device)
     model.eval()
     processor = None
     if model_cfg.weights == "pretrained" or Path(path, "preprocessor_config.json").exists():
         processor = AutoProcessor.from_pretrained(path)
     return adapter_cls(model, processor)
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """transformers' progress bars off for one step of our load: the user's process keeps its own setting."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 __all__ = ["FAMILIES", "Adapter", "PrunePlan", "SampleRecord", "load_model", "resolve_family", "resolve_path"]

@@ -2,19 +2,27 @@
 
 An adapter wraps one transformers model family. It turns images + prompts into model inputs, computes the
 signals a strategy declares, applies the kept set, and reports per sample what was kept. Hooks, if any,
-live only for the duration of one call and are removed on exit, so a pruned and an unpruned run can share
-one model in one process.
+live only inside ``with adapter.applied(...)`` for one call and are removed on exit, so a pruned and an
+unpruned run can share one model in one process.
+
+Pipelines over one model share it, hooks included: every call holds the model (a lock per model object), so
+calls from several threads run one at a time, each as if alone, and a call from the thread whose hooks are
+on the model (from inside a hook, or inside an open ``applied`` context) is refused instead of running
+through them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from vtprune.errors import ConfigError
+from vtprune.errors import ConfigError, VtpruneError
 from vtprune.registry import Registry
 from vtprune.strategies.base import Signals, Strategy
 
@@ -60,8 +68,31 @@ class PrunePlan:
         return kept, time.perf_counter() - start
 
 
+@dataclass
+class _ModelGuard:
+    """Who holds one model object, and whether vtprune's hooks are on it (only ever while it is held)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: int | None = None  # thread id of the holder
+    hooked: bool = False
+
+
+# Keyed by the model itself, not the adapter: with_pruning pipelines (and any adapter built over the same
+# model) share one guard, separately loaded models never wait for each other.
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard(model) -> _ModelGuard:
+    with _GUARDS_LOCK:
+        if model not in _GUARDS:
+            _GUARDS[model] = _ModelGuard()
+        return _GUARDS[model]
+
+
 class Adapter:
-    """Base of every model-family adapter."""
+    """Base of every model-family adapter. Families implement ``_generate``, ``_prefill_logits`` and, if they
+    hook the model, ``add_hooks``; the public calls hold the model around them."""
 
     family: ClassVar[str]
     model_class: ClassVar[str]  # transformers class name
@@ -86,19 +117,77 @@ class Adapter:
             )
             for p in prompts
         ]
-        self.processor.tokenizer.padding_side = "left"
-        inputs = self.processor(text=texts, images=self._images_arg(images), padding=True, return_tensors="pt")
+        # Left padding for this batch only (a per-call argument): the caller's tokenizer keeps its padding_side.
+        inputs = self.processor(
+            text=texts, images=self._images_arg(images), padding=True, padding_side="left", return_tensors="pt"
+        )
         return inputs.to(self.device)
 
     def _images_arg(self, images):
         return images
 
+    # -- holding the model ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model: calls from other threads wait; this thread may nest calls unless our hooks are on."""
+        guard = _guard(self.model)
+        me = threading.get_ident()
+        if guard.owner == me:
+            if guard.hooked:
+                raise VtpruneError(
+                    f"{self.family}: this thread already has pruning hooks on the model (a call from inside a hook, "
+                    "or inside an open `adapter.applied(...)` context); the call would run through them and compute "
+                    "wrong results: make it after that context exits, or on a separately loaded model"
+                )
+            yield
+            return
+        with guard.lock:
+            guard.owner = me
+            try:
+                yield
+            finally:
+                guard.owner = None
+
+    @contextlib.contextmanager
+    def applied(self, inputs, plan: PrunePlan):
+        """The hooks of ``plan`` on the model for one call on ``inputs``; yields the per-call state.
+
+        The model is held until the context exits, when every hook is removed (also after an error).
+        """
+        with self.exclusive():
+            guard = _guard(self.model)
+            handles: list = []
+            guard.hooked = True
+            try:
+                yield self.add_hooks(inputs, plan, handles)
+            finally:
+                guard.hooked = False
+                for handle in handles:
+                    handle.remove()
+
+    def add_hooks(self, inputs, plan: PrunePlan, handles: list):
+        """Register the hooks of ``plan``, appending each handle to ``handles``; return the per-call state.
+
+        Only ``applied`` calls this: it removes the handles."""
+        raise ValueError(f"{self.family}: '{plan.strategy.name}' does not hook the model")
+
+    # -- calls ---------------------------------------------------------------------------------------------
+
     def generate(self, inputs, plan: PrunePlan, **gen) -> tuple[torch.Tensor, list[SampleRecord]]:
         """New token ids ``[B, T_new]`` and one record per sample."""
-        raise NotImplementedError
+        with self.exclusive():
+            return self._generate(inputs, plan, **gen)
 
     def prefill_logits(self, inputs, plan: PrunePlan) -> tuple[torch.Tensor, list[SampleRecord]]:
         """Logits ``[B, V]`` at the last prompt position, and one record per sample."""
+        with self.exclusive():
+            return self._prefill_logits(inputs, plan)
+
+    def _generate(self, inputs, plan: PrunePlan, **gen) -> tuple[torch.Tensor, list[SampleRecord]]:
+        raise NotImplementedError
+
+    def _prefill_logits(self, inputs, plan: PrunePlan) -> tuple[torch.Tensor, list[SampleRecord]]:
         raise NotImplementedError
 
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):

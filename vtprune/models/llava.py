@@ -5,16 +5,15 @@ with the text embeddings into a shorter sequence per sample (left padded again),
 to the model's own ``generate``. Position ids, attention mask and KV cache are those of the shorter sequence.
 
 In-LLM strategies (``fastv``): the model runs its own path; forward pre-hooks on the decoder layers, alive only
-inside the call, score the image tokens at layer K (1-based: ``layers[K-1]``) and drop the pruned positions
-from the hidden states, rotary embeddings and mask of ``layers[K:]`` during prefill, so those layers' KV cache
-holds only the kept tokens; decode steps get masks sized to each layer's own cache.
+inside the call (``with self.applied(...)``), score the image tokens at layer K (1-based: ``layers[K-1]``) and
+drop the pruned positions from the hidden states, rotary embeddings and mask of ``layers[K:]`` during prefill,
+so those layers' KV cache holds only the kept tokens; decode steps get masks sized to each layer's own cache.
 
 ``none`` takes the model's own unmodified path, so that it is the reference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -175,9 +174,10 @@ class LlavaAdapter(Adapter):
 
     # -- pruning inside the LLM (fastv) --------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def in_llm_pruning(self, inputs, plan: PrunePlan):
-        """Hooks for one call (prefill + decode) of the model on ``inputs``; yields the state, removes them on exit."""
+    def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _FastVState:
+        """In-LLM strategies: a scoring hook on ``layers[K-1]`` and cutting hooks on ``layers[K:]`` for one call."""
+        if plan.strategy.stage != "in_llm":
+            return super().add_hooks(inputs, plan, handles)
         layers = self.decoder_layers
         k = int(plan.option("layer"))
         if not 1 <= k < len(layers):
@@ -190,17 +190,10 @@ class LlavaAdapter(Adapter):
             full_mask=inputs["attention_mask"].bool(),
             keys=sample_keys(inputs),
         )
-        handles = [layers[k - 1].register_forward_pre_hook(self._score_hook(state), with_kwargs=True)]
-        handles += [
-            layer.register_forward_pre_hook(self._cut_hook(state, index), with_kwargs=True)
-            for index, layer in enumerate(layers)
-            if index >= k
-        ]
-        try:
-            yield state
-        finally:
-            for handle in handles:
-                handle.remove()
+        handles.append(layers[k - 1].register_forward_pre_hook(self._score_hook(state), with_kwargs=True))
+        for index in range(k, len(layers)):
+            handles.append(layers[index].register_forward_pre_hook(self._cut_hook(state, index), with_kwargs=True))
+        return state
 
     def _score_hook(self, state: _FastVState):
         def hook(layer, args, kwargs):
@@ -274,24 +267,24 @@ class LlavaAdapter(Adapter):
 
     # -- calls ---------------------------------------------------------------------------------------------
 
-    def generate(self, inputs, plan: PrunePlan, **gen):
+    def _generate(self, inputs, plan: PrunePlan, **gen):
         if plan.is_noop:
             out = self.model.generate(**inputs, **gen)
             return out[:, inputs["input_ids"].shape[1] :], self.unpruned_records(inputs)
         if plan.strategy.stage == "in_llm":
-            with self.in_llm_pruning(inputs, plan) as state:
+            with self.applied(inputs, plan) as state:
                 out = self.model.generate(**inputs, **gen)
             return out[:, inputs["input_ids"].shape[1] :], state.records
         inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)
         out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen)
         return out, records
 
-    def prefill_logits(self, inputs, plan: PrunePlan):
+    def _prefill_logits(self, inputs, plan: PrunePlan):
         if plan.is_noop or plan.strategy.stage == "in_llm":
             positions = left_pad_positions(inputs["attention_mask"])
             if plan.is_noop:
                 return self.model(**inputs, position_ids=positions).logits[:, -1], self.unpruned_records(inputs)
-            with self.in_llm_pruning(inputs, plan) as state:
+            with self.applied(inputs, plan) as state:
                 logits = self.model(**inputs, position_ids=positions).logits[:, -1]
             return logits, state.records
         inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)

@@ -9,13 +9,12 @@ cover only the kept tokens. With ``prune_first_layer_cache`` (default, and alway
 no such option) the first layer's cached K/V are cut to the kept set right after prefill, so its decode steps
 see only kept tokens too. Decode steps reuse the kept set. ``none`` runs the model's own untouched path.
 
-Hooks live only inside one adapter call (``with self.pruning(...)``) and are removed on exit. The cache cut
+Hooks live only inside one adapter call (``with self.applied(...)``) and are removed on exit. The cache cut
 assumes a dynamic cache (``cache.layers[i].keys/values`` replaced), which is what ``generate`` uses by default.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -98,10 +97,8 @@ class MllamaAdapter(Adapter):
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def pruning(self, inputs, plan: PrunePlan):
-        """Hooks for one call (prefill + decode) on ``inputs``; yields the per-call state, removes them on exit."""
-        strategy = plan.strategy
+    def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _TrimState:
+        """Selection and cache cut on the first cross-attention layer, kept features for the later ones."""
         state = _TrimState(
             plan=plan,
             valid=self.visual_valid(inputs),
@@ -111,19 +108,14 @@ class MllamaAdapter(Adapter):
         )
         first, *later = self.cross_layers
         layers = self.decoder_layers
-        handles = [
-            layers[first].register_forward_pre_hook(self._select_hook(state), with_kwargs=True),
-            layers[first].register_forward_hook(self._cut_cache_hook(state, first), with_kwargs=True),
-        ]
-        handles += [layers[i].register_forward_pre_hook(self._later_hook(state), with_kwargs=True) for i in later]
-        if "cls_attention" in strategy.needs:
+        handles.append(layers[first].register_forward_pre_hook(self._select_hook(state), with_kwargs=True))
+        handles.append(layers[first].register_forward_hook(self._cut_cache_hook(state, first), with_kwargs=True))
+        for i in later:
+            handles.append(layers[i].register_forward_pre_hook(self._later_hook(state), with_kwargs=True))
+        if "cls_attention" in plan.strategy.needs:
             scored = self.model.model.vision_model.global_transformer.layers[-1]
             handles.append(scored.register_forward_pre_hook(self._vision_hook(state), with_kwargs=True))
-        try:
-            yield state
-        finally:
-            for handle in handles:
-                handle.remove()
+        return state
 
     def _vision_hook(self, state: _TrimState):
         def hook(module, args, kwargs):
@@ -192,21 +184,22 @@ class MllamaAdapter(Adapter):
     def forward(self, inputs, plan: PrunePlan, **kwargs):
         """One prefill forward (position ids from the padding mask); returns the model output and the records."""
         positions = left_pad_positions(inputs["attention_mask"])
-        if plan.is_noop:
-            return self.model(**inputs, position_ids=positions, **kwargs), self.unpruned_records(inputs)
-        with self.pruning(inputs, plan) as state:
-            out = self.model(**inputs, position_ids=positions, **kwargs)
+        with self.exclusive():
+            if plan.is_noop:
+                return self.model(**inputs, position_ids=positions, **kwargs), self.unpruned_records(inputs)
+            with self.applied(inputs, plan) as state:
+                out = self.model(**inputs, position_ids=positions, **kwargs)
         return out, state.records
 
-    def prefill_logits(self, inputs, plan: PrunePlan):
+    def _prefill_logits(self, inputs, plan: PrunePlan):
         out, records = self.forward(inputs, plan, logits_to_keep=1)
         return out.logits[:, -1], records
 
-    def generate(self, inputs, plan: PrunePlan, **gen):
+    def _generate(self, inputs, plan: PrunePlan, **gen):
         prompt_len = inputs["input_ids"].shape[1]
         if plan.is_noop:
             return self.model.generate(**inputs, **gen)[:, prompt_len:], self.unpruned_records(inputs)
-        with self.pruning(inputs, plan) as state:
+        with self.applied(inputs, plan) as state:
             out = self.model.generate(**inputs, **gen)
         return out[:, prompt_len:], state.records
 

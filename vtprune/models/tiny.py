@@ -96,13 +96,11 @@ def _build(family: str, out: Path) -> None:
 
     tokenizer = _tokenizer(family)
     vocab = len(tokenizer)
-    torch.manual_seed(TINY_SEED)
-    if family == "mllama":
-        model, processor = _build_mllama(tokenizer, vocab)
-    elif family == "llava":
-        model, processor = _build_llava(tokenizer, vocab)
-    else:
-        model, processor = _build_llava_next(tokenizer, vocab)
+    builders = {"mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next}
+    # Seeded weights without touching the caller's RNG (models are built on the CPU).
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(TINY_SEED)
+        model, processor = builders[family](tokenizer, vocab)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 

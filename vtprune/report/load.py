@@ -11,6 +11,12 @@ import pandas as pd
 from vtprune.errors import VtpruneError
 from vtprune.results import RUN_FILE, read_jsonl
 
+ROW_FILES = ("metrics.jsonl", "bench.jsonl")
+
+
+class CorruptFile(Exception):
+    """A results file that cannot be read: its run is skipped with a note."""
+
 
 @dataclass
 class Results:
@@ -21,35 +27,63 @@ class Results:
 
 
 def load_results(root: str | Path) -> Results:
-    """All complete runs below ``root``; raises VtpruneError when there is none."""
+    """All complete runs below ``root``; raises VtpruneError when there is none. Unreadable runs and interrupted
+    ones (rows but no finished run.json) are skipped, each with a note."""
     root = Path(root)
     if not root.is_dir():
         raise VtpruneError(f"RESULTS_DIR: not a folder: {root}")
     runs, metrics, bench, notes = [], [], [], []
-    for run_file in sorted(root.rglob(RUN_FILE)):
+    for run_dir in _run_dirs(root):
         try:
-            run = json.loads(run_file.read_text())
-        except json.JSONDecodeError:
-            notes.append(f"{run_file}: not valid JSON, skipped")
+            run = _run_json(run_dir / RUN_FILE)
+            if not run.get("finished"):
+                # A sweep redoes such folders; their rows may be half written.
+                notes.append(f"interrupted or still running: {run_dir} — run the same command again to resume")
+                continue
+            rows = {name: _rows(run_dir / name) for name in ROW_FILES}
+        except CorruptFile as exc:
+            notes.append(f"{exc}, skipped")
             continue
-        if not run.get("finished"):
-            # A sweep redoes such folders; their rows may be half written.
-            notes.append(f"{run_file.parent}: incomplete run (no finished time), skipped")
-            continue
-        run_dir = run_file.parent
         run["run_dir"] = str(run_dir)
         runs.append(run)
-        for name, rows in (("metrics.jsonl", metrics), ("bench.jsonl", bench)):
-            if (run_dir / name).is_file():
-                for row in read_jsonl(run_dir / name):
-                    row.setdefault("run", run.get("name"))
-                    row.setdefault("smoke", run.get("smoke", False))
-                    row["finished"] = run["finished"]
-                    rows.append(row)
+        for name, out in (("metrics.jsonl", metrics), ("bench.jsonl", bench)):
+            for row in rows[name]:
+                row.setdefault("run", run.get("name"))
+                row.setdefault("smoke", run.get("smoke", False))
+                row["finished"] = run["finished"]
+                out.append(row)
     if not runs:
-        raise VtpruneError(f"RESULTS_DIR: no complete runs (run.json) below {root}")
+        skipped = f" ({len(notes)} skipped: {notes[0]})" if notes else ""
+        raise VtpruneError(f"RESULTS_DIR: no complete runs (run.json) below {root}{skipped}")
     return Results(pd.DataFrame(runs), _latest(pd.DataFrame(metrics), ["model", "strategy", "keep_ratio", "task", "metric"]),
                    _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size"]), notes)
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Every folder holding a run.json or any results file: one without run.json was interrupted."""
+    return sorted({f.parent for name in (RUN_FILE, "samples.jsonl", *ROW_FILES) for f in root.rglob(name)})
+
+
+def _run_json(path: Path) -> dict:
+    """run.json as a dict (``{}`` when absent); CorruptFile when it is not a JSON object."""
+    try:
+        run = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        run = None
+    if not isinstance(run, dict):
+        raise CorruptFile(f"{path}: not a JSON object")
+    return run
+
+
+def _rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file (none when absent); CorruptFile when a line is not a JSON object."""
+    try:
+        rows = read_jsonl(path) if path.is_file() else []
+    except ValueError:
+        rows = None
+    if rows is None or not all(isinstance(row, dict) for row in rows):
+        raise CorruptFile(f"{path}: a line is not a JSON object")
+    return rows
 
 
 def _latest(frame: pd.DataFrame, key: list[str]) -> pd.DataFrame:
