@@ -108,6 +108,10 @@ def test_request_generation_follows_lmms_eval_conventions():
     assert request_generation({"temperature": 0.7, "top_p": 0.9, "until": "\n\n", "num_beams": 1}) == (
         {"temperature": 0.7, "do_sample": True, "top_p": 0.9, "num_beams": 1}, ["\n\n"])
     assert request_generation({"do_sample": True, "temperature": 1.0}) == ({"do_sample": True, "temperature": 1.0}, [])
+    # vtprune eval: the config's settings win over the task's (llava_in_the_wild asks for 4096 tokens).
+    task = {"until": ["ASSISTANT:"], "max_new_tokens": 4096, "temperature": 0.2, "top_p": 1.0}
+    assert request_generation(task, {"max_new_tokens": 3, "do_sample": False}) == (
+        {"max_new_tokens": 3, "do_sample": False}, ["ASSISTANT:"])
 
 
 def test_batch_size_auto_and_unknown_model_args_are_clear_errors(tmp_path):

@@ -12,8 +12,9 @@ directly around an already loaded pipeline (``VtpruneLMM(pipeline=...)``) and ha
 
 Generation settings, per request: the request's ``gen_kwargs`` (the task's ``generation_kwargs`` with
 lmms-eval's ``--gen_kwargs`` merged over them by lmms-eval) win over the config's ``eval.generation``, which
-fills in what neither sets. ``vtprune eval`` passes the config's ``eval.generation`` as ``gen_kwargs`` to
-``simple_evaluate``, so there the config decides and sweeps stay comparable across tasks.
+fills in what neither sets. ``vtprune eval`` builds the model with ``generation=`` the config's
+``eval.generation``, which then wins over the requests': the config decides and sweeps stay comparable across
+tasks.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class PrunedTokenCounts(TokenCounts):
         return out
 
 
-def request_generation(gen_kwargs: dict) -> tuple[dict, list[str]]:
-    """A request's ``gen_kwargs`` as ``generate()`` keywords, and its stop strings.
+def request_generation(gen_kwargs: dict, override: dict | None = None) -> tuple[dict, list[str]]:
+    """A request's ``gen_kwargs`` as ``generate()`` keywords (``override`` wins over them), and its stop strings.
 
     lmms-eval's convention (its HF models): ``temperature`` 0 means greedy, a positive one samples.
     """
@@ -92,9 +93,10 @@ def request_generation(gen_kwargs: dict) -> tuple[dict, list[str]]:
             gen["temperature"] = temperature
         else:
             gen["do_sample"] = False
+    gen.update(override or {})
     if not gen.get("do_sample", True):
-        gen.pop("top_p", None)
-        gen.pop("top_k", None)
+        for key in ("temperature", "top_p", "top_k"):
+            gen.pop(key, None)
     until = gen_kwargs.get("until") or []
     return gen, [until] if isinstance(until, str) else [u for u in until if u]
 
@@ -108,11 +110,12 @@ class VtpruneLMM(lmms):
     is_simple = True
 
     def __init__(self, config=None, pipeline=None, batch_size=None, max_batch_size=None, device=None, progress=None,
-                 **args) -> None:
+                 generation=None, **args) -> None:
         """``config``: a YAML path (lmms-eval CLI), or ``pipeline``: a loaded one (vtprune's runner).
 
         ``batch_size`` / ``device`` are what lmms-eval's CLI passes to every model; they override the config,
         as do ``model``, ``strategy``, ``keep_ratio``, ``seed`` in ``--model_args``.
+        ``generation``: ``generate()`` keywords that win over every request's (``vtprune eval``: the config's).
         ``progress(expect=n)`` is called with the number of requests coming, ``progress(advance=n)`` after each batch.
         """
         super().__init__()
@@ -145,6 +148,7 @@ class VtpruneLMM(lmms):
         self._world_size = accelerator.num_processes
         self.batch_size_per_gpu = _batch_size(batch_size, pipeline.config.eval.batch_size)
         self.progress = progress
+        self.generation = generation
         self.stats: dict = {}  # (task, doc_id) -> GenerationResult with the stop-trimmed text
 
     @property
@@ -197,7 +201,7 @@ class VtpruneLMM(lmms):
             if len(visuals) != 1:
                 raise ValueError(f"vtprune model: task {task} doc {doc_id} has {len(visuals)} images; one is supported")
             images.append(visuals[0])
-        gen, until = request_generation(gen_kwargs[0])
+        gen, until = request_generation(gen_kwargs[0], self.generation)
         start = time.perf_counter()
         results = self.pipeline.generate(images, list(contexts), **gen)
         _log_throughput(results, time.perf_counter() - start, self.pipeline.config.pruning)

@@ -76,11 +76,6 @@ def task_spec(name: str):
     return name
 
 
-def generation_arg(generation: dict) -> str | None:
-    """The config's ``eval.generation`` as lmms-eval's ``gen_kwargs`` string: in ``vtprune eval`` it wins."""
-    return ",".join(f"{k}={v}" for k, v in generation.items()) or None
-
-
 def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True, include_paths=()) -> Path:
     """Run ``tasks`` (default: the config's) and write run.json (last), metrics.jsonl, samples.jsonl.
 
@@ -114,7 +109,7 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
         def report(advance=0, expect=0):
             bar.update(job, total=bar.tasks[0].total + expect, advance=advance)
 
-        lm = VtpruneLMM(pipeline=pipeline, progress=report)
+        lm = VtpruneLMM(pipeline=pipeline, progress=report, generation=dict(config.eval.generation))
         outputs = {}
         for group, predict_only in ((scored, False), (unscored, True)):
             if not group:
@@ -125,7 +120,7 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
                 result = simple_evaluate(
                     model=lm, tasks=[task_spec(t) for t in group], limit=limit, task_manager=manager,
                     log_samples=True, predict_only=predict_only, process_docs_parallel=1,
-                    gen_kwargs=generation_arg(config.eval.generation), distributed_executor_backend="accelerate",
+                    distributed_executor_backend="accelerate",
                     random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
                     verbosity="WARNING",
                 )
