@@ -99,18 +99,23 @@ def _seeded_rng(device, seed: int):
         yield
 
 
-def read_image(path: str | Path):
-    """An image file as RGB, decoded whole: a truncated JPEG opens fine and fails only when its pixels are read."""
+def read_image(source):
+    """An image file (or a lazily decoded PIL image) as RGB, decoded whole: a truncated JPEG opens fine and fails
+    only when its pixels are read. A VtpruneError names the file."""
     from PIL import Image, ImageFile
 
     # Importing lmms-eval sets LOAD_TRUNCATED_IMAGES for the whole process, which would let half an image pass.
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as image:
+        if isinstance(source, Image.Image):
+            source.load()
+            return source.convert("RGB")
+        with Image.open(source) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise VtpruneError(f"{path} is not a readable image ({reason}; allowed: an image file PIL can read, "
+        name = getattr(source, "filename", None) or source
+        raise VtpruneError(f"{name} is not a readable image ({reason}; allowed: an image file PIL can read, "
                            "e.g. PNG or JPEG)") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient

@@ -269,3 +269,29 @@ def test_ctrl_c_is_one_line_exit_130(tmp_path, monkeypatch):
     line = error_line(invoke("bench", "-c", config(tmp_path), "-o", out), code=130)
     assert line == "interrupted — run the same command again to resume"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("doc, kept, where", [(1, 0.7, "task vtprune_textvqa_mini doc 1: "),
+                                              (0, 0.02, "an image of task vtprune_textvqa_mini ")])
+def test_an_unreadable_image_in_the_eval_data_is_one_line(tmp_path, monkeypatch, doc, kept, where):
+    import io
+
+    import datasets
+
+    from vtprune.eval import mini, runner
+
+    rows, features = mini._textvqa()
+    jpeg = io.BytesIO()
+    rows[doc]["image"].save(jpeg, format="JPEG")
+    # 70 %: the header opens, the pixels are cut short; 2 %: not even the header opens.
+    rows[doc]["image"] = {"bytes": jpeg.getvalue()[: int(kept * jpeg.tell())], "path": "sign.jpg"}
+    broken = tmp_path / "broken"
+    data = datasets.Dataset.from_list(rows[:2], features=datasets.Features(features))
+    datasets.DatasetDict({"validation": data}).save_to_disk(str(broken))
+    monkeypatch.setattr(runner, "task_spec", lambda name: {"task": name, "dataset_path": str(broken)})
+    out = tmp_path / "results"
+    tasks = {"tasks": ["vtprune_textvqa_mini"], "generation": {"max_new_tokens": 2}}
+    result = CliRunner().invoke(app, ["eval", "-c", str(config(tmp_path, eval=tasks)), "-o", str(out)])
+    line = error_line(result)
+    assert line.startswith("error: eval data: ") and where in line and "readable" in line
+    assert not (out / "c").exists() or not any((out / "c").iterdir())

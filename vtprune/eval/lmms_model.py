@@ -195,12 +195,7 @@ class VtpruneLMM(lmms):
     def _generate_chunk(self, chunk) -> list[GenerationResult]:
         contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
         task, split = tasks[0], splits[0]
-        images = []
-        for fn, doc_id in zip(doc_to_visual, doc_ids):
-            visuals = fn(self.task_dict[task][split][doc_id])
-            if len(visuals) != 1:
-                raise ValueError(f"vtprune model: task {task} doc {doc_id} has {len(visuals)} images; one is supported")
-            images.append(visuals[0])
+        images = [_doc_image(fn, self.task_dict[task][split], task, doc_id) for fn, doc_id in zip(doc_to_visual, doc_ids)]
         gen, until = request_generation(gen_kwargs[0], self.generation)
         start = time.perf_counter()
         results = self.pipeline.generate(images, list(contexts), **gen)
@@ -228,6 +223,23 @@ class VtpruneLMM(lmms):
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("vtprune model: multi-round tasks are not supported")
+
+
+def _doc_image(doc_to_visual, docs, task: str, doc_id: int):
+    """The one image of a document, decoded whole; a broken one is an error naming the task and document."""
+    from vtprune.api import read_image
+    from vtprune.errors import VtpruneError
+
+    try:
+        visuals = doc_to_visual(docs[doc_id])
+    except (OSError, SyntaxError, ValueError) as exc:  # the dataset decodes the image file here
+        raise VtpruneError(f"eval data: task {task} doc {doc_id}: image is not readable ({exc})") from None
+    if len(visuals) != 1:
+        raise ValueError(f"vtprune model: task {task} doc {doc_id} has {len(visuals)} images; one is supported")
+    try:
+        return read_image(visuals[0])
+    except VtpruneError as exc:
+        raise VtpruneError(f"eval data: task {task} doc {doc_id}: {exc}") from None
 
 
 def _batch_key(indexed_args) -> tuple:

@@ -103,7 +103,8 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     unscored = [t for t in tasks if t not in scored]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    with Progress(*columns, console=Console(stderr=True), disable=not (progress and rank0)) as bar:
+    # transient: the bar gives way to the score table, or to the one line of an error.
+    with Progress(*columns, console=Console(stderr=True), disable=not (progress and rank0), transient=True) as bar:
         job = bar.add_task(f"eval {config.name}", total=0)
 
         def report(advance=0, expect=0):
@@ -116,7 +117,7 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
                 continue
             # predict_only: lmms-eval records the outputs and calls no judge (which would score a failed
             # request as a number).
-            with contextlib.redirect_stderr(_WithoutProgressBars(sys.stderr)):
+            with contextlib.redirect_stderr(_WithoutProgressBars(sys.stderr)), _unreadable_images_named(group):
                 result = simple_evaluate(
                     model=lm, tasks=[task_spec(t) for t in group], limit=limit, task_manager=manager,
                     log_samples=True, predict_only=predict_only, process_docs_parallel=1,
@@ -152,6 +153,30 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     meta.update(tasks=tasks, limit=limit, judge=judge_available(), finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
+
+
+@contextlib.contextmanager
+def _unreadable_images_named(tasks):
+    """A broken image in the task data as one error: lmms-eval opens documents while it builds a task, before any
+    reaches the model (which names the document of one it cannot decode)."""
+    import traceback
+
+    from PIL import ImageFile
+
+    from vtprune.errors import VtpruneError
+
+    # Importing lmms-eval makes PIL pad truncated images silently, process-wide: a half-grey picture would be
+    # scored as if it were the real one. vtprune's runs refuse them; lmms-eval's setting is restored after.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    except (OSError, SyntaxError) as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if not any("/PIL/" in f.filename for f in frames):
+            raise
+        raise VtpruneError(f"eval data: an image of task {', '.join(tasks)} is not readable ({exc})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 class _WithoutProgressBars:
