@@ -32,7 +32,7 @@ BAD = [
     ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key (allowed: name, model, pruning, eval, bench, output_dir, seed)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),
     ("unknown strategy", with_("pruning", strategy="magic"), "pruning.strategy: unknown strategy 'magic' (allowed: "),
-    ("unknown family", with_("model", family="gpt"), "model.family: 'gpt' is not allowed (allowed: auto, mllama, llava, llava_next)"),
+    ("unknown family", with_("model", family="gpt"), "model.family: 'gpt' is not allowed (allowed: auto, llava, llava_next, mllama)"),
     ("unknown task", with_("eval", tasks=["no_such_task"]), "eval.tasks: unknown task 'no_such_task' ("),
     ("keep ratio zero", with_("pruning", keep_ratio=0), "pruning.keep_ratio: 0.0 is outside the allowed range (0, 1]"),
     ("keep ratio above one", with_("pruning", keep_ratio=1.5), "pruning.keep_ratio: 1.5 is outside the allowed range (0, 1]"),
@@ -86,13 +86,26 @@ def test_name_defaults_to_file_stem(tmp_path):
     assert load_config(write(tmp_path, data, "my-run.yaml")).name == "my-run"
 
 
-def test_strategy_family_mismatch_is_rejected(tmp_path):
-    from vtprune.strategies import STRATEGIES
-
-    restricted = [s for _, s in STRATEGIES.items() if s.families and "llava" not in s.families]
-    data = with_("pruning", strategy=restricted[0].name)
-    with pytest.raises(ConfigError, match=f"pruning.strategy: '{restricted[0].name}' does not run on model family 'llava'"):
+def test_a_strategy_runs_where_its_signals_are_provided(tmp_path):
+    # trimmed_llama needs the first cross-attention layer's scores, which LLaVA (self-attention) cannot give.
+    data = with_("pruning", strategy="trimmed_llama")
+    with pytest.raises(ConfigError, match=r"^pruning.strategy: 'trimmed_llama' needs the signal 'cross_attention', "
+                                          r"which model family 'llava' does not provide inside the LLM \(allowed on "
+                                          r"llava: adav, cls_saliency, divprune, fastervlm, fastv, none, random, "
+                                          r"text_sim, uniform\)$"):
         load_config(write(tmp_path, data))
+    # cls_saliency names no family: LLaVA provides CLS attention, so it runs there too.
+    assert load_config(write(tmp_path, with_("pruning", strategy="cls_saliency"))).pruning.strategy == "cls_saliency"
+
+
+def test_every_strategy_declares_known_signals_and_no_family():
+    from vtprune.strategies import STRATEGIES
+    from vtprune.strategies.base import SIGNALS, register_strategy
+
+    for _, s in STRATEGIES.items():
+        assert set(s.needs) <= set(SIGNALS) and not hasattr(s, "families")
+    with pytest.raises(ValueError, match="strategy 'x' needs unknown signal 'nope'"):
+        register_strategy("x", needs=("nope",))
 
 
 def test_every_shipped_config_is_valid():
@@ -106,6 +119,7 @@ def test_every_shipped_config_is_valid():
 
 def test_strategy_needing_llm_features_is_rejected_on_mllama(tmp_path):
     data = {**GOOD, "model": {"path": "tiny:mllama"}, "pruning": {"strategy": "divprune", "keep_ratio": 0.5}}
-    with pytest.raises(ConfigError, match="pruning.strategy: 'divprune' does not run on model family 'mllama' "
-                                          r"\(allowed families: llava, llava_next\)"):
+    with pytest.raises(ConfigError, match="pruning.strategy: 'divprune' needs the signal 'features', which model "
+                                          r"family 'mllama' does not provide \(allowed on mllama: cls_saliency, "
+                                          r"fastervlm, none, random, trimmed_llama, uniform\)"):
         load_config(write(tmp_path, data))

@@ -17,7 +17,6 @@ import yaml
 
 from vtprune.errors import ConfigError
 
-FAMILIES = ("auto", "mllama", "llava", "llava_next")
 WEIGHTS = ("pretrained", "random")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN = ("sdpa", "eager", "flash_attention_2")
@@ -206,7 +205,9 @@ def validate(config: Config) -> None:
     m, p = config.model, config.pruning
     if not NAME_PATTERN.fullmatch(config.name) or config.name in (".", ".."):
         raise ConfigError(f"name: '{config.name}' is not allowed (allowed: {NAME_ALLOWED})")
-    _choice("model.family", m.family, FAMILIES)
+    from vtprune.models import FAMILIES
+
+    _choice("model.family", m.family, ["auto", *FAMILIES.names()])
     _choice("model.weights", m.weights, WEIGHTS)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.attn_implementation", m.attn_implementation, ATTN)
@@ -225,11 +226,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"pruning.options.{key}: strategy '{p.strategy}' has no such option (allowed: {allowed})")
         _check_option(f"pruning.options.{key}", value, strategy.options[key])
     family = declared_family(config)
-    if family and strategy.families and family not in strategy.families:
-        raise ConfigError(
-            f"pruning.strategy: '{p.strategy}' does not run on model family '{family}' "
-            f"(allowed families: {', '.join(strategy.families)})"
-        )
+    if family in FAMILIES:
+        FAMILIES.get(family).check_strategy(strategy)
     if "layer" in strategy.options:
         _check_layer(config.model, p.options.get("layer", strategy.options["layer"].default))
     # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:

@@ -22,4 +22,4 @@ def test_padding_never_kept_and_budget_per_sample():
 
 
 def test_declaration():
-    assert CLS.needs == ("cls_attention",) and CLS.families == ("mllama",)
+    assert CLS.needs == ("cls_attention",)

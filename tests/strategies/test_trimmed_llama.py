@@ -22,7 +22,7 @@ SCORES = torch.tensor(
 def signals(scores, valid=None):
     scores = scores[None] if scores.dim() == 2 else scores
     valid = torch.ones(scores.shape[0], scores.shape[2], dtype=torch.bool) if valid is None else valid
-    return Signals(valid=valid, head_scores=scores)
+    return Signals(valid=valid, cross_attention=scores)
 
 
 def kept(keep, mode="adaptive", scores=SCORES, valid=None):
@@ -92,4 +92,4 @@ def test_declared_options_are_validated():
         config_from_dict({**base, "pruning": {"strategy": "trimmed_llama", "options": {"mode": "greedy"}}})
     with pytest.raises(ConfigError, match="layer"):
         config_from_dict({**base, "pruning": {"strategy": "trimmed_llama", "options": {"layer": 2}}})
-    assert TRIM.stage == "in_llm" and TRIM.families == ("mllama",) and TRIM.needs == ("head_scores",)
+    assert TRIM.stage == "in_llm" and TRIM.needs == ("cross_attention",)

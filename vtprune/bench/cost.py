@@ -8,7 +8,7 @@ at the model's largest input, cache taken at the end of prefill. Kept counts use
 
 from __future__ import annotations
 
-from vtprune.bench.kv import VISUAL_FAMILIES, analytic_kv_bytes, layer_tokens, layout_for, num_visual_tokens
+from vtprune.bench.kv import analytic_kv_bytes, layer_tokens, layout_for, num_visual_tokens
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -68,8 +68,9 @@ def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -
         hf_config = AutoConfig.from_pretrained(resolve_path(config.model.path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.path: cannot load a model config from '{config.model.path}': {str(exc).splitlines()[0]}") from None
-    if hf_config.model_type not in VISUAL_FAMILIES:
-        raise ConfigError(f"model.path: model type '{hf_config.model_type}' is not supported (allowed: {', '.join(VISUAL_FAMILIES)})")
+    from vtprune.models import resolve_family
+
+    resolve_family(hf_config.model_type, "auto")  # an unsupported model type is one line naming the supported ones
     names = strategies or [config.pruning.strategy]
     pairs = [(STRATEGIES.get(s), dict(config.pruning.options) if s == config.pruning.strategy else {}) for s in names]
     dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: full-size models run on a GPU

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VISUAL_FAMILIES = ("mllama", "llava", "llava_next")
-
 
 def cross_layer_indices(config) -> set[int]:
     """Decoder layers that cross-attend to the image (empty for self-attention VLMs)."""
@@ -104,21 +102,10 @@ def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: 
 
 
 def num_visual_tokens(config) -> int:
-    """Visual tokens of one image at the model's largest input (Mllama: every tile; LLaVA-NeXT: the largest pinpoint)."""
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    if config.model_type == "mllama":
-        return vision.max_num_tiles * tile_tokens(config)
-    base = side * side + (config.vision_feature_select_strategy == "full")
-    if config.model_type == "llava":
-        return base
-    if config.model_type == "llava_next":
-        # The largest pinpoint is its own best resolution, so the grid is not unpadded; one newline per grid row.
-        h, w = max(config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
-        rows, cols = h // vision.image_size * side, w // vision.image_size * side
-        newlines = rows if getattr(config, "use_image_newline_parameter", True) else 0
-        return base + rows * cols + newlines
-    raise ValueError(f"no visual-token count for model type '{config.model_type}' (known: {', '.join(VISUAL_FAMILIES)})")
+    """Visual tokens of one image at the model's largest input, counted by the model's family from its config."""
+    from vtprune.models import resolve_family
+
+    return resolve_family(config.model_type, "auto").max_visual_tokens(config)
 
 
 def tile_tokens(config) -> int:

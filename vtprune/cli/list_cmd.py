@@ -20,13 +20,15 @@ def list_(what: Annotated[str, typer.Argument(help="strategies | models | tasks"
 
 def rows(what: str) -> list[tuple[str, str]]:
     if what == "strategies":
+        from vtprune.models import FAMILIES
         from vtprune.strategies import STRATEGIES
 
         out = []
         for name, s in STRATEGIES.items():
-            where = f"[{where_it_prunes(s)}{'; ' + ', '.join(s.families) if s.families else '; all families'}]"
+            families = [f for f, cls in FAMILIES.items() if cls.runs(s)]
+            on = "all families" if len(families) == len(FAMILIES.names()) else ", ".join(families)
             opts = f" options: {', '.join(f'{k}={o.default}' for k, o in s.options.items())}" if s.options else ""
-            out.append((name, f"{s.description} {where}{opts}"))
+            out.append((name, f"{s.description} [{where_it_prunes(s, families)}; {on}]{opts}"))
         return out
     if what == "models":
         from vtprune.models import FAMILIES
@@ -41,14 +43,14 @@ def rows(what: str) -> list[tuple[str, str]]:
     return TASKS.items()
 
 
-CROSS = "mllama: after the 1st cross-attention layer"
+def where_it_prunes(strategy, families: list[str]) -> str:
+    """Where the kept set is applied: the strategy's stage on self-attention families, the family's own point on
+    families that prune at one point whatever the stage (mllama)."""
+    from vtprune.models import FAMILIES
 
-
-def where_it_prunes(strategy) -> str:
-    """Where the kept set is applied: ``stage`` on self-attention models; one fixed point on Mllama."""
     if strategy.name == "none":
         return "nothing pruned"
-    if strategy.families == ("mllama",):
-        return CROSS
-    where = {"pre_llm": "before the LLM", "in_llm": "inside the LLM"}[strategy.stage]
-    return where if strategy.families else f"{where}; {CROSS}"
+    classes = [FAMILIES.get(f) for f in families]
+    where = [{"pre_llm": "before the LLM", "in_llm": "inside the LLM"}[strategy.stage]] if any(
+        c.in_llm_signals is not None for c in classes) else []
+    return "; ".join(where + [f"{c.family}: {c.prunes_at}" for c in classes if c.prunes_at])

@@ -190,17 +190,59 @@ class Adapter:
     def _prefill_logits(self, inputs, plan: PrunePlan) -> tuple[torch.Tensor, list[SampleRecord]]:
         raise NotImplementedError
 
+    @classmethod
+    def max_visual_tokens(cls, hf_config) -> int:
+        """Visual tokens of one image at the model's largest input, from its config alone (``cost``, ``kv``)."""
+        raise NotImplementedError
+
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
         """Random pixels + a fixed-length prompt for benchmarks: no tokenizer or processor needed."""
         raise NotImplementedError
 
-    def check_strategy(self, strategy: Strategy) -> None:
-        if strategy.families and self.family not in strategy.families:
+    # -- signals -------------------------------------------------------------------------------------------
+
+    #: self-attention families: the signals only an in-LLM strategy gets (computed inside the LLM); the others
+    #: are computed before it. None: the family prunes at one point whatever a strategy's stage (mllama).
+    in_llm_signals: ClassVar[tuple[str, ...] | None] = None
+    #: where such a family prunes, for `vtprune list strategies`
+    prunes_at: ClassVar[str | None] = None
+
+    @classmethod
+    def provides(cls, stage: str | None = None) -> tuple[str, ...]:
+        """The signals this family computes for strategies (of ``stage``): one ``signal_<name>(context, signals)``
+        method each."""
+        names = sorted(name[len("signal_") :] for name in dir(cls) if name.startswith("signal_"))
+        if stage is None or cls.in_llm_signals is None:
+            return tuple(names)
+        return tuple(n for n in names if (n in cls.in_llm_signals) == (stage == "in_llm"))
+
+    @classmethod
+    def runs(cls, strategy: Strategy) -> bool:
+        """A strategy runs on a family when the family provides every signal it needs where it prunes."""
+        return set(strategy.needs) <= set(cls.provides(strategy.stage))
+
+    @classmethod
+    def check_strategy(cls, strategy: Strategy) -> None:
+        missing = [name for name in strategy.needs if name not in cls.provides(strategy.stage)]
+        if missing:
+            from vtprune.strategies import STRATEGIES
+
+            usable = [name for name, s in STRATEGIES.items() if cls.runs(s)]
             raise ConfigError(
-                f"pruning.strategy: '{strategy.name}' does not run on model family '{self.family}' "
-                f"(allowed families: {', '.join(strategy.families)})"
+                f"pruning.strategy: '{strategy.name}' needs the signal '{missing[0]}', which model family "
+                f"'{cls.family}' does not provide {_WHERE[strategy.stage] if cls.in_llm_signals is not None else ''}"
+                f"(allowed on {cls.family}: {', '.join(usable)})"
             )
 
+    def compute_signals(self, context, valid: torch.Tensor, needs, generators=None) -> Signals:
+        """The ``needs`` of a strategy, each from its provider; ``context`` is the family's per-call state."""
+        signals = Signals(valid=valid, generators=generators)
+        for name in needs:
+            getattr(self, f"signal_{name}")(context, signals)
+        return signals
+
+
+_WHERE = {"pre_llm": "before the LLM ", "in_llm": "inside the LLM "}
 
 FAMILIES: Registry[type[Adapter]] = Registry("model family", "model.family")
 

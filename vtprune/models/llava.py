@@ -34,6 +34,14 @@ class VisualTokens:
 
 
 @dataclass
+class _PreLLM:
+    """What signal providers see before the LLM."""
+
+    inputs: dict
+    visual: VisualTokens
+
+
+@dataclass
 class _FastVState:
     """Per-call state of the in-LLM hooks."""
 
@@ -50,6 +58,16 @@ class _FastVState:
     short_position_ids: torch.Tensor | None = None
 
 
+@dataclass
+class _Layer:
+    """What signal providers see inside the LLM: the decoder layer where an in-LLM strategy scores, its input."""
+
+    state: _FastVState
+    layer: torch.nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple
+
+
 @register_family
 class LlavaAdapter(Adapter):
     """LLaVA-1.5 (LlavaForConditionalGeneration): visual tokens pruned before or inside the language model."""
@@ -57,6 +75,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_class = "LlavaForConditionalGeneration"
     model_types = ("llava",)
+    in_llm_signals = ("last_token_attention",)
 
     @property
     def image_token_id(self) -> int:
@@ -98,19 +117,29 @@ class LlavaAdapter(Adapter):
     def signals(self, inputs, visual: VisualTokens, needs: tuple[str, ...]) -> Signals:
         # Visual signals are right padded: index i of a row is visual token i of that sample.
         valid = _pad_right([torch.ones(len(f), dtype=torch.bool, device=f.device) for f in visual.features], False)
-        signals = Signals(valid=valid)
-        for name in needs:
-            if name == "groups":
-                signals.groups = _pad_right(visual.groups, -1)
-            elif name == "features":
-                signals.features = _pad_right(visual.features, 0)
-            elif name == "text_embeds":
-                signals.text_embeds, signals.text_valid = self.text_embeds(inputs)
-            elif name == "cls_attention":
-                signals.cls_attention = _pad_right(self.cls_attention(inputs, visual), 0)
-            else:
-                raise ConfigError(f"pruning.strategy: model family '{self.family}' cannot provide the signal '{name}'")
-        return signals
+        return self.compute_signals(_PreLLM(inputs, visual), valid, needs)
+
+    # Providers before the LLM get a _PreLLM context; last_token_attention runs in the in-LLM hook (_Layer).
+
+    def signal_groups(self, ctx: _PreLLM, signals: Signals) -> None:
+        signals.groups = _pad_right(ctx.visual.groups, -1)
+
+    def signal_features(self, ctx: _PreLLM, signals: Signals) -> None:
+        signals.features = _pad_right(ctx.visual.features, 0)
+
+    def signal_text_embeds(self, ctx: _PreLLM, signals: Signals) -> None:
+        signals.text_embeds, signals.text_valid = self.text_embeds(ctx.inputs)
+
+    def signal_cls_attention(self, ctx: _PreLLM, signals: Signals) -> None:
+        signals.cls_attention = _pad_right(self.cls_attention(ctx.inputs, ctx.visual), 0)
+
+    def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
+        head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.state.full_mask)
+        rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.state.image_pos)]  # [H, N_b]
+        padded = head_scores.new_zeros(len(rows), head_scores.shape[1], signals.valid.shape[1])
+        for b, row in enumerate(rows):
+            padded[b, :, : row.shape[1]] = row
+        signals.last_token_attention = padded
 
     def crop_cls_attention(self, vision_output) -> torch.Tensor:
         """``[crops, P]`` CLS→patch attention inside the vision layer producing the used features, head mean.
@@ -201,15 +230,13 @@ class LlavaAdapter(Adapter):
                 return
             start = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
-            head_scores = last_token_attention(layer, hidden, kwargs["position_embeddings"], state.full_mask)
-            scores = [head_scores[b][:, pos] for b, pos in enumerate(state.image_pos)]  # [H, N_b]
             width = max(len(p) for p in state.image_pos)
-            padded = head_scores.new_zeros(len(scores), head_scores.shape[1], width)
-            valid = torch.zeros(len(scores), width, dtype=torch.bool, device=hidden.device)
-            for b, s in enumerate(scores):
-                padded[b, :, : s.shape[1]] = s
-                valid[b, : s.shape[1]] = True
-            signals = Signals(valid=valid, head_scores=padded, generators=sample_generators(state.plan.seed, state.keys))
+            valid = torch.zeros(len(state.image_pos), width, dtype=torch.bool, device=hidden.device)
+            for b, pos in enumerate(state.image_pos):
+                valid[b, : len(pos)] = True
+            context = _Layer(state, layer, hidden, kwargs["position_embeddings"])
+            generators = sample_generators(state.plan.seed, state.keys)
+            signals = self.compute_signals(context, valid, state.plan.strategy.needs, generators)
             kept = state.plan.strategy.select(signals, state.plan.keep_ratio, **state.plan.options)
             rows = []
             total = len(self.decoder_layers)
@@ -297,6 +324,11 @@ class LlavaAdapter(Adapter):
         return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
 
     # -- benchmarks ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def max_visual_tokens(cls, hf_config) -> int:
+        vision = hf_config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + (hf_config.vision_feature_select_strategy == "full")
 
     def num_synthetic_visual(self) -> int:
         """Visual tokens of one synthetic image."""

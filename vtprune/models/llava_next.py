@@ -69,6 +69,16 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # -- benchmarks ----------------------------------------------------------------------------------------
 
+    @classmethod
+    def max_visual_tokens(cls, hf_config) -> int:
+        """The largest pinpoint is its own best resolution, so the grid is not unpadded; one newline per grid row."""
+        vision = hf_config.vision_config
+        side = vision.image_size // vision.patch_size
+        h, w = max(hf_config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        rows, cols = h // vision.image_size * side, w // vision.image_size * side
+        newlines = rows if getattr(hf_config, "use_image_newline_parameter", True) else 0
+        return LlavaAdapter.max_visual_tokens(hf_config) + rows * cols + newlines
+
     def synthetic_image_size(self) -> list[int]:
         """The largest grid pinpoint: the most crops, as for a large photo."""
         return list(max(self.model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1]))

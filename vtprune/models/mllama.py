@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vtprune.errors import ConfigError
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.strategies.base import Signals, sample_generators
 
@@ -41,6 +40,16 @@ class _TrimState:
     records: list[SampleRecord] = field(default_factory=list)
 
 
+@dataclass
+class _FirstCross:
+    """What signal providers see: the first cross-attention layer and its prefill inputs."""
+
+    state: _TrimState
+    layer: torch.nn.Module
+    hidden: torch.Tensor
+    kwargs: dict
+
+
 @register_family
 class MllamaAdapter(Adapter):
     """LLaMA-3.2-Vision (MllamaForConditionalGeneration): visual tokens pruned after the first cross-attention layer."""
@@ -48,6 +57,7 @@ class MllamaAdapter(Adapter):
     family = "mllama"
     model_class = "MllamaForConditionalGeneration"
     model_types = ("mllama",)
+    prunes_at = "after the 1st cross-attention layer"
 
     @property
     def text_config(self):
@@ -76,24 +86,28 @@ class MllamaAdapter(Adapter):
         return tiles.repeat_interleave(self.tokens_per_tile, dim=1)
 
     def signals(self, state: _TrimState, layer, hidden, kwargs) -> Signals:
-        signals = Signals(valid=state.valid, generators=sample_generators(state.plan.seed, state.keys))
-        for name in state.plan.strategy.needs:
-            if name == "head_scores":
-                rows = state.text_mask.clone()
-                if kwargs.get("full_text_row_masked_out_mask") is not None:
-                    rows &= kwargs["full_text_row_masked_out_mask"][:, 0, :, 0].bool()
-                states = _per_sample(kwargs["cross_attention_states"], len(hidden))
-                signals.head_scores = cross_attention_scores(layer, hidden, states, rows, state.valid)
-            elif name == "groups":
-                tiles = torch.arange(state.valid.shape[1], device=state.valid.device) // self.tokens_per_tile
-                signals.groups = tiles.expand_as(state.valid).masked_fill(~state.valid, -1)
-            elif name == "cls_attention":
-                vision = self.model.model.vision_model
-                scores = tile_cls_attention(vision.global_transformer.layers[-1], state.vision_input, self.tokens_per_tile)
-                signals.cls_attention = scores.reshape(len(state.valid), -1)
-            else:
-                raise ConfigError(f"pruning.strategy: model family '{self.family}' cannot provide the signal '{name}'")
-        return signals
+        generators = sample_generators(state.plan.seed, state.keys)
+        return self.compute_signals(_FirstCross(state, layer, hidden, kwargs), state.valid, state.plan.strategy.needs,
+                                    generators)
+
+    # Providers run in the first cross-attention layer's pre-hook, during prefill (_FirstCross).
+
+    def signal_cross_attention(self, ctx: _FirstCross, signals: Signals) -> None:
+        rows = ctx.state.text_mask.clone()
+        if ctx.kwargs.get("full_text_row_masked_out_mask") is not None:
+            rows &= ctx.kwargs["full_text_row_masked_out_mask"][:, 0, :, 0].bool()
+        states = _per_sample(ctx.kwargs["cross_attention_states"], len(ctx.hidden))
+        signals.cross_attention = cross_attention_scores(ctx.layer, ctx.hidden, states, rows, signals.valid)
+
+    def signal_groups(self, ctx: _FirstCross, signals: Signals) -> None:
+        valid = signals.valid
+        tiles = torch.arange(valid.shape[1], device=valid.device) // self.tokens_per_tile
+        signals.groups = tiles.expand_as(valid).masked_fill(~valid, -1)
+
+    def signal_cls_attention(self, ctx: _FirstCross, signals: Signals) -> None:
+        vision = self.model.model.vision_model
+        scores = tile_cls_attention(vision.global_transformer.layers[-1], ctx.state.vision_input, self.tokens_per_tile)
+        signals.cls_attention = scores.reshape(len(signals.valid), -1)
 
     # -- hooks ---------------------------------------------------------------------------------------------
 
@@ -208,6 +222,13 @@ class MllamaAdapter(Adapter):
         return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
 
     # -- benchmarks ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def max_visual_tokens(cls, hf_config) -> int:
+        """Every tile of the largest canvas, each its patches and a CLS token."""
+        from vtprune.bench.kv import tile_tokens
+
+        return hf_config.vision_config.max_num_tiles * tile_tokens(hf_config)
 
     def num_synthetic_visual(self) -> int:
         """Visual tokens of one synthetic image: every tile is real."""

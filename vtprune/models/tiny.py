@@ -14,6 +14,9 @@ from pathlib import Path
 
 TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
 TINY_FAMILIES = ("mllama", "llava", "llava_next")
+# Tiny models that build (``tiny_path``) but have no adapter yet: kept out of TINY_FAMILIES, which config validation,
+# ``list`` and the tests read, until the family is registered.
+TINY_PENDING_FAMILIES = ("qwen2_5_vl",)
 TINY_SEED = 1234
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
@@ -30,6 +33,10 @@ _SPECIALS = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|image|>", "<|python_tag|>",
     "<|start_header_id|>", "<|end_header_id|>", "<|finetune_right_pad_id|>",
 ]
+# Added after _SPECIALS for qwen2_5_vl only, so the other families' tokenizers (and weights) stay unchanged.
+_QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
 
 _MLLAMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -43,6 +50,12 @@ _LLAVA_TEMPLATE = (
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+_QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def cache_root() -> Path:
@@ -52,7 +65,7 @@ def cache_root() -> Path:
 
 def tiny_path(family: str) -> Path:
     """Directory of the tiny checkpoint of ``family``, built on first use."""
-    if family not in TINY_FAMILIES:
+    if family not in TINY_FAMILIES + TINY_PENDING_FAMILIES:
         from vtprune.errors import ConfigError
 
         raise ConfigError(f"model.path: unknown tiny model 'tiny:{family}' (allowed: {', '.join('tiny:' + f for f in TINY_FAMILIES)})")
@@ -79,12 +92,15 @@ def _tokenizer(family: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = _SPECIALS + _QWEN_SPECIALS if family == "qwen2_5_vl" else _SPECIALS
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
     if family == "mllama":
         names = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    elif family == "qwen2_5_vl":  # like Qwen: no BOS, the turn ends with <|im_end|>
+        names = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
     else:
         names = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **names)
@@ -96,7 +112,9 @@ def _build(family: str, out: Path) -> None:
 
     tokenizer = _tokenizer(family)
     vocab = len(tokenizer)
-    builders = {"mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next}
+    builders = {
+        "mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next, "qwen2_5_vl": _build_qwen2_5_vl,
+    }
     # Seeded weights without touching the caller's RNG (models are built on the CPU).
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(TINY_SEED)
@@ -191,3 +209,67 @@ def _build_llava_next(tokenizer, vocab):
         chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def _build_qwen2_5_vl(tokenizer, vocab):
+    """Qwen2.5-VL: dynamic resolution (8-px patches, 2x2 merge), window attention with full-attention blocks, M-RoPE.
+
+    Images are resized to multiples of 16 px between 32x32 and 96x96 pixels, so a picture gives 4 to 36 visual
+    tokens and different sizes give different counts (40x30 -> 2x2 merged tokens, 30x70 -> 2x4, 112x112 -> 6x6).
+    Windows are 32 px (2x2 merged tokens): images larger than one window really use window attention in
+    blocks 0 and 2, while blocks 1 and 3 attend over the whole image.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+    )}
+    patch, merge, temporal = 8, 2, 2
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=4, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=patch,
+            spatial_merge_size=merge, temporal_patch_size=temporal, window_size=32, out_hidden_size=64,
+            fullatt_block_indexes=[1, 3], tokens_per_second=2, initializer_range=0.2,
+        ),
+        text_config=dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        **ids,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}, patch_size=patch, merge_size=merge,
+        temporal_patch_size=temporal,
+    )
+    processor = _qwen2_5_vl_image_only_processor()(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
+    )
+    return model, processor
+
+
+def _qwen2_5_vl_image_only_processor():
+    """``Qwen2_5_VLProcessor`` without its video processor, for images only.
+
+    transformers' ``Qwen2_5_VLProcessor`` requires a video processor, and the Qwen2-VL video processor needs
+    torchvision (not a vtprune dependency): without it the stock class can neither be built nor loaded. The
+    sub-processors are read from ``__init__``'s signature, so this subclass (same class name, so the saved
+    ``processor_config.json`` names the stock class and the checkpoint loads normally where torchvision exists)
+    drops the video argument. ``from_pretrained`` on it loads a stock Qwen2.5-VL checkpoint's tokenizer and image
+    processor without torchvision.
+    """
+    from transformers import Qwen2_5_VLProcessor as Stock
+
+    class Qwen2_5_VLProcessor(Stock):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
+            super(Stock, self).__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return Qwen2_5_VLProcessor

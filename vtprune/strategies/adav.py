@@ -56,7 +56,6 @@ def merge_rankings(by_rel: torch.Tensor, by_sal: torch.Tensor, n_rel: int, n_sal
     "adav",
     needs=("text_embeds", "features", "cls_attention"),
     options={"budget_thres": Option(0.25, help="share of the budget each ranking gets unconditionally", bounds=(0.0, 0.5))},
-    families=("llava", "llava_next"),
 )
 def keep_adav(signals, budgets, budget_thres=0.25):
     """AdaV: text relevance + CLS saliency, the budget split adaptively between the two rankings.

@@ -2,7 +2,8 @@
 
 A strategy is a pure function ``fn(signals, budgets, **options) -> list[LongTensor]``: for each sample of the
 batch, the sorted indices of the visual tokens to keep. It never touches a model; an adapter computes the
-signals the strategy declares in ``needs`` and applies the kept set.
+signals the strategy declares in ``needs`` and applies the kept set. It names no model family: it runs on every
+family that provides the signals it needs (``Adapter.provides``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from vtprune.registry import Registry
 #: Signals an adapter may be asked for (``needs``). Tensors are batch-first, padded to the longest sample.
 SIGNALS = {
     "groups": "[B, N] tile / crop id of each visual token (uniform spacing is per group)",
-    "head_scores": "[B, H, N] per-head attention of the text to each visual token",
+    "cross_attention": "[B, H, N] per-head attention of the prompt's text rows to each visual token in the first "
+    "cross-attention layer, averaged over the rows (cross-attention models)",
+    "last_token_attention": "[B, H, N] per-head attention of the last prompt token to each visual token at the LLM "
+    "layer where an in-LLM strategy prunes (self-attention models)",
     "cls_attention": "[B, N] vision encoder CLS→patch attention, averaged over heads",
     "features": "[B, N, D] visual tokens as the language model sees them (projector outputs)",
     "text_embeds": "[B, T, D] language-model input embeddings of the prompt's text tokens (with text_valid)",
@@ -32,7 +36,8 @@ class Signals:
 
     valid: torch.Tensor  # [B, N] bool
     groups: torch.Tensor | None = None  # [B, N] long, -1 on padding
-    head_scores: torch.Tensor | None = None  # [B, H, N]
+    cross_attention: torch.Tensor | None = None  # [B, H, N]
+    last_token_attention: torch.Tensor | None = None  # [B, H, N]
     cls_attention: torch.Tensor | None = None  # [B, N]
     features: torch.Tensor | None = None  # [B, N, D]
     text_embeds: torch.Tensor | None = None  # [B, T, D]
@@ -65,8 +70,6 @@ class Strategy:
     #: where a self-attention adapter applies the kept set: "pre_llm" (before the language model) or "in_llm"
     #: (inside it). On cross-attention models (mllama) every strategy prunes after the first cross-attention layer.
     stage: str = "pre_llm"
-    #: model families that support it; empty = every family
-    families: tuple[str, ...] = ()
 
     @property
     def description(self) -> str:
@@ -82,9 +85,13 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
-def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", families=()):
+def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm"):
+    unknown = [n for n in needs if n not in SIGNALS]
+    if unknown:
+        raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
+
     def wrap(fn):
-        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, tuple(families)))
+        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage))
         return fn
 
     return wrap

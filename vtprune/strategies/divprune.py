@@ -30,7 +30,7 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(chosen, device=features.device)
 
 
-@register_strategy("divprune", needs=("features",), families=("llava", "llava_next"))
+@register_strategy("divprune", needs=("features",))
 def keep_divprune(signals, budgets):
     """DivPrune: greedy max–min cosine diversity of the projector outputs (most isolated token first)."""
     kept = []

@@ -3,7 +3,7 @@
 from vtprune.strategies.base import register_strategy, topk_per_sample
 
 
-@register_strategy("fastervlm", needs=("cls_attention",), families=("llava", "llava_next"))
+@register_strategy("fastervlm", needs=("cls_attention",))
 def keep_fastervlm(signals, budgets):
     """FasterVLM: top-k visual tokens by the vision encoder's CLS→patch attention, before the LLM."""
     return topk_per_sample(signals.cls_attention, signals.valid, budgets)

@@ -1,6 +1,6 @@
 """Trimmed Llama (arXiv 2504.00557): keep the visual tokens the text attends to most in the first cross-attention layer.
 
-``head_scores[b, h, v]`` is the attention of query head ``h`` to visual token ``v``, averaged over the prompt's
+``cross_attention[b, h, v]`` is the attention of query head ``h`` to visual token ``v``, averaged over the prompt's
 valid text rows. ``adaptive`` (the paper's rule) keeps the union of every head's top-k, so the achieved fraction
 is at least ``keep_ratio`` and varies per sample; ``budget`` caps that union at exactly ``k`` by walking the
 heads' ranked lists round-robin, for equal-budget comparisons with other strategies.
@@ -35,18 +35,17 @@ def select_round_robin(ranked: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_strategy(
     "trimmed_llama",
-    needs=("head_scores",),
+    needs=("cross_attention",),
     options={
         "mode": Option("adaptive", "adaptive: union of per-head top-k (paper); budget: union capped at k", choices=("adaptive", "budget")),
         "prune_first_layer_cache": Option(True, "also cut the first cross-attention layer's cached K/V to the kept set"),
     },
     stage="in_llm",
-    families=("mllama",),
 )
 def keep_trimmed_llama(signals, budgets, mode="adaptive", prune_first_layer_cache=True):
     """Union of per-head top-k text→image attention in the first cross-attention layer (Trimmed Llama)."""
     # prune_first_layer_cache is applied by the adapter; the selection does not depend on it.
     select = select_topk_union if mode == "adaptive" else select_round_robin
     return [
-        select(head_rankings(signals.head_scores[b], signals.valid[b]), int(k)) for b, k in enumerate(budgets.tolist())
+        select(head_rankings(signals.cross_attention[b], signals.valid[b]), int(k)) for b, k in enumerate(budgets.tolist())
     ]
