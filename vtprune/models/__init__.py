@@ -9,7 +9,7 @@ from pathlib import Path
 from vtprune.errors import ConfigError
 from vtprune.models.base import FAMILIES, Adapter, PrunePlan, SampleRecord
 
-for _name in ("llava", "llava_next", "mllama"):
+for _name in ("llava", "llava_next", "mllama", "qwen2_5_vl"):
     importlib.import_module(f"vtprune.models.{_name}")
 
 
@@ -40,7 +40,7 @@ def load_model(model_cfg) -> Adapter:
     """Load the model and processor named by a ``ModelConfig`` and wrap them in their family's adapter."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     with _no_progress_bar():  # building a tiny model writes shards
         path = resolve_path(model_cfg.path)
@@ -67,7 +67,7 @@ def load_model(model_cfg) -> Adapter:
     model.eval()
     processor = None
     if model_cfg.weights == "pretrained" or Path(path, "preprocessor_config.json").exists():
-        processor = AutoProcessor.from_pretrained(path)
+        processor = adapter_cls.load_processor(path)
     return adapter_cls(model, processor)
 
 

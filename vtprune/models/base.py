@@ -103,6 +103,12 @@ class Adapter:
         self.model = model
         self.processor = processor
 
+    @classmethod
+    def load_processor(cls, path):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -173,6 +173,12 @@ class LlavaAdapter(Adapter):
 
     def pruned_inputs(self, inputs, plan: PrunePlan):
         """``inputs_embeds``, ``attention_mask`` of the shortened, re-left-padded sequences and the records."""
+        spliced, records = self.spliced(inputs, plan)
+        return spliced["inputs_embeds"], spliced["attention_mask"], records
+
+    def spliced(self, inputs, plan: PrunePlan) -> tuple[dict, list[SampleRecord]]:
+        """The model inputs of the shortened sequences (``inputs_embeds``, ``attention_mask``, ``position_ids``)
+        and the records: the pre-LLM splice. Positions are the family's (``spliced_positions``)."""
         # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
         visual = self.visual_tokens(inputs)
         start = time.perf_counter()
@@ -184,7 +190,7 @@ class LlavaAdapter(Adapter):
 
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         embeds = self.model.get_input_embeddings()(ids)
-        rows, records = [], []
+        rows, stays, records = [], [], []
         for b, keep in enumerate(kept):
             image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
             feats = visual.features[b]
@@ -197,9 +203,21 @@ class LlavaAdapter(Adapter):
             stay = mask[b].clone()
             stay[image_pos[drop]] = False
             rows.append(row[stay])
+            stays.append(stay)
             records.append(SampleRecord(kept=keep.tolist(), num_visual=len(feats), select_seconds=per_sample))
         inputs_embeds, attention_mask = _pad_rows(rows)
-        return inputs_embeds, attention_mask.long(), records
+        attention_mask = attention_mask.long()
+        spliced = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                   "position_ids": self.spliced_positions(inputs, torch.stack(stays), attention_mask)}
+        return spliced, records
+
+    def prompt_positions(self, inputs) -> torch.Tensor:
+        """Position ids of the whole prompt, as the model computes them (``[B, S]``; M-RoPE families ``[3, B, S]``)."""
+        return left_pad_positions(inputs["attention_mask"])
+
+    def spliced_positions(self, inputs, stays: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions of the shortened sequences: LLaVA numbers them afresh (the shorter sequence is the prompt)."""
+        return left_pad_positions(attention_mask)
 
     # -- pruning inside the LLM (fastv) --------------------------------------------------------------------
 
@@ -302,22 +320,19 @@ class LlavaAdapter(Adapter):
             with self.applied(inputs, plan) as state:
                 out = self.model.generate(**inputs, **gen)
             return out[:, inputs["input_ids"].shape[1] :], state.records
-        inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)
-        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **gen)
-        return out, records
+        spliced, records = self.spliced(inputs, plan)
+        return self.model.generate(**spliced, **gen), records
 
     def _prefill_logits(self, inputs, plan: PrunePlan):
         if plan.is_noop or plan.strategy.stage == "in_llm":
-            positions = left_pad_positions(inputs["attention_mask"])
+            positions = self.prompt_positions(inputs)
             if plan.is_noop:
                 return self.model(**inputs, position_ids=positions).logits[:, -1], self.unpruned_records(inputs)
             with self.applied(inputs, plan) as state:
                 logits = self.model(**inputs, position_ids=positions).logits[:, -1]
             return logits, state.records
-        inputs_embeds, attention_mask, records = self.pruned_inputs(inputs, plan)
-        positions = left_pad_positions(attention_mask)
-        logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions).logits
-        return logits[:, -1], records
+        spliced, records = self.spliced(inputs, plan)
+        return self.model(**spliced).logits[:, -1], records
 
     def unpruned_records(self, inputs) -> list[SampleRecord]:
         counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()

@@ -13,10 +13,7 @@ import tempfile
 from pathlib import Path
 
 TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
-TINY_FAMILIES = ("mllama", "llava", "llava_next")
-# Tiny models that build (``tiny_path``) but have no adapter yet: kept out of TINY_FAMILIES, which config validation,
-# ``list`` and the tests read, until the family is registered.
-TINY_PENDING_FAMILIES = ("qwen2_5_vl",)
+TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl")
 TINY_SEED = 1234
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
@@ -65,7 +62,7 @@ def cache_root() -> Path:
 
 def tiny_path(family: str) -> Path:
     """Directory of the tiny checkpoint of ``family``, built on first use."""
-    if family not in TINY_FAMILIES + TINY_PENDING_FAMILIES:
+    if family not in TINY_FAMILIES:
         from vtprune.errors import ConfigError
 
         raise ConfigError(f"model.path: unknown tiny model 'tiny:{family}' (allowed: {', '.join('tiny:' + f for f in TINY_FAMILIES)})")
@@ -214,8 +211,9 @@ def _build_llava_next(tokenizer, vocab):
 def _build_qwen2_5_vl(tokenizer, vocab):
     """Qwen2.5-VL: dynamic resolution (8-px patches, 2x2 merge), window attention with full-attention blocks, M-RoPE.
 
-    Images are resized to multiples of 16 px between 32x32 and 96x96 pixels, so a picture gives 4 to 36 visual
-    tokens and different sizes give different counts (40x30 -> 2x2 merged tokens, 30x70 -> 2x4, 112x112 -> 6x6).
+    Images are resized to multiples of 16 px with an area between 32x32 and 96x96 pixels, so a picture gives 4 to 36
+    visual tokens and different sizes give different counts (width x height: 40x30 -> 4, 30x70 -> 8, 56x56 -> 16,
+    112x56 -> 28, 112x112 -> 36).
     Windows are 32 px (2x2 merged tokens): images larger than one window really use window attention in
     blocks 0 and 2, while blocks 1 and 3 attend over the whole image.
     """
@@ -246,30 +244,9 @@ def _build_qwen2_5_vl(tokenizer, vocab):
         size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}, patch_size=patch, merge_size=merge,
         temporal_patch_size=temporal,
     )
-    processor = _qwen2_5_vl_image_only_processor()(
+    from vtprune.models.qwen2_5_vl import image_only_processor
+
+    processor = image_only_processor()(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
     )
     return model, processor
-
-
-def _qwen2_5_vl_image_only_processor():
-    """``Qwen2_5_VLProcessor`` without its video processor, for images only.
-
-    transformers' ``Qwen2_5_VLProcessor`` requires a video processor, and the Qwen2-VL video processor needs
-    torchvision (not a vtprune dependency): without it the stock class can neither be built nor loaded. The
-    sub-processors are read from ``__init__``'s signature, so this subclass (same class name, so the saved
-    ``processor_config.json`` names the stock class and the checkpoint loads normally where torchvision exists)
-    drops the video argument. ``from_pretrained`` on it loads a stock Qwen2.5-VL checkpoint's tokenizer and image
-    processor without torchvision.
-    """
-    from transformers import Qwen2_5_VLProcessor as Stock
-
-    class Qwen2_5_VLProcessor(Stock):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
-            super(Stock, self).__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    return Qwen2_5_VLProcessor

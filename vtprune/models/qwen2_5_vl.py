@@ -1,0 +1,171 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): dynamic resolution, 2×2 patch merger, M-RoPE.
+
+The family questions, answered here; the pruning itself is LLaVA's pre-LLM splice and in-LLM cut (``llava.py``):
+
+- **Image tokens**: one contiguous run of ``image_token_id`` per image, between vision start / end tokens;
+  ``grid_t·grid_h·grid_w / merge²`` of them, so the count depends on the image size. ``pixel_values`` is one
+  flat ``[Σ patches, C·T·P·P]`` tensor for the whole batch.
+- **Visual tokens**: the merger's outputs (``get_image_features(...).pooler_output``), one tensor per image, in
+  the order of its image tokens: raster order of the merged grid.
+- **Positions**: M-RoPE ``[3, B, S]`` (t, h, w) from ``get_rope_index`` on the *whole* prompt. The pre-LLM
+  splice keeps each kept token's original 3-D position (computed on the full sequence, then gathered), so a
+  kept patch keeps its place in the image; ``generate`` continues decode positions from the last one passed.
+  Renumbering instead would move every kept token. In-LLM (``fastv``) layers receive per-position cos/sin,
+  which the cut gathers exactly as for Llama.
+- **Saliency without a CLS token** (``cls_attention``, so ``fastervlm``, ``cls_saliency`` and ``adav`` run): the
+  attention each patch *receives* in the last full-attention vision block (``max(fullatt_block_indexes)``),
+  softmax within its own image, averaged over heads and over query patches, then pooled (mean) over the 2×2
+  patches that the merger turns into one visual token. Recomputed from that block's own ``qkv`` and rotary
+  embedding on its captured input, so the tower keeps its fast attention; the block sees patches in window
+  order, which ``argsort(window_index)`` undoes, as the tower does for its output. This follows the issue's
+  definition; VisionZip's and VisPruner's Qwen ports were not consulted (no network here), so it is not
+  claimed to match them.
+- **Processor**: transformers' ``Qwen2_5_VLProcessor`` insists on a video processor, which needs torchvision
+  (not a vtprune dependency): ``image_only_processor()`` is the same class without the video part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.models.base import register_family
+from vtprune.models.llava import LlavaAdapter, VisualTokens
+
+
+@register_family
+class Qwen2_5_VLAdapter(LlavaAdapter):
+    """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): dynamic resolution, merged patches, M-RoPE positions kept."""
+
+    family = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    model_types = ("qwen2_5_vl",)
+
+    @classmethod
+    def load_processor(cls, path):
+        return image_only_processor().from_pretrained(path)
+
+    @property
+    def merge_size(self) -> int:
+        return self.model.config.vision_config.spatial_merge_size
+
+    # -- visual tokens and signals -------------------------------------------------------------------------
+
+    def visual_tokens(self, inputs) -> VisualTokens:
+        """Merged tokens per image; ``vision`` keeps the input of the last full-attention block for saliency."""
+        tower = self.model.model.visual
+        block = tower.blocks[max(self.model.config.vision_config.fullatt_block_indexes)].attn
+        captured = {}
+
+        def capture(module, args, kwargs):
+            captured["x"] = args[0] if args else kwargs["hidden_states"]
+            captured["cu_seqlens"] = kwargs["cu_seqlens"]
+            captured["rope"] = kwargs["position_embeddings"]
+
+        # Only for this call of the tower (the model is held by the caller); removed even on error.
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        finally:
+            handle.remove()
+        feats = list(out.pooler_output)
+        groups = [torch.zeros(len(f), dtype=torch.long, device=f.device) for f in feats]
+        return VisualTokens(feats, groups, {**captured, "grid": inputs["image_grid_thw"], "block": block})
+
+    def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """Attention received per merged token in the last full-attention block (module docstring), per image."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+        from transformers.vision_utils import get_vision_window_index
+
+        v = visual.vision
+        attn, x, cu = v["block"], v["x"], v["cu_seqlens"].tolist()
+        length = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, H, d]
+        q, k = apply_rotary_pos_emb_vision(q, k, *v["rope"])
+        received = []
+        for start, end in zip(cu[:-1], cu[1:]):  # full attention: one segment per image
+            qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, n, d]
+            probs = torch.softmax((qs @ ks.transpose(-1, -2)) * attn.scaling, dim=-1)  # [H, n, n]
+            received.append(probs.mean(dim=0).mean(dim=0))
+        vision = self.model.config.vision_config
+        window_index, _ = get_vision_window_index(v["grid"], vision.spatial_merge_size, vision.window_size, vision.patch_size)
+        pooled = torch.cat(received).view(-1, self.merge_size**2).mean(dim=1)[torch.argsort(window_index.to(x.device))]
+        return list(torch.split(pooled, [len(f) for f in visual.features]))
+
+    # -- positions -----------------------------------------------------------------------------------------
+
+    def prompt_positions(self, inputs) -> torch.Tensor:
+        """``[3, B, S]`` M-RoPE positions of the whole prompt (t, h, w), left padding at 0."""
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+        )
+        return positions
+
+    def spliced_positions(self, inputs, stays: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each kept token's original 3-D position, re-left-padded like the shortened rows."""
+        full = self.prompt_positions(inputs)
+        out = full.new_zeros(3, *attention_mask.shape)
+        for b, stay in enumerate(stays):
+            kept = full[:, b, stay]
+            out[:, b, attention_mask.shape[1] - kept.shape[1] :] = kept
+        return out
+
+    # -- config-only counts and benchmarks -----------------------------------------------------------------
+
+    #: patches per side of the synthetic image (benchmarks, ``cost``): 32 × 14 px = 448 px on the 7B model
+    SYNTHETIC_PATCHES = 32
+
+    @classmethod
+    def visual_tokens_for(cls, hf_config, grid_h: int, grid_w: int) -> int:
+        """Visual tokens of one image whose patch grid is ``grid_h × grid_w``."""
+        return grid_h * grid_w // hf_config.vision_config.spatial_merge_size**2
+
+    @classmethod
+    def max_visual_tokens(cls, hf_config) -> int:
+        """The count depends on the image size: this is the synthetic benchmark image's (448 px on the 7B model)."""
+        return cls.visual_tokens_for(hf_config, cls.SYNTHETIC_PATCHES, cls.SYNTHETIC_PATCHES)
+
+    def num_synthetic_visual(self) -> int:
+        return self.max_visual_tokens(self.model.config)
+
+    def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
+        """A square synthetic image per sample, then ``prompt_tokens`` random text tokens (no tokenizer)."""
+        cfg, vision = self.model.config, self.model.config.vision_config
+        side, n = self.SYNTHETIC_PATCHES, self.num_synthetic_visual()
+        specials = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+                    self.text_config.pad_token_id, self.text_config.bos_token_id, self.text_config.eos_token_id}
+        vocab = [t for t in range(min(self.text_config.vocab_size, 32000)) if t not in specials]
+        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        image = torch.tensor([cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id])
+        input_ids = torch.cat([image.expand(batch_size, -1), text], dim=1)
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.rand(batch_size * side * side, patch_dim, generator=generator) * 2 - 1
+        inputs = {
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": (input_ids == cfg.image_token_id).long(), "pixel_values": pixels,
+            "image_grid_thw": torch.tensor([[1, side, side]] * batch_size),
+        }
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+
+
+def image_only_processor():
+    """``Qwen2_5_VLProcessor`` without its video processor, for images only.
+
+    transformers' ``Qwen2_5_VLProcessor`` requires a video processor, and the Qwen2-VL video processor needs
+    torchvision: without it the stock class can neither be built nor loaded. The sub-processors are read from
+    ``__init__``'s signature, so this subclass drops the video argument; it keeps the class name, so a saved
+    ``processor_config.json`` names the stock class and loads normally where torchvision exists.
+    ``from_pretrained`` on it loads a stock Qwen2.5-VL checkpoint's tokenizer and image processor.
+    """
+    from transformers import Qwen2_5_VLProcessor as Stock
+
+    class Qwen2_5_VLProcessor(Stock):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(self.video_token)
+            super(Stock, self).__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return Qwen2_5_VLProcessor
