@@ -150,3 +150,17 @@ def test_cli_bench(tmp_path):
         else:
             assert bad.exit_code == 2 and bad.stderr.startswith(f"error: {key}"), bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and not bad_out.exists()
+
+
+def test_qwen2_5_vl_kv():
+    # One flat pixel tensor for the batch, M-RoPE positions: the cache still holds exactly the kept tokens,
+    # before the LLM (uniform) and from layer K on (fastv).
+    pipe = _pipeline("tiny:qwen2_5_vl", warmup=0, repeats=1, new_tokens=3)
+    rows = run_bench(pipe, strategies=["none", "uniform", "fastv"], ratios=[0.5], batch_sizes=[2], progress=False)
+    assert [r["num_visual"] for r in rows] == [256] * 3  # the synthetic 256 px image: 32 × 32 patches merged 2 × 2
+    for row in rows:
+        _check_kv(row)
+        assert row["kv_cross_bytes"] == 0
+    none, uniform, fastv = rows
+    assert uniform["num_kept_mean"] == fastv["num_kept_mean"] == 128
+    assert uniform["kv_self_bytes"] < fastv["kv_self_bytes"] < none["kv_self_bytes"]

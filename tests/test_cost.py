@@ -1,4 +1,4 @@
-"""``vtprune cost``: analytic KV cache and prefill FLOPs of LLaMA-3.2-11B-Vision, checked against hand computations."""
+"""``vtprune cost``: analytic KV cache and prefill FLOPs of LLaMA-3.2-11B-Vision and Qwen2.5-VL-7B, checked against hand computations."""
 
 import json
 import math
@@ -151,6 +151,41 @@ def test_visual_token_counts_match_the_adapters():
     from vtprune.bench.kv import num_visual_tokens
 
     assert num_visual_tokens(_hf_config()) == N
-    for family in ("llava", "llava_next"):
+    for family in ("llava", "llava_next", "qwen2_5_vl"):
         adapter = vtprune.load(model=f"tiny:{family}").adapter
         assert num_visual_tokens(adapter.model.config) == adapter.num_synthetic_visual()
+
+
+def test_qwen2_5_vl_7b_by_hand():
+    """The shipped Qwen2.5-VL-7B architecture: 28 layers, 4 KV heads of 128 (GQA), a 448 px image of 256 tokens."""
+    config = REPO / "configs/architectures/qwen2.5-vl-7b.yaml"
+    text = json.loads((REPO / "configs/architectures/qwen2.5-vl-7b/config.json").read_text())["text_config"]
+    layers, kv_heads, heads, h = 28, 4, 28, 3584
+    assert (text["num_hidden_layers"], text["num_key_value_heads"], text["num_attention_heads"], text["hidden_size"]) == (
+        layers, kv_heads, heads, h)
+    d, inter, vocab = h // heads, 18944, 152064
+    per_token = 2 * layers * kv_heads * d * 2  # K and V, every layer, bf16
+    assert per_token == 57344
+    n = (448 // 14) ** 2 // 4  # 32 × 32 patches of 14 px, merged 2 × 2
+    assert n == 256
+    result = CliRunner().invoke(app, ["cost", "--config", str(config), "--batch-sizes", "1,8", "--ratios", "1.0,0.25",
+                                      "--strategies", "none,adav,fastv", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["strategy"], r["keep_ratio"], r["batch_size"]): r for r in json.loads(result.stdout)}
+    assert len(rows) == 10 and all(r["dtype"] == "bfloat16" and r["num_visual"] == n for r in rows.values())
+    assert all(r["kv_cross_bytes"] == 0 and r["kv_bytes"] == r["kv_self_bytes"] for r in rows.values())
+    for batch in (1, 8):
+        assert rows["none", 1.0, batch]["kv_self_bytes"] == batch * per_token * (64 + 256)
+        assert rows["adav", 1.0, batch]["kv_self_bytes"] == batch * per_token * (64 + 256)
+        # adav prunes before the LLM: every layer caches the 64 kept of 256
+        assert rows["adav", 0.25, batch]["num_kept"] == 64
+        assert rows["adav", 0.25, batch]["kv_self_bytes"] == batch * per_token * (64 + 64)
+        # fastv (K = 2): layers 0 and 1 cache all 256, the 26 others the 64 kept
+        assert rows["fastv", 0.25, batch]["kv_self_bytes"] == batch * per_token // layers * (2 * 320 + 26 * 128)
+    assert rows["none", 1.0, 1]["kv_self_bytes"] == 18350080  # 17.5 MiB
+
+    def layer(s):
+        return 2 * s * h * heads * d * 2 + 2 * s * h * kv_heads * d * 2 + 4 * s * s * heads * d + 6 * s * h * inter
+
+    assert rows["none", 1.0, 8]["prefill_flops"] == 8 * (layers * layer(320) + 2 * h * vocab)
+    assert rows["adav", 0.25, 1]["prefill_flops"] == layers * layer(128) + 2 * h * vocab

@@ -129,3 +129,56 @@ def test_other_family_layouts_count_the_models_tokens(family, model_class):
         assert len(layout.boxes) == tiles * vision.shape[-2] == 4 * 17
         assert [b is None for b in layout.boxes].count(True) == tiles and layout.boxes[17] is None
         assert layout.image.size == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return vtprune.load(model="tiny:qwen2_5_vl", strategy="uniform", keep_ratio=0.5)
+
+
+def test_qwen2_5_vl_layout_is_the_resized_image_in_merged_cells(qwen):
+    """Two images of different sizes in one batch (the second one's patches start after the first one's): each
+    view is the processor's own resize of its image, with one 16 px box per merged 2×2 patch cell, in the
+    order of the image tokens (checked against the model's own M-RoPE (row, column) of each image token)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((56, 56), (112, 56))]
+    inputs = qwen.prepare(images, ["What?", "What is it?"])
+    model, processor = qwen.adapter.model, qwen.adapter.processor.image_processor
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    for b, (image, tokens, size) in enumerate(zip(images, (16, 28), ((64, 64), (112, 64)))):
+        layout = token_layout(qwen.adapter, inputs, b)
+        image_tokens = (inputs["input_ids"][b] == model.config.image_token_id).nonzero()[:, 0]
+        assert len(layout.boxes) == len(image_tokens) == tokens
+        _, grid_h, grid_w = inputs["image_grid_thw"][b].tolist()
+        assert layout.image.size == (grid_w * 8, grid_h * 8) == size
+        resized = image.resize(size, processor.resample)  # what the processor did before normalising
+        diff = np.abs(np.asarray(layout.image, dtype=int) - np.asarray(resized, dtype=int))
+        assert diff.max() <= 2, diff.max()
+        t, rows, cols = positions[:, b, image_tokens]
+        rows, cols = (rows - t).tolist(), (cols - t).tolist()
+        assert layout.boxes == [(16 * c, 16 * r, 16 * c + 16, 16 * r + 16) for r, c in zip(rows, cols)]
+        assert layout.boxes[1] == (16, 0, 32, 16) and layout.boxes[size[0] // 16] == (0, 16, 16, 32)  # raster
+
+
+def test_qwen2_5_vl_show_cli_highlights_the_kept_cells(qwen, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (112, 56), COLOR).save(path)  # resized to 112 × 64: 7 × 4 merged cells
+    config = tmp_path / "q.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "tiny:qwen2_5_vl"}, "pruning": {"strategy": "uniform", "keep_ratio": 0.5}}))
+    out = tmp_path / "kept.png"
+    result = CliRunner().invoke(app, ["show", "-c", str(config), "--image", str(path), "-q", "What?", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "uniform @ 0.5: kept 14/28" in result.stderr
+    drawing = Image.open(out).convert("RGB")
+    scale = 3  # 112 px wide view enlarged to 336
+    assert drawing.size == (112 * scale, 64 * scale + 24)
+
+    kept = qwen.generate([path], ["What?"], max_new_tokens=1)[0].kept
+    assert len(kept) == 14
+    layout = token_layout(qwen.adapter, qwen.prepare([Image.open(path)], ["What?"]))
+    bright = [i for i, (x0, y0, x1, y1) in enumerate(layout.boxes)
+              if _bright(drawing.getpixel(((x0 + x1) * scale // 2, 24 + (y0 + y1) * scale // 2)))]
+    assert bright == kept

@@ -4,6 +4,7 @@ import pytest
 import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
+from reference import masked_layer_hooks
 
 import vtprune
 from vtprune.models.base import PrunePlan, left_pad_positions
@@ -37,20 +38,7 @@ def masked_reference_hooks(adapter, inputs, kept, k):
         hide[torch.tensor(keep, dtype=torch.long)] = False
         base[b, pos[hide]] = False
 
-    def hook(layer, args, kwargs):
-        q = args[0].shape[1]
-        cache = kwargs.get("cache")
-        past = cache.get_seq_length(layer.self_attn.layer_idx) if cache is not None else 0
-        kv = past + q
-        keys = torch.cat([base, base.new_ones(len(base), kv - base.shape[1])], dim=1)
-        query_pos = torch.arange(q) + past
-        causal = torch.arange(kv)[None, :] <= query_pos[:, None]
-        mask = keys[:, None, None, :] & causal[None, None]
-        mask |= (torch.arange(kv)[None, :] == query_pos[:, None])[None, None]  # no empty rows (padding, pruned)
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    return [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in adapter.decoder_layers[k:]]
+    return masked_layer_hooks(adapter.decoder_layers, base, k)
 
 
 @pytest.mark.parametrize("name", ALL)

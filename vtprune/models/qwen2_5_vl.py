@@ -26,6 +26,8 @@ The family questions, answered here; the pruning itself is LLaVA's pre-LLM splic
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from vtprune.models.base import register_family
@@ -82,7 +84,7 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, H, d]
         q, k = apply_rotary_pos_emb_vision(q, k, *v["rope"])
         received = []
-        for start, end in zip(cu[:-1], cu[1:]):  # full attention: one segment per image
+        for start, end in itertools.pairwise(cu):  # full attention: one segment per image
             qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, n, d]
             probs = torch.softmax((qs @ ks.transpose(-1, -2)) * attn.scaling, dim=-1)  # [H, n, n]
             received.append(probs.mean(dim=0).mean(dim=0))
@@ -129,13 +131,15 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         return self.max_visual_tokens(self.model.config)
 
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
-        """A square synthetic image per sample, then ``prompt_tokens`` random text tokens (no tokenizer)."""
+        """A square synthetic image per sample between its vision markers, then random text: ``prompt_tokens``
+        text tokens in all (no tokenizer)."""
         cfg, vision = self.model.config, self.model.config.vision_config
         side, n = self.SYNTHETIC_PATCHES, self.num_synthetic_visual()
         specials = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
                     self.text_config.pad_token_id, self.text_config.bos_token_id, self.text_config.eos_token_id}
         vocab = [t for t in range(min(self.text_config.vocab_size, 32000)) if t not in specials]
-        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        # The vision start / end markers count among the prompt's text tokens, as `cost` counts them.
+        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, max(prompt_tokens - 2, 0)), generator=generator)]
         image = torch.tensor([cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id])
         input_ids = torch.cat([image.expand(batch_size, -1), text], dim=1)
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
