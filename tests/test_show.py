@@ -101,17 +101,17 @@ def test_show_unknown_strategy_exit_2(tmp_path):
 @pytest.mark.parametrize("family,model_class", [("llava_next", "LlavaNextForConditionalGeneration"),
                                                 ("mllama", "MllamaForConditionalGeneration")])
 def test_other_family_layouts_count_the_models_tokens(family, model_class):
-    """Adapter-independent: the layout has one entry per visual token of the model's own sequence."""
+    """The family's layout has one entry per visual token of the model's own sequence (not the adapter's records)."""
     import torch
     import transformers
     from transformers import AutoProcessor
 
-    from vtprune.models.base import Adapter
+    from vtprune.models import FAMILIES
     from vtprune.models.tiny import tiny_path
 
     path = tiny_path(family)
-    adapter = Adapter(getattr(transformers, model_class).from_pretrained(path).eval(), AutoProcessor.from_pretrained(path))
-    adapter.family = family
+    model = getattr(transformers, model_class).from_pretrained(path).eval()
+    adapter = FAMILIES.get(family)(model, AutoProcessor.from_pretrained(path))
     inputs = adapter.prepare([Image.new("RGB", (64, 40), COLOR)], ["What?"])
     layout = token_layout(adapter, inputs)
     patches = [b for b in layout.boxes if b is not None]

@@ -196,6 +196,10 @@ class Adapter:
     def _prefill_logits(self, inputs, plan: PrunePlan) -> tuple[torch.Tensor, list[SampleRecord]]:
         raise NotImplementedError
 
+    def token_layout(self, inputs, b: int):
+        """Where sample ``b``'s visual tokens sit on the image the model saw (``vtprune.models.layout``)."""
+        raise NotImplementedError
+
     @classmethod
     def max_visual_tokens(cls, hf_config) -> int:
         """Visual tokens of one image at the model's largest input, from its config alone (``cost``, ``kv``)."""

@@ -21,6 +21,7 @@ import torch
 
 from vtprune.errors import ConfigError
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
+from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.strategies.base import Signals, sample_generators
 
 
@@ -337,6 +338,18 @@ class LlavaAdapter(Adapter):
     def unpruned_records(self, inputs) -> list[SampleRecord]:
         counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
         return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
+
+    # -- where the tokens sit (vtprune show) ------------------------------------------------------------
+
+    def token_layout(self, inputs, b: int) -> TokenLayout:
+        """LLaVA-1.5: one crop; patch tokens row-major; strategy 'full' keeps CLS first."""
+        cfg = self.model.config
+        patch = cfg.vision_config.patch_size
+        view = to_image(inputs["pixel_values"][b], self.processor.image_processor)
+        boxes = grid_boxes(0, 0, view.height // patch, view.width // patch, patch)
+        if cfg.vision_feature_select_strategy == "full":
+            boxes = [None, *boxes]
+        return TokenLayout(view, boxes)
 
     # -- benchmarks ----------------------------------------------------------------------------------------
 

@@ -11,8 +11,10 @@ and count in the budget. Per-token maps (crop ids, CLS saliency) are carried thr
 from __future__ import annotations
 
 import torch
+from PIL import Image
 
 from vtprune.models.base import register_family
+from vtprune.models.layout import GAP, TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import LlavaAdapter, VisualTokens
 
 
@@ -66,6 +68,35 @@ class LlavaNextAdapter(LlavaAdapter):
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """CLS saliency per crop, packed like the features; newline tokens score 0 (no patch behind them)."""
         return self.pack_maps(self.crop_cls_attention(visual.vision), inputs["image_sizes"], 0.0)
+
+    # -- where the tokens sit (vtprune show) ------------------------------------------------------------
+
+    def token_layout(self, inputs, b: int) -> TokenLayout:
+        """LLaVA-NeXT: base view, then the anyres crops assembled, unpadded, with a newline token per row.
+
+        The order comes from packing patch ids like the features (``pack_maps``), so unpad and newline placement
+        are exactly the model's.
+        """
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        cfg = self.model.config
+        size, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+        per_crop = (size // patch) ** 2
+        image_size = inputs["image_sizes"][b]
+        rows, cols = get_anyres_image_grid_shape(image_size.tolist(), cfg.image_grid_pinpoints, size)
+        crops = inputs["pixel_values"][b][: 1 + rows * cols]
+        ids = torch.arange(len(crops) * per_crop, dtype=torch.float32, device=crops.device).view(len(crops), per_crop)
+        order = self.pack_maps(ids, image_size[None], -1.0)[0].long().tolist()
+
+        processor = self.processor.image_processor
+        view = Image.new("RGB", (size + GAP + cols * size, max(size, rows * size)), "white")
+        view.paste(to_image(crops[0], processor), (0, 0))
+        cells = grid_boxes(0, 0, size // patch, size // patch, patch)
+        for k in range(1, len(crops)):
+            x0, y0 = size + GAP + (k - 1) % cols * size, (k - 1) // cols * size
+            view.paste(to_image(crops[k], processor), (x0, y0))
+            cells += grid_boxes(x0, y0, size // patch, size // patch, patch)
+        return TokenLayout(view, [cells[i] if i >= 0 else None for i in order])
 
     # -- benchmarks ----------------------------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
+from vtprune.models.layout import Box, TokenLayout, grid_boxes, to_image
 from vtprune.strategies.base import Signals, sample_generators
 
 
@@ -220,6 +222,29 @@ class MllamaAdapter(Adapter):
     def unpruned_records(self, inputs) -> list[SampleRecord]:
         counts = self.visual_valid(inputs).sum(dim=1).tolist()
         return [SampleRecord(kept=list(range(n)), num_visual=n) for n in counts]
+
+    # -- where the tokens sit (vtprune show) ------------------------------------------------------------
+
+    def token_layout(self, inputs, b: int) -> TokenLayout:
+        """Mllama: the padded canvas split into tiles row-major; per tile a CLS token, then its patches row-major.
+
+        Empty (padding) tiles come last and are no candidates, so they have no entries here.
+        """
+        from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+        cfg = self.model.config.vision_config
+        size, patch = cfg.image_size, cfg.patch_size
+        processor = self.processor.image_processor
+        ratio_id = int(inputs["aspect_ratio_ids"][b][0])
+        rows, cols = get_all_supported_aspect_ratios(processor.max_image_tiles)[ratio_id - 1]
+        tiles = inputs["pixel_values"][b][0][: rows * cols]
+        view = Image.new("RGB", (cols * size, rows * size))
+        boxes: list[Box | None] = []
+        for t, tile in enumerate(tiles):
+            x0, y0 = t % cols * size, t // cols * size
+            view.paste(to_image(tile, processor), (x0, y0))
+            boxes += [None, *grid_boxes(x0, y0, size // patch, size // patch, patch)]
+        return TokenLayout(view, boxes)
 
     # -- benchmarks ----------------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import itertools
 import torch
 
 from vtprune.models.base import register_family
+from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import LlavaAdapter, VisualTokens
 
 
@@ -111,6 +112,31 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
             kept = full[:, b, stay]
             out[:, b, attention_mask.shape[1] - kept.shape[1] :] = kept
         return out
+
+    # -- where the tokens sit (vtprune show) ------------------------------------------------------------
+
+    def token_layout(self, inputs, b: int) -> TokenLayout:
+        """Qwen2.5-VL: the image at the size the processor resized it to, one box per merged ``merge × merge`` patch
+        cell, in raster order of the merged grid (the order of its image tokens).
+
+        ``pixel_values`` is one flat ``[Σ patches, C·T·P·P]`` tensor for the batch; image ``b``'s rows follow the
+        earlier images' ``grid_t·grid_h·grid_w`` (one image per sample, as ``prepare`` makes them). The processor's
+        patchify orders each image's rows as ``(grid_t, grid_h/merge, grid_w/merge, merge, merge)`` and each row as
+        ``(C, T, P, P)``, the T frames of a still image being copies; this undoes it for the first frame.
+        """
+        processor = self.processor.image_processor
+        vision = self.model.config.vision_config
+        patch, merge = vision.patch_size, vision.spatial_merge_size
+        temporal, channels = vision.temporal_patch_size, vision.in_channels
+        grids = inputs["image_grid_thw"].tolist()
+        t, h, w = grids[b]
+        start = sum(gt * gh * gw for gt, gh, gw in grids[:b])
+        rows = inputs["pixel_values"][start : start + t * h * w]
+        cells = rows.reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)[0, ..., 0, :, :]
+        # (h/m, w/m, m, m, C, P, P) -> (C, h/m, m, P, w/m, m, P) -> [C, h·P, w·P]
+        pixels = cells.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
+        view = to_image(pixels, processor)
+        return TokenLayout(view, grid_boxes(0, 0, h // merge, w // merge, merge * patch))
 
     # -- config-only counts and benchmarks -----------------------------------------------------------------
 
