@@ -1,13 +1,16 @@
-"""``run_bench`` / ``vtprune bench`` on tiny models: row fields and units, KV cache measured = analytic. No speed targets."""
+"""``run_bench`` / ``vtprune bench`` on tiny models: row fields and units, KV cache measured = analytic, interleaved
+rounds, decode timed per step, paired ratios to none. No speed targets."""
 
 import json
+import random
 
 import pytest
 from typer.testing import CliRunner
 
 import vtprune
 from vtprune.api import Pipeline
-from vtprune.bench import run_bench
+from vtprune.bench import run_bench, runner, timing
+from vtprune.bench.timing import paired_ratio, too_wide
 from vtprune.cli import app
 from vtprune.results import read_jsonl
 
@@ -19,8 +22,11 @@ ROW_KEYS = [
     "prompt_tokens", "new_tokens", "repeats", "num_visual", "num_kept_mean", "kept_fraction_mean",
     "ttft_ms", "ttft_ms_spread", "decode_ms_per_token", "decode_ms_per_token_spread", "e2e_ms", "e2e_ms_spread",
     "tokens_per_s", "peak_memory_bytes", "kv_self_bytes", "kv_cross_bytes", "kv_self_bytes_analytic",
-    "kv_cross_bytes_analytic", "select_ms",
+    "kv_cross_bytes_analytic", "select_ms", "rounds", "interleaved",
+    "ttft_ms_ratio", "ttft_ms_ratio_lo", "ttft_ms_ratio_hi", "decode_ms_per_token_ratio", "decode_ms_per_token_ratio_lo",
+    "decode_ms_per_token_ratio_hi", "e2e_ms_ratio", "e2e_ms_ratio_lo", "e2e_ms_ratio_hi", "noisy",
 ]
+RATIOS = ("ttft_ms", "decode_ms_per_token", "e2e_ms")
 
 
 def _pipeline(model, **bench):
@@ -57,7 +63,13 @@ def test_rows_fields_and_units(llava, tmp_path):
         assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] > 2**20  # bytes, not KiB
         assert row["kv_cross_bytes"] == 0
         _check_kv(row)
+        assert row["rounds"] == 2 and row["interleaved"] is True and isinstance(row["noisy"], bool)
+        for key in RATIOS:
+            assert 0 < row[f"{key}_ratio_lo"] <= row[f"{key}_ratio"] <= row[f"{key}_ratio_hi"], key
     none, pruned = rows[1], rows[3]
+    for key in RATIOS:  # none is its own reference, round by round
+        assert (none[f"{key}_ratio"], none[f"{key}_ratio_lo"], none[f"{key}_ratio_hi"]) == (1.0, 1.0, 1.0)
+    assert none["noisy"] is False
     assert none["kept_fraction_mean"] == 1.0 and none["num_kept_mean"] == none["num_visual"]
     assert pruned["kept_fraction_mean"] == pytest.approx(0.5) and pruned["num_kept_mean"] == none["num_visual"] / 2
     assert pruned["kv_self_bytes"] < none["kv_self_bytes"]
@@ -80,6 +92,8 @@ def test_single_new_token_has_no_decode_time():
     pipe = _pipeline("tiny:llava", new_tokens=1, warmup=0, repeats=1)
     row, = run_bench(pipe, batch_sizes=[1], progress=False)
     assert row["decode_ms_per_token"] is None and row["decode_ms_per_token_spread"] is None
+    assert row["decode_ms_per_token_ratio"] is None and row["decode_ms_per_token_ratio_lo"] is None
+    assert row["ttft_ms_ratio"] == 1.0 and row["noisy"] is False
     assert row["e2e_ms_spread"] == 0.0
     _check_kv(row)
 
@@ -164,3 +178,80 @@ def test_qwen2_5_vl_kv():
     none, uniform, fastv = rows
     assert uniform["num_kept_mean"] == fastv["num_kept_mean"] == 128
     assert uniform["kv_self_bytes"] < fastv["kv_self_bytes"] < none["kv_self_bytes"]
+
+
+def _record_visits(monkeypatch):
+    visits = []
+    real = runner.measure_visit
+
+    def measure_visit(pipe, inputs):
+        visits.append((pipe.plan.strategy.name, pipe.plan.keep_ratio, inputs["input_ids"].shape[0]))
+        return real(pipe, inputs)
+
+    monkeypatch.setattr(runner, "measure_visit", measure_visit)
+    return visits
+
+
+def test_points_are_visited_in_shuffled_rounds(llava, monkeypatch):
+    visits = _record_visits(monkeypatch)
+    pipe = Pipeline(llava.config.replace(bench={**SHORT, "new_tokens": 2, "warmup": 0, "repeats": 4}), llava.adapter)
+    rows = run_bench(pipe, strategies=["none", "uniform"], ratios=[0.5, 0.25], progress=False)
+    points = [("none", 1.0), ("uniform", 0.5), ("uniform", 0.25)]
+    expected = []
+    for batch in (1, 2):  # every batch size in turn, each round visits every point once
+        for round_ in range(4):
+            order = list(range(3))
+            random.Random(f"0:{batch}:{round_}").shuffle(order)  # config seed 0
+            expected += [(*points[i], batch) for i in order]
+    assert visits == expected
+    rounds = [tuple(visits[i:i + 3]) for i in range(0, 12, 3)]
+    assert len(set(rounds)) > 1  # the order changes between rounds
+    assert [(r["strategy"], r["keep_ratio"], r["batch_size"]) for r in rows] == [(*p, b) for p in points for b in (1, 2)]
+
+
+def test_none_is_measured_when_not_requested(llava, monkeypatch):
+    visits = _record_visits(monkeypatch)
+    rows = run_bench(llava, strategies=["uniform"], ratios=[0.5], batch_sizes=[1], progress=False)
+    assert sorted(visits) == [("none", 1.0, 1)] * 2 + [("uniform", 0.5, 1)] * 2  # both, in each of 2 rounds
+    assert [(r["strategy"], r["keep_ratio"]) for r in rows] == [("uniform", 0.5), ("none", 1.0)]  # none last
+    assert rows[1]["ttft_ms_ratio"] == 1.0 and rows[0]["ttft_ms_ratio"] > 0
+
+
+def test_decode_is_the_median_step_interval(llava, monkeypatch):
+    # A fake clock per visit: TTFT call 0 → 100 s, end-to-end call 100 → 130 s, stamped after each of the 4 new
+    # tokens. e2e (30 s) < TTFT (100 s): the old (e2e − ttft) / (n − 1) would be negative.
+    visit = [[0, 100, 100, 110, 113, 118, 120, 130],  # steps 3, 5, 2 s → median 3
+             [0, 100, 100, 105, 110, 115, 121, 130]]  # steps 5, 5, 6 s → median 5
+    ticks = iter(1000 * k + t for k, stamps in enumerate(visit) for t in stamps)
+    monkeypatch.setattr(timing, "now", lambda: next(ticks))
+    pipe = Pipeline(llava.config.replace(bench={**SHORT, "new_tokens": 4, "warmup": 0, "repeats": 2}), llava.adapter)
+    row, = run_bench(pipe, strategies=["none"], batch_sizes=[1], progress=False)
+    assert next(ticks, None) is None  # every stamp was read: one per generated token
+    assert (row["ttft_ms"], row["e2e_ms"]) == (100_000, 30_000)
+    assert (row["e2e_ms"] - row["ttft_ms"]) / 3 < 0
+    assert row["decode_ms_per_token"] == 4000  # median over rounds of 3 s and 5 s
+    assert row["decode_ms_per_token_spread"] == 1000
+
+
+def test_one_round_is_noisy_except_none(llava):
+    pipe = Pipeline(llava.config.replace(bench={**SHORT, "new_tokens": 2, "warmup": 0, "repeats": 1}), llava.adapter)
+    pruned, none = run_bench(pipe, strategies=["uniform"], ratios=[0.5], batch_sizes=[1], progress=False)
+    assert pruned["noisy"] is True and pruned["rounds"] == 1  # one round: no interval to judge by
+    assert pruned["ttft_ms_ratio_lo"] == pruned["ttft_ms_ratio"] == pruned["ttft_ms_ratio_hi"]
+    assert none["noisy"] is False
+
+
+def test_paired_ratio_and_bootstrap_interval():
+    # Drift that hits both alike cancels in the paired ratio, however much the figures themselves move.
+    assert paired_ratio([10, 20, 40], [20, 40, 80], seed=0) == (0.5, 0.5, 0.5)
+    # Ratios 0.5 and 1.0: resampled medians are 0.5, 0.75 or 1.0 (p = 1/4, 1/2, 1/4), so the 95 % interval
+    # spans both ends.
+    ratio, lo, hi = paired_ratio([1, 2], [2, 2], seed=0)
+    assert (ratio, lo, hi) == (0.75, 0.5, 1.0) and too_wide(ratio, lo, hi)
+    # 0.60 / 0.62 are the median of a resample with p ≈ 0.32 / 0.06, far above 2.5 %: the interval is their span.
+    ratio, lo, hi = paired_ratio([60, 61, 62, 61, 60], [100] * 5, seed=0)
+    assert (ratio, lo, hi) == (0.61, 0.60, 0.62) and not too_wide(ratio, lo, hi)
+    assert paired_ratio([3, 1, 4, 1, 5], [2, 7, 1, 8, 2], seed=7) == paired_ratio([3, 1, 4, 1, 5], [2, 7, 1, 8, 2], seed=7)
+    assert not too_wide(1.0, 0.91, 1.09) and too_wide(1.0, 0.85, 1.1) and too_wide(0.5, 0.44, 0.55)
+    with pytest.raises(ValueError):
+        paired_ratio([1, 2], [1], seed=0)  # rounds are paired one to one

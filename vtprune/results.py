@@ -11,9 +11,13 @@
   select_ms.
 - ``bench.jsonl``   — one row per (strategy, keep_ratio, batch_size): run, model, family, strategy, keep_ratio,
   batch_size, device, dtype, weights, smoke, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,
-  kept_fraction_mean, ttft_ms, decode_ms_per_token, e2e_ms (medians; each with a ``_spread`` column = IQR),
-  tokens_per_s, peak_memory_bytes, kv_self_bytes, kv_cross_bytes, kv_self_bytes_analytic,
-  kv_cross_bytes_analytic, select_ms.
+  kept_fraction_mean, ttft_ms, decode_ms_per_token, e2e_ms (medians over rounds; each with a ``_spread`` column =
+  IQR; decode is the median of the timed decode steps per round), tokens_per_s, peak_memory_bytes, kv_self_bytes,
+  kv_cross_bytes, kv_self_bytes_analytic, kv_cross_bytes_analytic, select_ms, rounds, interleaved (True: the
+  points of a batch size were measured in shuffled rounds), then per timing ``<figure>_ratio``, ``_ratio_lo``,
+  ``_ratio_hi`` (median of the per-round ratios to the ``none`` row of the same round and its bootstrap 95 %
+  interval; 1.0 for ``none``; None where the figure is) and noisy (True when the TTFT or decode interval is
+  wider than ±10 % of its ratio, or there is one round: not a result). A bench always holds a ``none`` row.
 
 ``pandas.read_json(path, lines=True)`` is the whole loader.
 """

@@ -1,21 +1,25 @@
 """``run_bench``: latency, memory and KV cache per (strategy, keep_ratio, batch_size) on synthetic inputs (DESIGN §6).
 
-Per point, after ``bench.warmup`` untimed rounds, each of ``bench.repeats`` rounds makes two ``generate`` calls
-on the same synthetic batch: one with ``max_new_tokens=1`` (time to first token: vision tower, scoring and
-selection, prefill) and one with exactly ``new_tokens`` tokens (end to end). Decode time per token is
-``(e2e - ttft) / (new_tokens - 1)`` per round. Figures are medians over the rounds, spreads their IQR.
+Per batch size every point is warmed up (``bench.warmup`` untimed visits each), then measured in ``bench.repeats``
+rounds: each round visits every point once, in an order shuffled per round, so that machine drift hits all points
+alike. ``none`` @ 1.0 is in every bench: each point's figures are also reported as paired ratios to the ``none``
+visit of the same round. A visit makes two ``generate`` calls on the same synthetic batch: ``max_new_tokens=1``
+(time to first token: vision tower, scoring and selection, prefill) and exactly ``new_tokens`` tokens (end to end),
+during which every decode step is timed on its own. Figures are medians over the rounds, spreads their IQR.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, layout_for, measured_kv_bytes, tile_tokens
 from vtprune.bench.memory import memory_kind, peak_bytes, reset_peak
-from vtprune.bench.timing import median_spread, timed
+from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed, too_wide
 
 
 def bench_pipelines(pipeline, strategies=None, ratios=None) -> list:
@@ -33,7 +37,9 @@ def bench_pipelines(pipeline, strategies=None, ratios=None) -> list:
 
 
 def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategies=None, progress: bool = True) -> list[dict]:
-    """Bench rows (``vtprune.results`` schema) for every point; with ``output_dir``, write bench.jsonl then run.json."""
+    """Bench rows (``vtprune.results`` schema) for every point; with ``output_dir``, write bench.jsonl then run.json.
+
+    A ``none`` row is always among them (after the requested points when not asked for): it is every ratio's reference."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -45,15 +51,24 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
         from vtprune.errors import ConfigError
 
         raise ConfigError(f"--batch-sizes: {batch_sizes} must be positive integers")
-    points = [(pipe, b) for pipe in bench_pipelines(pipeline, strategies, ratios) for b in batch_sizes]
-    rows = []
+    pipes = bench_pipelines(pipeline, strategies, ratios)
+    if not any(_is_none(pipe) for pipe in pipes):
+        pipes.append(pipeline.with_pruning("none", 1.0, {}))
+    reference = next(i for i, pipe in enumerate(pipes) if _is_none(pipe))
+    settings = pipeline.config.bench
+    rows = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("bench", total=len(points))
-        for pipe, batch in points:
-            bar.update(task, description=f"{pipe.plan.strategy.name} @ {pipe.plan.keep_ratio:g}, batch {batch}")
-            rows.append(bench_point(pipe, batch))
-            bar.advance(task)
+        task = bar.add_task("bench", total=len(batch_sizes) * len(pipes) * (settings.warmup + settings.repeats))
+
+        def tick(pipe, batch, what):
+            bar.update(task, advance=1, description=f"{pipe.plan.strategy.name} @ {pipe.plan.keep_ratio:g}, batch {batch}, {what}")
+
+        for batch in batch_sizes:
+            inputs, visits = measure_rounds(pipes, batch, tick)
+            for i, pipe in enumerate(pipes):
+                rows[i, batch] = bench_point(pipe, batch, inputs, visits[i], visits[reference])
+    rows = [rows[i, batch] for i in range(len(pipes)) for batch in batch_sizes]
     if output_dir is not None:
         out = Path(output_dir)
         write_jsonl(out / "bench.jsonl", rows)
@@ -69,45 +84,85 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
     return rows
 
 
-def bench_point(pipe, batch_size: int) -> dict:
-    """One bench row: ``pipe``'s plan on a synthetic batch of ``batch_size``."""
-    import torch
-    from transformers import DynamicCache
+def _is_none(pipe) -> bool:
+    return pipe.plan.strategy.name == "none"
 
+
+@dataclass
+class Visit:
+    """One timed visit of a point: seconds, and what the end-to-end call left behind."""
+
+    ttft: float
+    e2e: float
+    decode: float | None  # median decode step of this visit; None with a single new token
+    select: float
+    peak: int
+    kv: dict  # measured cache bytes; the cache itself is dropped, lest it hold memory through later visits
+    records: list
+
+
+def measure_rounds(pipes, batch_size: int, tick=None):
+    """``(inputs, visits)``: every pipe warmed up, then visited once per round in a shuffled order;
+    ``visits[i]`` lists pipe i's visits in round order, so that index r of two pipes is the same round."""
+    import torch
+
+    cfg = pipes[0].config
+    inputs = pipes[0].adapter.synthetic_inputs(batch_size, cfg.bench.prompt_tokens, torch.Generator().manual_seed(cfg.seed))
+    visits = [[] for _ in pipes]
+    with torch.inference_mode():
+        for pipe in pipes:
+            for _ in range(cfg.bench.warmup):
+                generate(pipe, inputs, 1)
+                generate(pipe, inputs, cfg.bench.new_tokens)
+                if tick:
+                    tick(pipe, batch_size, "warm-up")
+        for round_ in range(cfg.bench.repeats):
+            order = list(range(len(pipes)))
+            random.Random(f"{cfg.seed}:{batch_size}:{round_}").shuffle(order)
+            for i in order:
+                visits[i].append(measure_visit(pipes[i], inputs))
+                if tick:
+                    tick(pipes[i], batch_size, f"round {round_ + 1}")
+    return inputs, visits
+
+
+def generate(pipe, inputs, tokens: int, **extra):
+    """``(new_ids, records)`` of a greedy generate of exactly ``tokens`` tokens."""
+    text_cfg = pipe.adapter.model.config.get_text_config(decoder=True)
+    # Exactly n tokens every time (random weights may emit EOS early); no tokenizer is needed for padding.
+    pad = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0
+    return pipe.adapter.generate(inputs, pipe.plan, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=pad, **extra)
+
+
+def measure_visit(pipe, inputs) -> Visit:
+    from transformers import DynamicCache, StoppingCriteriaList
+
+    model, device, n = pipe.adapter.model, pipe.adapter.device, pipe.config.bench.new_tokens
+    cache = DynamicCache(config=model.config)  # ours, so that its size can be read after generate
+    clock = step_clock(device)
+    reset_peak(device)
+    ttft, _ = timed(lambda: generate(pipe, inputs, 1), device)
+    e2e, (new_ids, records) = timed(
+        lambda: generate(pipe, inputs, n, cache=cache, stopping_criteria=StoppingCriteriaList([clock])), device)
+    peak = peak_bytes(device)
+    steps = clock.intervals()
+    if new_ids.shape[1] != n or len(steps) != n - 1:
+        raise RuntimeError(f"generate returned {new_ids.shape[1]} new tokens in {len(steps) + 1} steps, expected {n}")
+    decode = statistics.median(steps) if steps else None
+    kv = measured_kv_bytes(cache, model.config)
+    return Visit(ttft, e2e, decode, sum(r.select_seconds for r in records), peak, kv, records)
+
+
+def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: list[Visit]) -> dict:
+    """One bench row: ``pipe``'s visits on ``inputs`` (a synthetic batch of ``batch_size``), paired round by round
+    with the ``reference`` (none) visits."""
     from vtprune.results import device_name, is_smoke
 
     cfg, adapter, plan = pipe.config, pipe.adapter, pipe.plan
-    settings, model, device = cfg.bench, adapter.model, adapter.device
+    settings, model = cfg.bench, adapter.model
     n = settings.new_tokens
-    inputs = adapter.synthetic_inputs(batch_size, settings.prompt_tokens, torch.Generator().manual_seed(cfg.seed))
-    text_cfg = model.config.get_text_config(decoder=True)
-    # Exactly n tokens every time (random weights may emit EOS early); no tokenizer is needed for padding.
-    gen = {"do_sample": False, "pad_token_id": text_cfg.pad_token_id if text_cfg.pad_token_id is not None else 0}
-
-    def call(tokens, cache=None):
-        extra = {"cache": cache} if cache is not None else {}
-        return adapter.generate(inputs, plan, max_new_tokens=tokens, min_new_tokens=tokens, **gen, **extra)
-
-    ttft, e2e, decode, select = [], [], [], []
-    with torch.inference_mode():
-        for _ in range(settings.warmup):
-            call(1)
-            call(n)
-        reset_peak(device)
-        for _ in range(settings.repeats):
-            first, _ = timed(lambda: call(1), device)
-            cache = DynamicCache(config=model.config)  # ours, so that its size can be read after generate
-            total, (new_ids, records) = timed(lambda cache=cache: call(n, cache), device)
-            if new_ids.shape[1] != n:
-                raise RuntimeError(f"generate returned {new_ids.shape[1]} new tokens, expected {n}")
-            ttft.append(first)
-            e2e.append(total)
-            if n > 1:
-                decode.append((total - first) / (n - 1))
-            select.append(sum(r.select_seconds for r in records))
-        peak = peak_bytes(device)
-
-    measured = measured_kv_bytes(cache, model.config)
+    records, measured = visits[-1].records, visits[-1].kv  # the same in every visit
     num_visual = max(r.num_visual for r in records)
     ids = inputs["input_ids"]
     if cross_layer_indices(model.config):
@@ -121,25 +176,37 @@ def bench_point(pipe, batch_size: int) -> dict:
         num_kept=cached_visual if plan.is_noop else max(r.num_kept for r in records), layout=layout_for(plan.strategy, plan.options, model.config),
         element_size=model.dtype.itemsize, decoded=n - 1,  # the last new token is never fed back
     )
-    ttft_s, ttft_spread = median_spread(ttft)
-    e2e_s, e2e_spread = median_spread(e2e)
-    decode_s, decode_spread = median_spread(decode) if decode else (None, None)
+    figures, ratios, intervals = {}, {}, {}
+    for column, attr in (("ttft_ms", "ttft"), ("decode_ms_per_token", "decode"), ("e2e_ms", "e2e")):
+        values = [getattr(v, attr) for v in visits]
+        ci = (None, None, None)
+        if values[0] is None:  # a single new token: no decode step
+            figures |= {column: None, f"{column}_spread": None}
+        else:
+            median, spread = median_spread(values)
+            figures |= {column: ms(median), f"{column}_spread": ms(spread)}
+            ci = intervals[column] = paired_ratio(values, [getattr(v, attr) for v in reference], cfg.seed)
+        ratios |= dict(zip((f"{column}_ratio", f"{column}_ratio_lo", f"{column}_ratio_hi"), ci))
+    # One round has no interval to judge by; none is its own reference (every ratio exactly 1).
+    noisy = not _is_none(pipe) and (len(visits) < 2 or any(
+        too_wide(*intervals[c]) for c in ("ttft_ms", "decode_ms_per_token") if c in intervals))
+    e2e_s = statistics.median(v.e2e for v in visits)
     return {
         "run": cfg.name, "model": cfg.model.path, "family": adapter.family, "strategy": plan.strategy.name,
-        "keep_ratio": plan.keep_ratio, "batch_size": batch_size, "device": device_name(device),
+        "keep_ratio": plan.keep_ratio, "batch_size": batch_size, "device": device_name(adapter.device),
         "dtype": str(model.dtype).replace("torch.", ""), "weights": cfg.model.weights, "smoke": is_smoke(cfg),
         "prompt_tokens": settings.prompt_tokens, "new_tokens": n, "repeats": settings.repeats,
         "num_visual": num_visual,
         "num_kept_mean": statistics.fmean(r.num_kept for r in records),
         "kept_fraction_mean": statistics.fmean(r.kept_fraction for r in records),
-        "ttft_ms": ms(ttft_s), "ttft_ms_spread": ms(ttft_spread),
-        "decode_ms_per_token": ms(decode_s), "decode_ms_per_token_spread": ms(decode_spread),
-        "e2e_ms": ms(e2e_s), "e2e_ms_spread": ms(e2e_spread),
+        **figures,
         "tokens_per_s": batch_size * n / e2e_s,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": max(v.peak for v in visits),
         "kv_self_bytes": measured["self"], "kv_cross_bytes": measured["cross"],
         "kv_self_bytes_analytic": analytic["self"], "kv_cross_bytes_analytic": analytic["cross"],
-        "select_ms": ms(statistics.median(select)),
+        "select_ms": ms(statistics.median(v.select for v in visits)),
+        "rounds": len(visits), "interleaved": True,
+        **ratios, "noisy": noisy,
     }
 
 

@@ -1,9 +1,15 @@
-"""Wall time of one call (CUDA events on a GPU, ``perf_counter`` on a CPU) and the median / IQR of repeats."""
+"""Timing (CUDA events on a GPU, ``perf_counter`` on a CPU): one call, each decode step of a ``generate`` call,
+and the statistics of timed rounds: median / IQR, and the paired ratio to a reference with a bootstrap interval."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
+
+now = time.perf_counter  # the CPU clock; a module global so that tests can swap in a fake one
+RESAMPLES = 1000
+NOISY_WIDTH = 0.2  # an interval wider than ±10 % of its ratio says nothing about a speed-up
 
 
 def timed(fn, device):
@@ -18,9 +24,40 @@ def timed(fn, device):
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1000, out
-    start = time.perf_counter()
+    start = now()
     out = fn()
-    return time.perf_counter() - start, out
+    return now() - start, out
+
+
+def step_clock(device):
+    """A transformers stopping criterion that never stops generation but stamps every step, right after each new
+    token; ``intervals()`` (after ``generate`` returns) are the seconds between consecutive stamps, one decode step
+    each. Prefill ends at the first stamp, so it is in no interval."""
+    import torch
+    from transformers import StoppingCriteria
+
+    cuda = device.type == "cuda"
+
+    class StepClock(StoppingCriteria):
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if cuda:  # an event in the stream: no synchronize inside the loop, so the steps keep their pace
+                self.stamps.append(torch.cuda.Event(enable_timing=True))
+                self.stamps[-1].record()
+            else:
+                self.stamps.append(now())
+            return input_ids.new_zeros(input_ids.shape[0], dtype=torch.bool)
+
+        def intervals(self) -> list[float]:
+            pairs = list(zip(self.stamps, self.stamps[1:]))
+            if cuda:
+                torch.cuda.synchronize(device)
+                return [a.elapsed_time(b) / 1000 for a, b in pairs]
+            return [b - a for a, b in pairs]
+
+    return StepClock()
 
 
 def median_spread(values: list[float]) -> tuple[float, float]:
@@ -29,3 +66,19 @@ def median_spread(values: list[float]) -> tuple[float, float]:
         return values[0], 0.0
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return statistics.median(values), q3 - q1
+
+
+def paired_ratio(values: list[float], reference: list[float], seed) -> tuple[float, float, float]:
+    """``(ratio, lo, hi)``: the median of the per-round ratios ``values[i] / reference[i]`` and a percentile
+    bootstrap 95 % interval of that median (rounds resampled with replacement, ``RESAMPLES`` times, seeded).
+
+    Pairing by round cancels the drift both saw in that round."""
+    ratios = [v / r for v, r in zip(values, reference, strict=True)]
+    rng = random.Random(seed)
+    medians = [statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES)]
+    cuts = statistics.quantiles(medians, n=40, method="inclusive")  # cuts[0] = 2.5 %, cuts[-1] = 97.5 %
+    return statistics.median(ratios), cuts[0], cuts[-1]
+
+
+def too_wide(ratio: float, lo: float, hi: float) -> bool:
+    return hi - lo > NOISY_WIDTH * ratio

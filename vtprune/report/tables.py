@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vtprune.bench.timing import too_wide
 from vtprune.report.load import Results
 
 SMOKE_MARK = "smoke figures: tiny random model, not accuracy claims"
@@ -21,6 +22,7 @@ SPEED_COLUMNS = {  # bench column → (table header, unit)
     "peak_memory_bytes": ("peak memory", "bytes"),
     "kv_bytes": ("KV cache (self+cross)", "bytes"),
 }
+TIMED = ("ttft_ms", "decode_ms_per_token", "e2e_ms")  # an interleaved bench measures their ratio to none itself
 _ACC_KEY = ["model", "task", "metric"]
 _SPEED_KEY = ["model", "device", "dtype", "batch_size"]
 
@@ -54,7 +56,10 @@ def accuracy_frame(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
-    """bench rows + ``kv_bytes`` and, per figure, ``<figure>_ref`` and ``<figure>_ratio`` to unpruned."""
+    """bench rows + ``kv_bytes`` and, per figure, ``<figure>_ref`` and ``<figure>_ratio`` to unpruned.
+
+    A timing's ratio is the row's own paired ratio (with ``_lo`` / ``_hi``) where the bench measured one, else the
+    ratio of the medians; ``noisy`` is False for rows that do not say."""
     if bench.empty:
         return bench
     b = bench.copy()
@@ -68,7 +73,12 @@ def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
     b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
     for column in SPEED_COLUMNS:
         ref_value = b[f"{column}_ref"]
-        b[f"{column}_ratio"] = (b[column] / ref_value).where(ref_value > 0)
+        paired = _numeric(b, f"{column}_ratio")
+        b[f"{column}_ratio"] = paired.fillna((b[column] / ref_value).where(ref_value > 0))
+    for column in TIMED:
+        for end in ("_lo", "_hi"):
+            b[f"{column}_ratio{end}"] = _numeric(b, f"{column}_ratio{end}")
+    b["noisy"] = b["noisy"].eq(True) if "noisy" in b.columns else False
     return b
 
 
@@ -174,8 +184,28 @@ def _speed_cell(row, column: str) -> str:
     value, ratio = getattr(row, column), getattr(row, f"{column}_ratio")
     if math.isnan(value):
         return "—"
+    lo, hi = (getattr(row, f"{column}_ratio{end}", math.nan) for end in ("_lo", "_hi"))
+    interval = f"{lo:.2f}–{hi:.2f}" if not (math.isnan(lo) or lo == hi) else ""
+    if column in TIMED and row.noisy:  # its interval is all that can be said
+        return f"noisy ({interval}×)" if interval else "noisy"
     text = human_bytes(value) if SPEED_COLUMNS[column][1] == "bytes" else f"{value:.4g} ms"
-    return text if math.isnan(ratio) else f"{text} ({ratio:.2f}×)"
+    if math.isnan(ratio):
+        return text
+    return f"{text} ({ratio:.2f}×, {interval})" if interval else f"{text} ({ratio:.2f}×)"
+
+
+def _noisy_note(row) -> str:
+    where = f"{row.model} ({row.device}, {row.dtype}), batch size {row.batch_size}, {row.strategy} @ {row.keep_ratio:g}"
+    rounds = getattr(row, "rounds", math.nan)
+    if rounds < 2:
+        why = "one timed round gives no interval"
+    else:
+        intervals = {SPEED_COLUMNS[c][0]: [getattr(row, f"{c}_ratio{end}") for end in ("", "_lo", "_hi")]
+                     for c in ("ttft_ms", "decode_ms_per_token")}  # the two that decide ``noisy``
+        wide = [f"{name} {lo:.2f}–{hi:.2f}×" for name, (ratio, lo, hi) in intervals.items() if too_wide(ratio, lo, hi)]
+        why = "ratio interval wider than ±10 % (" + ", ".join(wide) + ")"
+    return (f"{where}: timings noisy, {why}; shown as 'noisy', not as results — rerun with more `bench.repeats` "
+            "or on a quieter machine")
 
 
 def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
@@ -193,12 +223,16 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                              "(strategy none, keep 1.0): figures shown without ratios")
             rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
                      *(_speed_cell(row, c) for c in SPEED_COLUMNS)] for row in _order(batch).itertuples()]
+            notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
             out += [f"Batch size {batch_size}:", "", markdown_table(header, rows), ""]
         out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
                 if (m, d, t) == (model, device, dtype)]
         out.append("")
     out.append("Each figure is a median; (n×) is its ratio to the unpruned run of the same model and batch size "
-               "(below 1 is faster / smaller). KV cache: self- plus cross-attention cache measured after generation.")
+               "(below 1 is faster / smaller). Timings measured in interleaved rounds: (n×, lo–hi) is the median of "
+               "the per-round ratios to the unpruned run of the same round, with its 95 % bootstrap interval; "
+               "'noisy' marks a row whose TTFT or decode interval is wider than ±10 % (see Notes). "
+               "KV cache: self- plus cross-attention cache measured after generation.")
     return out + [""]
 
 
