@@ -57,7 +57,6 @@ def test_rows_fields_and_units(llava, tmp_path):
             assert row[key] > 0, key
         for key in ("ttft_ms_spread", "decode_ms_per_token_spread", "e2e_ms_spread", "select_ms"):
             assert row[key] >= 0, key
-        assert row["e2e_ms"] > row["ttft_ms"]  # nine tokens take longer than one
         # tokens/s is every generated token of the batch over the end-to-end time
         assert row["tokens_per_s"] == pytest.approx(row["batch_size"] * 9 / (row["e2e_ms"] / 1000))
         assert isinstance(row["peak_memory_bytes"], int) and row["peak_memory_bytes"] > 2**20  # bytes, not KiB

@@ -180,3 +180,49 @@ def test_zero_unpruned_score_has_no_percentage_and_says_why(tmp_path, monkeypatc
     assert "| uniform | 0.5 | 0.500 | 8.0 / 16.0 | — | 0.6 | unscored |" in text
     assert "task_a (exact_match): the unpruned score is 0, so % of unpruned is undefined" in text
     assert not list((tmp_path).rglob("accuracy_*.png"))
+
+
+def _paired(ttft, decode, e2e, noisy=False, rounds=5):
+    """The columns of an interleaved bench: (ratio, lo, hi) per timing."""
+    row = {"rounds": rounds, "interleaved": True, "noisy": noisy}
+    for column, ci in (("ttft_ms", ttft), ("decode_ms_per_token", decode), ("e2e_ms", e2e)):
+        row |= dict(zip((f"{column}_ratio", f"{column}_ratio_lo", f"{column}_ratio_hi"), ci))
+    return row
+
+
+def test_paired_ratios_show_their_interval_and_noisy_rows_are_no_results(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    one = (1.0, 1.0, 1.0)
+    paired = {
+        ("none", 1.0, 1): _paired(one, one, one), ("none", 1.0, 2): _paired(one, one, one),
+        ("uniform", 0.5, 1): _paired((0.62, 0.60, 0.64), (0.9, 0.88, 0.93), (0.85, 0.8, 0.9)),
+        ("uniform", 0.5, 2): _paired((0.7, 0.5, 0.95), (0.9, 0.88, 0.93), (0.8, 0.7, 0.9), noisy=True),
+        ("uniform", 0.25, 1): _paired((0.5, 0.5, 0.5), (0.6, 0.6, 0.6), (0.55, 0.55, 0.55), noisy=True, rounds=1),
+        ("uniform", 0.25, 2): {},  # a bench from before interleaving: ratio of the medians, no interval
+    }
+    for strategy, ratio in SCORES:
+        run = root / f"bench-{strategy}-{ratio}"
+        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, b) | paired[strategy, ratio, b] for b in (1, 2)])
+        write_json(run / "run.json", _run_json(run.name, "bench"))
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    none, uniform = ([r for r in _table_rows(text, s) if "GiB" in r] for s in ("none", "uniform"))  # speed tables
+
+    assert all("| 25 ms (1.00×) |" in r or "| 50 ms (1.00×) |" in r for r in none)  # the reference: no interval
+    # The measured paired ratio (0.62), not the ratio of the medians (20 / 25 = 0.80), with its interval.
+    assert "| 0.5 | 0.500 | 20 ms (0.62×, 0.60–0.64) | 10 ms (0.90×, 0.88–0.93) | 80 ms (0.85×, 0.80–0.90) |" in uniform[0]
+    # Noisy rows: intervals only (or nothing with one round), no figure; memory and KV cache are still shown.
+    assert "| noisy (0.50–0.95×) | noisy (0.88–0.93×) | noisy (0.70–0.90×) | 3.00 GiB (1.00×) | 4.00 MiB (0.80×) |" \
+        in uniform[2]
+    assert "| noisy | noisy | noisy | 3.00 GiB (1.00×) | 1.75 MiB (0.70×) |" in uniform[1]
+    assert "160 ms" not in text and "| 100 ms (0.50×) |" in uniform[3]
+    assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 2, uniform @ 0.5: timings noisy, ratio interval "
+            "wider than ±10 % (TTFT 0.50–0.95×); shown as 'noisy', not as results") in text
+    assert "batch size 1, uniform @ 0.25: timings noisy, one timed round gives no interval" in text
+    assert text.count("timings noisy") == 2
+
+    result = _invoke(root, "--format", "csv", "-o", tmp_path / "r.csv")
+    assert result.exit_code == 0, result.output
+    speed = pd.read_csv(tmp_path / "r.csv").query("kind == 'speed'")
+    assert speed["noisy"].sum() == 2 and speed["ttft_ms_ratio"].notna().all()

@@ -15,6 +15,15 @@ import yaml
 from vtprune.results import read_jsonl
 
 
+def free_port() -> int:
+    """A loopback port nobody holds now: two test runs on one machine must not share torchrun's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args, cwd, timeout=300):
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,7 +159,7 @@ def test_two_process_cpu_eval_equals_one_process(tmp_path):
     }))
     eval_args = ["eval", "-c", str(config), "--limit", "3", "-o"]
     run([sys.executable, "-m", "vtprune", *eval_args, str(tmp_path / "one")], cwd=tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     run([*torchrun, "-m", "vtprune", *eval_args, str(tmp_path / "two")], cwd=tmp_path)
 
     def rows(folder, name):

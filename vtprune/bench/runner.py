@@ -136,6 +136,7 @@ def generate(pipe, inputs, tokens: int, **extra):
 
 
 def measure_visit(pipe, inputs) -> Visit:
+    """TTFT, end to end and the median decode step of one visit, with its peak memory and KV cache."""
     from transformers import DynamicCache, StoppingCriteriaList
 
     model, device, n = pipe.adapter.model, pipe.adapter.device, pipe.config.bench.new_tokens

@@ -75,9 +75,9 @@ def paired_ratio(values: list[float], reference: list[float], seed) -> tuple[flo
     Pairing by round cancels the drift both saw in that round."""
     ratios = [v / r for v, r in zip(values, reference, strict=True)]
     rng = random.Random(seed)
-    medians = [statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES)]
-    cuts = statistics.quantiles(medians, n=40, method="inclusive")  # cuts[0] = 2.5 %, cuts[-1] = 97.5 %
-    return statistics.median(ratios), cuts[0], cuts[-1]
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(RESAMPLES))
+    tail = RESAMPLES // 40  # 2.5 % of the resamples lie below lo and as many above hi
+    return statistics.median(ratios), medians[tail], medians[-1 - tail]
 
 
 def too_wide(ratio: float, lo: float, hi: float) -> bool:

@@ -56,6 +56,8 @@ def bench(
         ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
         ("kept", "kept_fraction_mean", "{:.3f}"), ("TTFT ms", "ttft_ms", "{:.1f}"),
         ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
+        ("TTFT ×", "ttft_ms_ratio", "{:.2f}"), ("decode ×", "decode_ms_per_token_ratio", "{:.2f}"),
+        ("noisy", "noisy", lambda v: "noisy" if v else ""),
         ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
         ("select ms", "select_ms", "{:.2f}"),
     ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else ""))

@@ -65,7 +65,9 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
                 line = line.sort_values("batch_size")
                 if line.empty:
                     continue
-                left.plot(line["batch_size"], line[latency], marker="o", label=name)
+                # A noisy row's latency is no result (its interval is too wide): no point on the latency plot.
+                timed = line[~line["noisy"].fillna(False).astype(bool)] if "noisy" in line else line
+                left.plot(timed["batch_size"], timed[latency], marker="o", label=name)
                 right.plot(line["batch_size"], line["kv_bytes"] / 2**20, marker="o", label=name)
             left.set(xlabel="batch size", ylabel=f"{'end-to-end' if latency == 'e2e_ms' else 'TTFT'} (ms)",
                      title=f"{strategy}: latency")
