@@ -25,6 +25,7 @@ ROW_KEYS = [
     "kv_cross_bytes_analytic", "select_ms", "rounds", "interleaved",
     "ttft_ms_ratio", "ttft_ms_ratio_lo", "ttft_ms_ratio_hi", "decode_ms_per_token_ratio", "decode_ms_per_token_ratio_lo",
     "decode_ms_per_token_ratio_hi", "e2e_ms_ratio", "e2e_ms_ratio_lo", "e2e_ms_ratio_hi", "noisy",
+    "ideal_ttft_speedup", "ideal_decode_speedup", "ttft_efficiency", "decode_efficiency",
 ]
 RATIOS = ("ttft_ms", "decode_ms_per_token", "e2e_ms")
 
@@ -65,7 +66,21 @@ def test_rows_fields_and_units(llava, tmp_path):
         assert row["rounds"] == 2 and row["interleaved"] is True and isinstance(row["noisy"], bool)
         for key in RATIOS:
             assert 0 < row[f"{key}_ratio_lo"] <= row[f"{key}_ratio"] <= row[f"{key}_ratio_hi"], key
+        # efficiency: the measured speed-up (1 / the paired ratio) over the ideal one
+        assert row["ttft_efficiency"] == 1 / row["ttft_ms_ratio"] / row["ideal_ttft_speedup"]
+        assert row["decode_efficiency"] == 1 / row["decode_ms_per_token_ratio"] / row["ideal_decode_speedup"]
     none, pruned = rows[1], rows[3]
+    for key in ("ideal_ttft_speedup", "ideal_decode_speedup", "ttft_efficiency", "decode_efficiency"):
+        assert none[key] == 1.0, key
+    assert pruned["ideal_ttft_speedup"] > 1 and pruned["ideal_decode_speedup"] > 1
+    # the ideal of the measured shape is cost's for the same input: 8 text tokens, the kept set, float32
+    from vtprune.bench import cost_rows
+    from vtprune.strategies import STRATEGIES
+
+    costed, = cost_rows(llava.adapter.model.config, strategies=[(STRATEGIES.get("uniform"), {})], ratios=[0.5],
+                        batch_sizes=[2], prompt_tokens=8, dtype="float32")
+    assert (pruned["ideal_ttft_speedup"], pruned["ideal_decode_speedup"]) == (
+        costed["ideal_ttft_speedup"], costed["ideal_decode_speedup"])
     for key in RATIOS:  # none is its own reference, round by round
         assert (none[f"{key}_ratio"], none[f"{key}_ratio_lo"], none[f"{key}_ratio_hi"]) == (1.0, 1.0, 1.0)
     assert none["noisy"] is False
@@ -92,6 +107,7 @@ def test_single_new_token_has_no_decode_time():
     row, = run_bench(pipe, batch_sizes=[1], progress=False)
     assert row["decode_ms_per_token"] is None and row["decode_ms_per_token_spread"] is None
     assert row["decode_ms_per_token_ratio"] is None and row["decode_ms_per_token_ratio_lo"] is None
+    assert row["decode_efficiency"] is None and row["ttft_efficiency"] == 1.0
     assert row["ttft_ms_ratio"] == 1.0 and row["noisy"] is False
     assert row["e2e_ms_spread"] == 0.0
     _check_kv(row)
@@ -137,6 +153,7 @@ def test_mllama_kv():
         assert row["kv_cross_bytes"] > 0
     none, trimmed = rows[1], rows[-1]
     assert trimmed["kv_cross_bytes"] < none["kv_cross_bytes"]
+    assert trimmed["ideal_ttft_speedup"] > 1 and trimmed["ideal_decode_speedup"] > 1
 
 
 def test_cli_bench(tmp_path):
@@ -152,7 +169,8 @@ def test_cli_bench(tmp_path):
     assert result.exit_code == 0, result.output
     rows = read_jsonl(out / "tiny" / "bench.jsonl")
     assert [(r["strategy"], r["keep_ratio"]) for r in rows] == [("none", 1.0), ("uniform", 1.0), ("uniform", 0.5)]
-    assert "TTFT ms" in result.stdout and json.loads((out / "tiny" / "run.json").read_text())["kind"] == "bench"
+    assert "TTFT ms" in result.stdout and "TTFT ×ideal" in result.stdout
+    assert json.loads((out / "tiny" / "run.json").read_text())["kind"] == "bench"
 
     for args, key in ((["--ratios", "1.5"], "--ratios"), (["--batch-sizes", "x"], "--batch-sizes"),
                       (["--strategies", "nope"], "--strategies"), (["--strategies", "trimmed_llama"], "--strategies")):

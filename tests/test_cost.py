@@ -189,3 +189,97 @@ def test_qwen2_5_vl_7b_by_hand():
 
     assert rows["none", 1.0, 8]["prefill_flops"] == 8 * (layers * layer(320) + 2 * h * vocab)
     assert rows["adav", 0.25, 1]["prefill_flops"] == layers * layer(128) + 2 * h * vocab
+
+
+def _arch(name):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(REPO / "configs/architectures" / name)
+
+
+def test_vision_flops_by_hand():
+    """Vision tower + projector of one image, 2 × multiply-adds, written out per architecture."""
+    from vtprune.bench.kv import vision_flops
+
+    def layer(tokens, h, inter, mlp=2, pairs=None):  # q/k/v/o, QKᵀ + AV, MLP
+        pairs = tokens * tokens if pairs is None else pairs
+        return 2 * (4 * tokens * h * h + 2 * pairs * h + mlp * tokens * h * inter)
+
+    # LLaVA-1.5-7B, CLIP ViT-L/14-336: 576 patches + CLS, layers 1..23 of 24 feed hidden_states[-2]; the
+    # projector 1024 → 4096 → 4096 over the 576 patch tokens (the CLS is dropped: select strategy "default").
+    clip = 2 * 576 * (3 * 14 * 14) * 1024 + 23 * layer(577, 1024, 4096)
+    llava = clip + 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    assert vision_flops(_arch("llava-1.5-7b")) == llava == 390_193_049_600
+    # LLaVA-NeXT-7B at its largest pinpoint, 672 × 672: the base view + 2 × 2 crops, each as LLaVA-1.5.
+    assert vision_flops(_arch("llava-next-7b")) == 5 * llava
+    # LLaMA-3.2-11B-Vision: 4 tiles of 1600 patches + CLS, each padded to 1608 (a multiple of 8); 32 local + 8
+    # global layers over the 4 · 1608 tokens together; the projector 7680 → 4096 over the 4 · 1601 real tokens.
+    mllama = 2 * 4 * 1600 * (3 * 14 * 14) * 1280 + 40 * layer(4 * 1608, 1280, 5120) + 2 * 6404 * 7680 * 4096
+    assert vision_flops(_arch("llama-3.2-11b-vision")) == mllama
+    # Qwen2.5-VL-7B, the synthetic 32 × 32-patch image: Conv3d over 2 frames of 14 × 14 px; 4 full-attention
+    # blocks (1024²  pairs), 28 window blocks: 112 px windows = 4 × 4 merged = 8 × 8 patches, 16 windows of 64
+    # patches; gated MLP 1280 → 3420; merger 4 · 1280 = 5120 → 5120 → 3584 over the 256 merged tokens.
+    qwen = (2 * 1024 * (3 * 2 * 14 * 14) * 1280 + 4 * layer(1024, 1280, 3420, mlp=3)
+            + 28 * layer(1024, 1280, 3420, mlp=3, pairs=16 * 64 * 64) + 2 * 256 * 5120 * (5120 + 3584))
+    assert vision_flops(_arch("qwen2.5-vl-7b")) == qwen
+    assert [round(f / 1e12, 3) for f in (llava, 5 * llava, mllama, qwen)] == [0.390, 1.951, 19.002, 1.347]
+
+
+def _llava_rows(names, ratios, batch_sizes):
+    from vtprune.bench import cost_rows
+    from vtprune.strategies import STRATEGIES
+
+    return {(r["strategy"], r["keep_ratio"], r["batch_size"]): r for r in cost_rows(
+        _arch("llava-1.5-7b"), strategies=[(STRATEGIES.get(s), {}) for s in names], ratios=ratios,
+        batch_sizes=batch_sizes, prompt_tokens=64, dtype="bfloat16")}
+
+
+def test_ideal_ttft_speedup():
+    rows = _llava_rows(["none", "adav", "fastv"], [1.0, 0.75, 0.5, 0.25], [1, 8])
+    for (strategy, ratio, batch), row in rows.items():
+        assert row["vision_flops"] == batch * 390_193_049_600  # the same at every keep ratio
+        assert row["total_prefill_flops"] == row["vision_flops"] + row["prefill_flops"]
+        none = rows["none", 1.0, batch]
+        assert row["ideal_ttft_speedup"] == none["total_prefill_flops"] / row["total_prefill_flops"]
+    for batch in (1, 8):
+        assert rows["none", 1.0, batch]["ideal_ttft_speedup"] == rows["none", 1.0, batch]["ideal_decode_speedup"] == 1.0
+        for strategy in ("adav", "fastv"):
+            ideal = [rows[strategy, r, batch]["ideal_ttft_speedup"] for r in (1.0, 0.75, 0.5, 0.25)]
+            assert ideal[0] == 1.0 and ideal == sorted(ideal) and len(set(ideal)) == 4  # smaller keep, larger ideal
+        # fastv's first 2 layers see every visual token: less to win than pruning before the LLM
+        assert rows["fastv", 0.25, batch]["ideal_ttft_speedup"] < rows["adav", 0.25, batch]["ideal_ttft_speedup"]
+    assert round(rows["adav", 0.25, 1]["ideal_ttft_speedup"], 3) == 2.863
+    assert round(rows["fastv", 0.25, 1]["ideal_ttft_speedup"], 3) == 2.564
+
+
+def test_decode_bound_by_hand():
+    rows = _llava_rows(["none", "adav"], [0.25], [8])
+    # Vicuna-7B weights read every step, bf16: per layer q/k/v/o 4 · 4096² and the gated MLP 3 · 4096 · 11008,
+    # 32 layers, the LM head 4096 · 32064 (the embedding table: one row per sample, left out).
+    weights = 2 * (32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 4096 * 32064)
+    assert weights == 13_214_679_040
+    kv = 8 * 32 * 2 * 32 * 128 * 2  # batch 8 × 32 layers × K and V × 32 heads × 128 × 2 bytes, per cached token
+    none, adav = rows["none", 1.0, 8], rows["adav", 0.25, 8]
+    assert none["decode_bytes_per_step"] == weights + kv * (64 + 576) == weights + none["kv_bytes"]
+    assert adav["decode_bytes_per_step"] == weights + kv * (64 + 144)
+    assert adav["ideal_decode_speedup"] == (weights + kv * 640) / (weights + kv * 208)
+    assert round(adav["ideal_decode_speedup"], 3) == 1.129  # the weights dominate: little to win at batch 8
+
+    # LLaMA-3.2-11B-Vision: 40 layers (GQA: k/v 4096 → 8 · 128), but the 8 cross layers' k/v projections ran in
+    # prefill only; decode reads their cache (8 layers · 6404 tokens, unpruned).
+    from vtprune.bench.cost import decoder_weight_bytes
+
+    weights = 2 * (40 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) - 8 * 2 * 4096 * 1024 + 4096 * 128256)
+    assert decoder_weight_bytes(_hf_config(), 2) == weights
+    none, = _rows(_trimmed(True), [1.0], [1])
+    assert none["decode_bytes_per_step"] == weights + PER_TOKEN_LAYER * (32 * 64 + 8 * 6404)
+
+
+def test_cost_cli_table_shows_the_ideal():
+    config = REPO / "configs/architectures/llava-1.5-7b.yaml"
+    result = CliRunner().invoke(app, ["cost", "--config", str(config), "--batch-sizes", "1", "--ratios", "0.25",
+                                      "--strategies", "none,adav"])
+    assert result.exit_code == 0, result.output
+    for header in ("vision", "total", "TTFT ideal", "decode ideal"):
+        assert header in result.stdout
+    assert "2.86" in result.stdout and "0.390" in result.stdout

@@ -226,3 +226,30 @@ def test_paired_ratios_show_their_interval_and_noisy_rows_are_no_results(tmp_pat
     assert result.exit_code == 0, result.output
     speed = pd.read_csv(tmp_path / "r.csv").query("kind == 'speed'")
     assert speed["noisy"].sum() == 2 and speed["ttft_ms_ratio"].notna().all()
+
+
+def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    one = (1.0, 1.0, 1.0)
+    ideal = {"ideal_ttft_speedup": 2.05, "ideal_decode_speedup": 1.25}
+    extra = {
+        ("none", 1.0): _paired(one, one, one) | {"ideal_ttft_speedup": 1.0, "ideal_decode_speedup": 1.0},
+        ("uniform", 0.5): _paired((0.625, 0.62, 0.63), (0.9, 0.89, 0.91), (0.8, 0.79, 0.81)) | ideal,
+        ("uniform", 0.25): _paired((0.5, 0.4, 0.7), (0.9, 0.88, 0.93), (0.8, 0.7, 0.9), noisy=True) | ideal,
+    }
+    for strategy, ratio in SCORES:
+        run = root / f"bench-{strategy}-{ratio}"
+        # batch 2 is a bench from before the ideal was recorded
+        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, 1) | extra[strategy, ratio],
+                                          _bench(strategy, ratio, 2) | _paired(one, one, one)])
+        write_json(run / "run.json", _run_json(run.name, "bench"))
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "| TTFT ×ideal | decode ×ideal |" in text
+    none, uniform = ([r for r in _table_rows(text, s) if "GiB" in r] for s in ("none", "uniform"))
+    assert none[0].endswith("| 1.00× / 1.00× (100 %) | 1.00× / 1.00× (100 %) |")
+    # 1 / 0.625 = 1.60× of an ideal 2.05×: 78 %; decode 1 / 0.9 = 1.11× of 1.25×: 89 %
+    assert uniform[0].endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
+    assert uniform[1].endswith("| noisy / 2.05× | noisy / 1.25× |")  # noisy: no measured figure, the ideal stands
+    assert none[1].endswith("| — | — |") and uniform[2].endswith("| — | — |")

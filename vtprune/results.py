@@ -17,7 +17,11 @@
   points of a batch size were measured in shuffled rounds), then per timing ``<figure>_ratio``, ``_ratio_lo``,
   ``_ratio_hi`` (median of the per-round ratios to the ``none`` row of the same round and its bootstrap 95 %
   interval; 1.0 for ``none``; None where the figure is) and noisy (True when the TTFT or decode interval is
-  wider than ±10 % of its ratio, or there is one round: not a result). A bench always holds a ``none`` row.
+  wider than ±10 % of its ratio, or there is one round: not a result), then ideal_ttft_speedup and
+  ideal_decode_speedup (``none``'s bound over the point's, from the config for the point's own shape: FLOPs of
+  vision tower + projector + prefill; bytes read per decode step, language-model weights + KV cache after prefill;
+  1.0 for ``none``), ttft_efficiency and decode_efficiency (measured speed-up ``1 / <figure>_ratio`` over the ideal;
+  None where the ratio is). A bench always holds a ``none`` row.
 
 ``pandas.read_json(path, lines=True)`` is the whole loader.
 """

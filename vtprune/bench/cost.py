@@ -4,11 +4,23 @@ Nothing is allocated, so the full-size architectures (LLaMA-3.2-11B-Vision, LLaV
 laptop. The figures are those of the synthetic benchmark input: ``bench.prompt_tokens`` text tokens and one image
 at the model's largest input, cache taken at the end of prefill. Kept counts use the strategy's budget
 ``ceil(r · N)``; trimmed_llama's adaptive mode keeps at least that many (its union over heads).
+
+Beside them, the ideal speed-ups a measured one is compared with: time to first token bound by FLOPs (vision tower
+and projector, the same at every keep ratio, plus the language model's prefill), a decode step bound by the bytes
+it reads (the language model's weights plus the KV cache).
 """
 
 from __future__ import annotations
 
-from vtprune.bench.kv import analytic_kv_bytes, layer_tokens, layout_for, num_visual_tokens
+from vtprune.bench.kv import (
+    Layout,
+    analytic_kv_bytes,
+    cross_layer_indices,
+    layer_tokens,
+    layout_for,
+    num_visual_tokens,
+    vision_flops,
+)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -17,7 +29,7 @@ def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int,
     """Multiply-adds × 2 of the language model's prefill (projections, attention, MLP, one LM-head row).
 
     Attention counts every query-key pair (no causal saving), as sdpa computes it. The vision encoder and the
-    projector, the same at every keep ratio, are not counted.
+    projector, the same at every keep ratio, are not counted here (``vision_flops``).
     """
     text = config.get_text_config(decoder=True)
     h, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
@@ -33,6 +45,53 @@ def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int,
     return batch_size * total
 
 
+def encoder_layer_flops(tokens: int, hidden: int, intermediate: int, *, mlp_matrices: int = 2,
+                        pairs: int | None = None) -> int:
+    """Multiply-adds × 2 of one vision-encoder layer over ``tokens`` tokens: q/k/v/o projections (hidden → hidden),
+    QKᵀ and AV over ``pairs`` query-key pairs (default every pair, ``tokens²``) and an MLP of ``mlp_matrices``
+    hidden × intermediate matrices (2: fc1, fc2; 3: gated). Norms, biases and activations are left out (< 0.1 %)."""
+    pairs = tokens * tokens if pairs is None else pairs
+    return 2 * (4 * tokens * hidden * hidden + 2 * pairs * hidden + mlp_matrices * tokens * hidden * intermediate)
+
+
+def decoder_weight_bytes(config, element_size: int) -> int:
+    """Bytes of the language model's weight matrices that every decode step reads: each decoder layer's q/k/v/o
+    projections and gated MLP, and the LM head. A cross-attention layer's k/v projections are left out: they run
+    on the image once, in prefill, and decode reads their cached output.
+
+    The input embedding table is left out: a step reads one row of it per sample. Norms and biases are too (< 0.01 %).
+    """
+    text = config.get_text_config(decoder=True)
+    h, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    q_o, k_v = 2 * h * heads * head_dim, 2 * h * kv_heads * head_dim
+    layers = text.num_hidden_layers * (q_o + k_v + 3 * h * text.intermediate_size) - len(cross_layer_indices(config)) * k_v
+    return element_size * (layers + h * text.vocab_size)
+
+
+def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout: Layout,
+                  element_size: int) -> dict:
+    """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.
+
+    ``total_prefill_flops`` (vision + LLM prefill) bounds the time to first token; ``decode_bytes_per_step``
+    (weights + the cache after prefill) bounds a decode step, which is memory-bound at these batch sizes.
+    """
+    def figures(kept, lay):
+        kv = analytic_kv_bytes(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
+                               num_kept=kept, layout=lay, element_size=element_size)
+        llm = prefill_flops(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
+                            num_kept=kept, layout=lay)
+        return {"kv_self_bytes": kv["self"], "kv_cross_bytes": kv["cross"], "kv_bytes": kv["self"] + kv["cross"],
+                "prefill_flops": llm, "vision_flops": vision, "total_prefill_flops": vision + llm,
+                "decode_bytes_per_step": weights + kv["self"] + kv["cross"]}
+
+    vision = batch_size * vision_flops(config)
+    weights = decoder_weight_bytes(config, element_size)
+    point, none = figures(num_kept, layout), figures(num_visual, Layout())
+    return {**point, "ideal_ttft_speedup": none["total_prefill_flops"] / point["total_prefill_flops"],
+            "ideal_decode_speedup": none["decode_bytes_per_step"] / point["decode_bytes_per_step"]}
+
+
 def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: list[int], prompt_tokens: int,
               dtype: str, model: str = "") -> list[dict]:
     """One row per (strategy, keep_ratio, batch_size); ``strategies`` are (Strategy, options) pairs."""
@@ -45,13 +104,11 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
         for ratio in [1.0] if strategy.name == "none" else ratios:
             kept = n if strategy.name == "none" else budget(n, ratio)
             for batch in batch_sizes:
-                shape = {"text_tokens": prompt_tokens, "num_visual": n, "num_kept": kept, "layout": layout}
-                kv = analytic_kv_bytes(hf_config, batch_size=batch, element_size=DTYPE_BYTES[dtype], **shape)
                 rows.append({
                     "model": model, "family": hf_config.model_type, "strategy": strategy.name, "keep_ratio": ratio,
                     "batch_size": batch, "dtype": dtype, "prompt_tokens": prompt_tokens, "num_visual": n, "num_kept": kept,
-                    "kv_self_bytes": kv["self"], "kv_cross_bytes": kv["cross"], "kv_bytes": kv["self"] + kv["cross"],
-                    "prefill_flops": prefill_flops(hf_config, batch_size=batch, **shape),
+                    **ideal_figures(hf_config, batch_size=batch, text_tokens=prompt_tokens, num_visual=n, num_kept=kept,
+                                    layout=layout, element_size=DTYPE_BYTES[dtype]),
                 })
     return rows
 

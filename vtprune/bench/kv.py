@@ -108,6 +108,13 @@ def num_visual_tokens(config) -> int:
     return resolve_family(config.model_type, "auto").max_visual_tokens(config)
 
 
+def vision_flops(config) -> int:
+    """Multiply-adds × 2 of the vision tower and projector for one image at the model's largest input (its family's)."""
+    from vtprune.models import resolve_family
+
+    return resolve_family(config.model_type, "auto").vision_flops(config)
+
+
 def tile_tokens(config) -> int:
     """Mllama: visual tokens of one tile, its patches and a CLS token."""
     side = config.vision_config.image_size // config.vision_config.patch_size

@@ -6,6 +6,8 @@ alike. ``none`` @ 1.0 is in every bench: each point's figures are also reported 
 visit of the same round. A visit makes two ``generate`` calls on the same synthetic batch: ``max_new_tokens=1``
 (time to first token: vision tower, scoring and selection, prefill) and exactly ``new_tokens`` tokens (end to end),
 during which every decode step is timed on its own. Figures are medians over the rounds, spreads their IQR.
+Beside each measured speed-up stands the ideal one for the point's own shape (``cost.ideal_figures``: FLOPs for
+the time to first token, bytes read for a decode step) and their ratio, the efficiency.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtprune.bench.cost import check_ratios, ideal_figures
 from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, layout_for, measured_kv_bytes, tile_tokens
 from vtprune.bench.memory import memory_kind, peak_bytes, reset_peak
 from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed, too_wide
@@ -24,8 +27,6 @@ from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed,
 
 def bench_pipelines(pipeline, strategies=None, ratios=None) -> list:
     """A pipeline per (strategy, keep_ratio); ``none`` runs at 1.0 only. Raises ConfigError before anything runs."""
-    from vtprune.bench.cost import check_ratios
-
     cfg = pipeline.config.pruning
     ratios = check_ratios(ratios or [cfg.keep_ratio])
     out = []
@@ -172,11 +173,11 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
         cached_visual = math.prod(inputs["pixel_values"].shape[1:3]) * tile_tokens(model.config)
     else:
         image_tokens, cached_visual = int((ids[0] == model.config.image_token_id).sum()), num_visual
-    analytic = analytic_kv_bytes(
-        model.config, batch_size=batch_size, text_tokens=ids.shape[1] - image_tokens, num_visual=cached_visual,
-        num_kept=cached_visual if plan.is_noop else max(r.num_kept for r in records), layout=layout_for(plan.strategy, plan.options, model.config),
-        element_size=model.dtype.itemsize, decoded=n - 1,  # the last new token is never fed back
-    )
+    shape = {"batch_size": batch_size, "text_tokens": ids.shape[1] - image_tokens, "num_visual": cached_visual,
+             "num_kept": cached_visual if plan.is_noop else max(r.num_kept for r in records),
+             "layout": layout_for(plan.strategy, plan.options, model.config), "element_size": model.dtype.itemsize}
+    analytic = analytic_kv_bytes(model.config, **shape, decoded=n - 1)  # the last new token is never fed back
+    ideal = ideal_figures(model.config, **shape)
     figures, ratios, intervals = {}, {}, {}
     for column, attr in (("ttft_ms", "ttft"), ("decode_ms_per_token", "decode"), ("e2e_ms", "e2e")):
         values = [getattr(v, attr) for v in visits]
@@ -208,7 +209,15 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
         "select_ms": ms(statistics.median(v.select for v in visits)),
         "rounds": len(visits), "interleaved": True,
         **ratios, "noisy": noisy,
+        "ideal_ttft_speedup": ideal["ideal_ttft_speedup"], "ideal_decode_speedup": ideal["ideal_decode_speedup"],
+        "ttft_efficiency": efficiency(ratios["ttft_ms_ratio"], ideal["ideal_ttft_speedup"]),
+        "decode_efficiency": efficiency(ratios["decode_ms_per_token_ratio"], ideal["ideal_decode_speedup"]),
     }
+
+
+def efficiency(ratio: float | None, ideal: float) -> float | None:
+    """Measured speed-up (1 / the paired time ratio) over the ideal one: 1.0 = all the bound allows."""
+    return None if ratio is None else 1 / ratio / ideal
 
 
 def ms(seconds: float | None) -> float | None:

@@ -48,6 +48,7 @@ def bench(
     quiet_libraries()
     import vtprune
     from vtprune.bench import run_bench
+    from vtprune.report.tables import speedup_cell
 
     pipeline = vtprune.load(cfg)
     out = Path(cfg.output_dir) / cfg.name
@@ -58,6 +59,9 @@ def bench(
         ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
         ("TTFT ×", "ttft_ms_ratio", "{:.2f}"), ("decode ×", "decode_ms_per_token_ratio", "{:.2f}"),
         ("noisy", "noisy", lambda v: "noisy" if v else ""),
+        ("TTFT ×ideal", None, lambda r: speedup_cell(r["ttft_ms_ratio"], r["ideal_ttft_speedup"], r["noisy"])),
+        ("decode ×ideal", None,
+         lambda r: speedup_cell(r["decode_ms_per_token_ratio"], r["ideal_decode_speedup"], r["noisy"])),
         ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
         ("select ms", "select_ms", "{:.2f}"),
     ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else ""))
@@ -73,7 +77,8 @@ def cost(
     strategies: StrategiesOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
 ) -> None:
-    """Analytic KV-cache bytes (self / cross attention) and prefill FLOPs per keep ratio, from the model's config alone."""
+    """Analytic KV-cache bytes (self / cross attention), prefill FLOPs (vision + LLM) and ideal speed-ups per keep
+    ratio, from the model's config alone."""
     import json
 
     cfg = load_cli_config(config, **{"bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes")})
@@ -90,6 +95,9 @@ def cost(
         ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
         ("visual", "num_visual", str), ("kept", "num_kept", str), ("KV self MiB", "kv_self_bytes", _mib),
         ("KV cross MiB", "kv_cross_bytes", _mib), ("KV total MiB", "kv_bytes", _mib), ("prefill TFLOPs", "prefill_flops", _tflops),
+        ("vision TFLOPs", "vision_flops", _tflops), ("total TFLOPs", "total_prefill_flops", _tflops),
+        ("TTFT ideal ×", "ideal_ttft_speedup", "{:.2f}"), ("decode MiB/step", "decode_bytes_per_step", _mib),
+        ("decode ideal ×", "ideal_decode_speedup", "{:.2f}"),
     ], title=f"{cfg.name} — {rows[0]['family']}, {rows[0]['dtype']}, {cfg.bench.prompt_tokens} text tokens, cache after prefill")
 
 
@@ -107,11 +115,12 @@ def _print_table(rows: list[dict], columns, title: str) -> None:
 
     table = Table(title=title)
     for header, _, _ in columns:
-        table.add_column(header, justify="left" if header == "strategy" else "right")
+        # "1.60× / 2.05× (78 %)" must not break over lines: narrower columns wrap their headers instead
+        table.add_column(header, justify="left" if header == "strategy" else "right", no_wrap="×ideal" in header)
     for row in rows:
         cells = []
         for _, key, fmt in columns:
-            value = row.get(key)
+            value = row if key is None else row.get(key)  # no key: the cell is made from the whole row
             cells.append("—" if value is None else fmt.format(value) if isinstance(fmt, str) else fmt(value))
         table.add_row(*cells)
     Console(width=200).print(table)

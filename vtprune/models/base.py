@@ -209,6 +209,12 @@ class Adapter:
         """Random pixels + a fixed-length prompt for benchmarks: no tokenizer or processor needed."""
         raise NotImplementedError
 
+    @classmethod
+    def vision_flops(cls, hf_config) -> int:
+        """Multiply-adds × 2 of the vision tower and projector for one synthetic image (``synthetic_inputs``), from
+        the config alone: the same at every keep ratio, the part of the time to first token pruning cannot save."""
+        raise NotImplementedError
+
     # -- signals -------------------------------------------------------------------------------------------
 
     #: self-attention families: the signals only an in-LLM strategy gets (computed inside the LLM); the others

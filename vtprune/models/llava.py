@@ -380,6 +380,24 @@ class LlavaAdapter(Adapter):
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
 
+    @classmethod
+    def vision_flops(cls, hf_config) -> int:
+        """One crop through the CLIP ViT (patch embedding; patches + CLS through every encoder layer up to the one
+        whose features are used: 23 of 24 with ``vision_feature_layer`` −2), then the projector MLP over the used
+        tokens. transformers also runs the layers after that one, whose output nobody reads: the ideal skips them."""
+        from vtprune.bench.cost import encoder_layer_flops
+
+        vision, hidden = hf_config.vision_config, hf_config.text_config.hidden_size
+        patches = (vision.image_size // vision.patch_size) ** 2
+        feature_layers = hf_config.vision_feature_layer
+        feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        layers = max(i % (vision.num_hidden_layers + 1) for i in feature_layers)  # hidden_states[0] is the embedding
+        embed = 2 * patches * vision.num_channels * vision.patch_size**2 * vision.hidden_size
+        tower = embed + layers * encoder_layer_flops(patches + 1, vision.hidden_size, vision.intermediate_size)
+        used = patches + (hf_config.vision_feature_select_strategy == "full")
+        projector = 2 * used * (len(feature_layers) * vision.hidden_size * hidden + hidden * hidden)
+        return tower + projector
+
 
 def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:
     """``[B, H, S]`` attention of the last position to every position in one Llama decoder layer, per query head.

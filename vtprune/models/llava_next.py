@@ -127,3 +127,11 @@ class LlavaNextAdapter(LlavaAdapter):
         crops = self.crops_per_image(image_sizes[:1])[0]
         pixels = torch.rand(batch_size, crops, 3, size, size, generator=generator) * 2 - 1
         return {"pixel_values": pixels, "image_sizes": image_sizes}
+
+    @classmethod
+    def vision_flops(cls, hf_config) -> int:
+        """LLaVA-1.5's tower and projector per crop, times the crops of the largest pinpoint (the base view and
+        its grid). The newline tokens are parameters, computed by nothing."""
+        size = hf_config.vision_config.image_size
+        h, w = max(hf_config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        return (1 + (h // size) * (w // size)) * super().vision_flops(hf_config)

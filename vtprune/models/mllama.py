@@ -281,6 +281,22 @@ class MllamaAdapter(Adapter):
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
 
+    @classmethod
+    def vision_flops(cls, hf_config) -> int:
+        """Every tile (``max_num_tiles``, as the synthetic input): patch embedding, then the local and the global
+        transformer layers over the tiles' tokens together, each tile's patches + CLS padded to a multiple of 8 as
+        transformers pads them (masked, but computed: every query-key pair counts), then the projector
+        (``vision_output_dim`` → text hidden) over the unpadded tokens. Tile embeddings and gates are left out."""
+        from vtprune.bench.cost import encoder_layer_flops
+
+        vision, tiles = hf_config.vision_config, hf_config.vision_config.max_num_tiles
+        patches = (vision.image_size // vision.patch_size) ** 2
+        padded = patches + 1 + (-(patches + 1)) % 8
+        embed = 2 * tiles * patches * vision.num_channels * vision.patch_size**2 * vision.hidden_size
+        layer = encoder_layer_flops(tiles * padded, vision.hidden_size, vision.intermediate_size)
+        projector = 2 * tiles * (patches + 1) * vision.vision_output_dim * hf_config.text_config.hidden_size
+        return embed + (vision.num_hidden_layers + vision.num_global_layers) * layer + projector
+
 
 def cuts_first_layer(plan: PrunePlan) -> bool:
     """Whether the first cross-attention layer's cache is cut to the kept set (baselines: always, as the default)."""

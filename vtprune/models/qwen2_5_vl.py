@@ -178,6 +178,29 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         dtype = next(self.model.parameters()).dtype
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
 
+    @classmethod
+    def vision_flops(cls, hf_config) -> int:
+        """The synthetic 32×32-patch image: patch embedding (Conv3d over ``temporal_patch_size`` frames), the blocks
+        (gated MLP; attention over the whole image in ``fullatt_block_indexes``, within each window elsewhere), then
+        the merger MLP over the merged tokens. Windows are ``window_size`` px squares of merged patches, the last
+        one per row / column cut short (16 windows of 64 patches on the 7B model): exact as transformers splits
+        them, whose non-flash path runs each window on its own."""
+        from vtprune.bench.cost import encoder_layer_flops
+
+        vision, side = hf_config.vision_config, cls.SYNTHETIC_PATCHES
+        merge, hidden, patches = vision.spatial_merge_size, vision.hidden_size, side * side
+        window, grid = vision.window_size // merge // vision.patch_size, side // merge  # in merged patches
+        spans = [window] * (grid // window) + ([grid % window] if grid % window else [])
+        window_pairs = sum((a * b * merge * merge) ** 2 for a in spans for b in spans)
+        full = len(vision.fullatt_block_indexes)
+        embed = 2 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * hidden
+        blocks = full * encoder_layer_flops(patches, hidden, vision.intermediate_size, mlp_matrices=3) + (
+            vision.depth - full) * encoder_layer_flops(patches, hidden, vision.intermediate_size, mlp_matrices=3,
+                                                       pairs=window_pairs)
+        merged = merge * merge * hidden
+        merger = 2 * (patches // merge**2) * merged * (merged + vision.out_hidden_size)
+        return embed + blocks + merger
+
 
 def image_only_processor():
     """``Qwen2_5_VLProcessor`` without its video processor, for images only.

@@ -23,6 +23,10 @@ SPEED_COLUMNS = {  # bench column → (table header, unit)
     "kv_bytes": ("KV cache (self+cross)", "bytes"),
 }
 TIMED = ("ttft_ms", "decode_ms_per_token", "e2e_ms")  # an interleaved bench measures their ratio to none itself
+IDEAL_COLUMNS = {  # timing → (table header, bench column of its ideal speed-up)
+    "ttft_ms": ("TTFT ×ideal", "ideal_ttft_speedup"),
+    "decode_ms_per_token": ("decode ×ideal", "ideal_decode_speedup"),
+}
 _ACC_KEY = ["model", "task", "metric"]
 _SPEED_KEY = ["model", "device", "dtype", "batch_size"]
 
@@ -78,6 +82,8 @@ def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
     for column in TIMED:
         for end in ("_lo", "_hi"):
             b[f"{column}_ratio{end}"] = _numeric(b, f"{column}_ratio{end}")
+    for _, ideal in IDEAL_COLUMNS.values():
+        b[ideal] = _numeric(b, ideal)  # NaN in benches from before the ideal was recorded
     b["noisy"] = b["noisy"].eq(True) if "noisy" in b.columns else False
     return b
 
@@ -194,6 +200,21 @@ def _speed_cell(row, column: str) -> str:
     return f"{text} ({ratio:.2f}×, {interval})" if interval else f"{text} ({ratio:.2f}×)"
 
 
+def speedup_cell(ratio, ideal, noisy: bool) -> str:
+    """Measured speed-up (1 / time ratio) / ideal speed-up (efficiency), e.g. ``1.60× / 2.05× (78 %)``."""
+    def missing(value):
+        return value is None or math.isnan(value)
+
+    if missing(ideal):
+        return "—"
+    if noisy:  # the measured figure is no result; the ideal, computed, still is
+        return f"noisy / {ideal:.2f}×"
+    if missing(ratio) or ratio <= 0:
+        return f"— / {ideal:.2f}×"
+    speedup = 1 / ratio
+    return f"{speedup:.2f}× / {ideal:.2f}× ({100 * speedup / ideal:.0f} %)"
+
+
 def _noisy_note(row) -> str:
     where = f"{row.model} ({row.device}, {row.dtype}), batch size {row.batch_size}, {row.strategy} @ {row.keep_ratio:g}"
     rounds = getattr(row, "rounds", math.nan)
@@ -216,13 +237,16 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
     for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
         smoke = " — " + SMOKE_MARK if group["smoke"].fillna(False).astype(bool).any() else ""
         out += [f"### {model} — {device}, {dtype}{smoke}", ""]
-        header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS]
+        header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS] + [
+            name for name, _ in IDEAL_COLUMNS.values()]
         for batch_size, batch in group.groupby("batch_size", sort=True):
             if not _is_reference(batch).any():
                 notes.append(f"{model} ({device}, {dtype}), batch size {batch_size}: no unpruned row "
                              "(strategy none, keep 1.0): figures shown without ratios")
             rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
-                     *(_speed_cell(row, c) for c in SPEED_COLUMNS)] for row in _order(batch).itertuples()]
+                     *(_speed_cell(row, c) for c in SPEED_COLUMNS),
+                     *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row.noisy)
+                       for c, (_, ideal) in IDEAL_COLUMNS.items())] for row in _order(batch).itertuples()]
             notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
             out += [f"Batch size {batch_size}:", "", markdown_table(header, rows), ""]
         out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
@@ -232,7 +256,10 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                "(below 1 is faster / smaller). Timings measured in interleaved rounds: (n×, lo–hi) is the median of "
                "the per-round ratios to the unpruned run of the same round, with its 95 % bootstrap interval; "
                "'noisy' marks a row whose TTFT or decode interval is wider than ±10 % (see Notes). "
-               "KV cache: self- plus cross-attention cache measured after generation.")
+               "KV cache: self- plus cross-attention cache measured after generation. ×ideal: measured speed-up "
+               "(1 / the time ratio) / the ideal speed-up for the same work (efficiency): FLOPs of the vision tower, "
+               "projector and prefill for TTFT, bytes read per step (language-model weights + KV cache after "
+               "prefill) for decode, both from the model's config.")
     return out + [""]
 
 
