@@ -99,26 +99,36 @@ def _seeded_rng(device, seed: int):
         yield
 
 
+@contextlib.contextmanager
+def strict_image_decoding():
+    """PIL refuses truncated images inside: importing lmms-eval sets ``LOAD_TRUNCATED_IMAGES`` for the whole
+    process, which pads half an image with grey and lets it pass. The caller's setting is restored on exit."""
+    from PIL import ImageFile
+
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
 def read_image(source):
     """An image file (or a lazily decoded PIL image) as RGB, decoded whole: a truncated JPEG opens fine and fails
     only when its pixels are read. A VtpruneError names the file."""
-    from PIL import Image, ImageFile
+    from PIL import Image
 
-    # Importing lmms-eval sets LOAD_TRUNCATED_IMAGES for the whole process, which would let half an image pass.
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        if isinstance(source, Image.Image):
-            source.load()
-            return source.convert("RGB")
-        with Image.open(source) as image:
-            return image.convert("RGB")
+        with strict_image_decoding():
+            if isinstance(source, Image.Image):
+                source.load()
+                return source.convert("RGB")
+            with Image.open(source) as image:
+                return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         name = getattr(source, "filename", None) or source
         raise VtpruneError(f"{name} is not a readable image ({reason}; allowed: an image file PIL can read, "
                            "e.g. PNG or JPEG)") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _as_images(images):

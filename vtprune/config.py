@@ -284,16 +284,11 @@ def _check_layer(model: ModelConfig, k) -> None:
 def decoder_layers(model: ModelConfig) -> int | None:
     """The language model's decoder layer count, from the model's config alone; None when it cannot be read
     offline (the adapter checks again once the model is loaded)."""
-    if model.path in ("tiny:llava", "tiny:llava_next"):
-        from types import SimpleNamespace
-
-        from vtprune.models.tiny import _llama_text
+    if model.path.startswith("tiny:"):
+        from vtprune.models.tiny import TINY_TEXT_LAYERS
 
         # The tiny recipe itself, so that validating never builds (or needs) the tiny checkpoint.
-        no_tokens = SimpleNamespace(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        return _llama_text(0, no_tokens)["num_hidden_layers"]
-    if model.path.startswith("tiny:"):
-        return None
+        return TINY_TEXT_LAYERS.get(model.path[5:])
     try:
         from transformers import AutoConfig
 

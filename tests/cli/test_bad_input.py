@@ -205,6 +205,7 @@ def test_generation_keys_that_are_allowed(tmp_path):
     ("tiny:llava", 99, "99 is outside the allowed range [1, 3] for tiny:llava (4 decoder layers)"),
     ("tiny:llava_next", 4, "4 is outside the allowed range [1, 3] for tiny:llava_next (4 decoder layers)"),
     ("tiny:llava", 0, "0 is outside the allowed range [1, 3] for tiny:llava (4 decoder layers)"),
+    ("tiny:qwen2_5_vl", 99, "99 is outside the allowed range [1, 3] for tiny:qwen2_5_vl (4 decoder layers)"),
 ])
 def test_fastv_layer_outside_the_model(tmp_path, path, layer, message):
     data = {"model": {"path": path}, "pruning": {"strategy": "fastv", "options": {"layer": layer}}}

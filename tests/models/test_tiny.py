@@ -48,3 +48,15 @@ def test_cache_dir_respects_env(tmp_path, monkeypatch):
     path = tiny_path("llava")
     assert path.parent == tmp_path / "tiny" and (path / "config.json").is_file()
     assert (path / "tokenizer.json").is_file() and (path / "chat_template.jinja").exists() or (path / "processor_config.json").exists()
+
+
+def test_tiny_text_layers_table_matches_the_built_models():
+    """Config validation bounds fastv's layer by TINY_TEXT_LAYERS without building: it must be the recipe's."""
+    from transformers import AutoConfig
+
+    from vtprune.models.tiny import TINY_FAMILIES, TINY_TEXT_LAYERS, tiny_path
+
+    assert set(TINY_TEXT_LAYERS) == set(TINY_FAMILIES)
+    for family in TINY_FAMILIES:
+        text = AutoConfig.from_pretrained(tiny_path(family)).get_text_config(decoder=True)
+        assert text.num_hidden_layers == TINY_TEXT_LAYERS[family], family

@@ -137,9 +137,9 @@ class VtpruneLMM(lmms):
         if pipeline is None:
             import vtprune
 
-            if accelerator.num_processes > 1:
-                local = accelerator.local_process_index
-                config = config.replace(model={"device": data_parallel_device(config.model.device, 2, local)})
+            device = data_parallel_device(config.model.device, accelerator.num_processes, accelerator.local_process_index)
+            if device != config.model.device:
+                config = config.replace(model={"device": device})
             pipeline = vtprune.load(config)
             _check_response_cache(config_path, pipeline.config)
         self.pipeline = pipeline
@@ -199,8 +199,8 @@ class VtpruneLMM(lmms):
         gen, until = request_generation(gen_kwargs[0], self.generation)
         start = time.perf_counter()
         results = self.pipeline.generate(images, list(contexts), **gen)
-        _log_throughput(results, time.perf_counter() - start, self.pipeline.config.pruning)
         pruning = self.pipeline.config.pruning
+        _log_throughput(results, time.perf_counter() - start, pruning)
         outputs = []
         for result, doc_id, context in zip(results, doc_ids, contexts):
             text = result.text
@@ -210,8 +210,7 @@ class VtpruneLMM(lmms):
             self.stats[(task, doc_id)] = dataclasses.replace(result, text=text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs[0]), text)
             counts = PrunedTokenCounts(
-                input_tokens=getattr(result, "input_tokens", None), output_tokens=getattr(result, "output_tokens", None),
-                num_visual=result.num_visual,
+                input_tokens=result.input_tokens, output_tokens=result.output_tokens, num_visual=result.num_visual,
                 num_kept=result.num_kept, kept_fraction=result.kept_fraction, strategy=pruning.strategy,
                 keep_ratio=pruning.keep_ratio,
             )
@@ -252,7 +251,7 @@ def _log_throughput(results, seconds: float, pruning) -> None:
     """lmms-eval's throughput log (results.json ``throughput``): its averages include the pruning figures."""
     from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-    new_tokens = sum(getattr(r, "output_tokens", None) or 0 for r in results)
+    new_tokens = sum(r.output_tokens for r in results)
     log_metrics(
         total_elapsed_time=seconds, total_gen_tokens=new_tokens, avg_speed=new_tokens / seconds if seconds else 0.0,
         additional_metrics={

@@ -161,22 +161,18 @@ def _unreadable_images_named(tasks):
     reaches the model (which names the document of one it cannot decode)."""
     import traceback
 
-    from PIL import ImageFile
-
+    from vtprune.api import strict_image_decoding
     from vtprune.errors import VtpruneError
 
-    # Importing lmms-eval makes PIL pad truncated images silently, process-wide: a half-grey picture would be
-    # scored as if it were the real one. vtprune's runs refuse them; lmms-eval's setting is restored after.
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    # A half-grey picture would be scored as if it were the real one: vtprune's runs refuse truncated images.
     try:
-        yield
+        with strict_image_decoding():
+            yield
     except (OSError, SyntaxError) as exc:
         frames = traceback.extract_tb(exc.__traceback__)
         if not any("/PIL/" in f.filename for f in frames):
             raise
         raise VtpruneError(f"eval data: an image of task {', '.join(tasks)} is not readable ({exc})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 class _WithoutProgressBars:

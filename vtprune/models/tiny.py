@@ -15,6 +15,9 @@ from pathlib import Path
 TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
 TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl")
 TINY_SEED = 1234
+# Decoder layers of each tiny language model: the recipe reads them here, and config validation bounds layer
+# options (fastv's K) by them without building the checkpoint.
+TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4}
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
 _CORPUS = """
@@ -122,7 +125,8 @@ def _build(family: str, out: Path) -> None:
 
 def _llama_text(vocab: int, tokenizer) -> dict:
     return dict(
-        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=TINY_TEXT_LAYERS["llava"],  # llava and llava_next share this language model
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -148,8 +152,8 @@ def _build_mllama(tokenizer, vocab):
             initializer_range=0.2,
         ),
         text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
-            num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=2048,
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_TEXT_LAYERS["mllama"],
+            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=2048,
             initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
@@ -232,8 +236,8 @@ def _build_qwen2_5_vl(tokenizer, vocab):
             fullatt_block_indexes=[1, 3], tokens_per_second=2, initializer_range=0.2,
         ),
         text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_TEXT_LAYERS["qwen2_5_vl"],
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ),
