@@ -125,7 +125,8 @@ def test_mllama_kv_accounting_from_the_model_itself():
     from PIL import Image
     from transformers import AutoProcessor, DynamicCache, MllamaForConditionalGeneration
 
-    from vtprune.bench.kv import Layout, analytic_kv_bytes, measured_kv_bytes, num_visual_tokens
+    from vtprune.bench.kv import analytic_kv_bytes, measured_kv_bytes, num_visual_tokens
+    from vtprune.placement import Placement
     from vtprune.models.tiny import tiny_path
 
     path = tiny_path("mllama")
@@ -140,7 +141,7 @@ def test_mllama_kv_accounting_from_the_model_itself():
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache=cache)
     n = num_visual_tokens(model.config)  # every tile, empty ones included, is in the cross cache
     expected = analytic_kv_bytes(model.config, batch_size=2, text_tokens=inputs["input_ids"].shape[1], num_visual=n,
-                                 num_kept=n, layout=Layout(), element_size=4, decoded=2)
+                                 num_kept=n, placement=Placement("cross_attention"), element_size=4, decoded=2)
     assert measured_kv_bytes(cache, model.config) == expected
     assert expected["cross"] > 0
 

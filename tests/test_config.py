@@ -37,14 +37,18 @@ BAD = [
     ("keep ratio zero", with_("pruning", keep_ratio=0), "pruning.keep_ratio: 0.0 is outside the allowed range (0, 1]"),
     ("keep ratio above one", with_("pruning", keep_ratio=1.5), "pruning.keep_ratio: 1.5 is outside the allowed range (0, 1]"),
     ("keep ratio negative", with_("pruning", keep_ratio=-0.2), "pruning.keep_ratio: -0.2 is outside the allowed range (0, 1]"),
-    ("undeclared option", with_("pruning", options={"layer": 3}), "pruning.options.layer: strategy 'uniform' has no such option (allowed: none)"),
+    ("undeclared option", with_("pruning", options={"layer": 3}), "pruning.options.layer: strategy 'uniform' has no such option (allowed: none); where it prunes is set by pruning.placement.layer"),
     ("bad weights", with_("model", weights="trained"), "model.weights: 'trained' is not allowed (allowed: pretrained, random)"),
     ("bad dtype", with_("model", dtype="int8"), "model.dtype: 'int8' is not allowed (allowed: auto, float32, float16, bfloat16)"),
     ("bad device", with_("model", device="tpu"), "model.device: 'tpu' is not allowed (allowed: auto, cpu, cuda, cuda:N)"),
     ("bad tiny model", with_("model", path="tiny:qwen"), "model.path: 'tiny:qwen' is not allowed (allowed: tiny:mllama, tiny:llava, tiny:llava_next, tiny:qwen2_5_vl)"),
     ("option out of range", with_("pruning", strategy="adav", options={"budget_thres": 0.9}), "pruning.options.budget_thres: 0.9 is outside the allowed range [0.0, 0.5]"),
     ("option bad choice", {**GOOD, "model": {"path": "tiny:mllama"}, "pruning": {"strategy": "trimmed_llama", "options": {"mode": "greedy"}}}, "pruning.options.mode: 'greedy' is not allowed (allowed: adaptive, budget)"),
-    ("option wrong type", with_("pruning", strategy="fastv", options={"layer": "two"}), "pruning.options.layer: expected int, got 'two'"),
+    ("option wrong type", with_("pruning", strategy="trimmed_llama", options={"mode": 2}), "pruning.options.mode: expected str, got 2"),
+    ("placement wrong type", with_("pruning", strategy="fastv", placement={"layer": "two"}),
+     "pruning.placement.layer: 'two' is not allowed (allowed: an integer in [1, decoder layers - 1])"),
+    ("placement of another kind", with_("pruning", strategy="uniform", placement={"layer": 2}),
+     "pruning.placement.layer: not a setting of 'uniform', which prunes before the LLM (allowed: none)"),
     ("wrong type", with_("pruning", keep_ratio="half"), "pruning.keep_ratio: expected a number, got 'half'"),
     ("malformed yaml", "model: [unclosed\n", "is not valid YAML"),
     ("not a mapping", "- a\n- b\n", "must be a mapping of keys"),
@@ -76,7 +80,7 @@ def test_dry_run_prints_resolved_config(tmp_path):
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.stdout)
     assert resolved["name"] == "t"
-    assert resolved["pruning"] == {"strategy": "uniform", "keep_ratio": 0.5, "options": {}}
+    assert resolved["pruning"] == {"strategy": "uniform", "keep_ratio": 0.5, "options": {}, "placement": {}}
     assert resolved["eval"]["limit"] == 3
     assert resolved["bench"]["batch_sizes"] == [1, 4, 16]  # defaults filled in
 

@@ -56,7 +56,7 @@ def _hf_config():
 def _trimmed(prune_first_layer_cache: bool):
     from vtprune.strategies import STRATEGIES
 
-    return STRATEGIES.get("trimmed_llama"), {"prune_first_layer_cache": prune_first_layer_cache}
+    return STRATEGIES.get("trimmed_llama"), {"prune_first_layer_cache": prune_first_layer_cache}  # placement settings
 
 
 def _rows(strategy, ratios, batch_sizes):

@@ -35,7 +35,9 @@ class Pipeline:
         self.adapter = adapter
         strategy = STRATEGIES.get(config.pruning.strategy)
         adapter.check_strategy(strategy)
-        self.plan = PrunePlan(strategy, config.pruning.keep_ratio, dict(config.pruning.options), config.seed)
+        p = config.pruning
+        self.plan = PrunePlan(strategy, p.keep_ratio, dict(p.options), config.seed, dict(p.placement))
+        adapter.placement(self.plan)  # checked against the loaded model before any call
 
     @property
     def model(self):
@@ -45,13 +47,13 @@ class Pipeline:
     def processor(self):
         return self.adapter.processor
 
-    def with_pruning(self, strategy: str | None = None, keep_ratio: float | None = None, options: dict | None = None):
-        """The same model with another strategy / keep ratio (no reload): how sweeps share weights."""
-        pruning = {
-            "strategy": strategy or self.config.pruning.strategy,
-            "keep_ratio": self.config.pruning.keep_ratio if keep_ratio is None else float(keep_ratio),
-            "options": self.config.pruning.options if options is None and strategy is None else (options or {}),
-        }
+    def with_pruning(self, strategy: str | None = None, keep_ratio: float | None = None, options: dict | None = None,
+                     placement: dict | None = None):
+        """The same model with another strategy / keep ratio (no reload): how sweeps share weights. The config's
+        options and placement stay with its own strategy; another one starts from its defaults."""
+        p = self.config.pruning
+        pruning = p.point(strategy or p.strategy, p.keep_ratio if keep_ratio is None else keep_ratio)
+        pruning.update({k: v for k, v in (("options", options), ("placement", placement)) if v is not None})
         return Pipeline(self.config.replace(pruning=pruning), self.adapter)
 
     def prepare(self, images, prompts):
@@ -141,7 +143,7 @@ def _as_images(images):
 def load(config: str | Path | Config | None = None, **keys) -> Pipeline:
     """``load("configs/x.yaml")`` or ``load(model="tiny:llava", strategy="uniform", keep_ratio=0.5)``.
 
-    Keyword shortcuts: ``model`` (path), ``family``, ``strategy``, ``keep_ratio``, ``options``, ``weights``,
+    Keyword shortcuts: ``model`` (path), ``family``, ``strategy``, ``keep_ratio``, ``options``, ``placement``, ``weights``,
     ``dtype``, ``device``, ``attn_implementation``, ``seed``; over a config file they override its values.
     """
     from vtprune.models import load_model
@@ -158,7 +160,7 @@ def load(config: str | Path | Config | None = None, **keys) -> Pipeline:
 
 _MODEL_KEYS = {"model": "path", "family": "family", "weights": "weights", "dtype": "dtype", "device": "device",
                "attn_implementation": "attn_implementation"}
-_PRUNING_KEYS = {"strategy": "strategy", "keep_ratio": "keep_ratio", "options": "options"}
+_PRUNING_KEYS = {"strategy": "strategy", "keep_ratio": "keep_ratio", "options": "options", "placement": "placement"}
 
 
 def _sections(keys: dict) -> dict:

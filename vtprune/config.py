@@ -71,6 +71,14 @@ class PruningConfig:
     strategy: str = "none"
     keep_ratio: float = 1.0
     options: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)
+
+    def point(self, strategy: str, keep_ratio: float) -> dict:
+        """The pruning section of one sweep / bench point: the options and placement stay with their own strategy,
+        any other strategy runs with its defaults."""
+        same = strategy == self.strategy
+        return {"strategy": strategy, "keep_ratio": float(keep_ratio), "options": dict(self.options) if same else {},
+                "placement": dict(self.placement) if same else {}}
 
 
 @dataclass
@@ -222,14 +230,20 @@ def validate(config: Config) -> None:
     strategy = STRATEGIES.get(p.strategy)
     for key, value in p.options.items():
         if key not in strategy.options:
+            from vtprune.placement import SETTINGS
+
             allowed = ", ".join(strategy.options) or "none"
-            raise ConfigError(f"pruning.options.{key}: strategy '{p.strategy}' has no such option (allowed: {allowed})")
+            moved = any(key in keys for keys in SETTINGS.values())
+            hint = f"; where it prunes is set by pruning.placement.{key}" if moved else ""
+            raise ConfigError(f"pruning.options.{key}: strategy '{p.strategy}' has no such option (allowed: {allowed}){hint}")
         _check_option(f"pruning.options.{key}", value, strategy.options[key])
     family = declared_family(config)
     if family in FAMILIES:
         FAMILIES.get(family).check_strategy(strategy)
-    if "layer" in strategy.options:
-        _check_layer(config.model, p.options.get("layer", strategy.options["layer"].default))
+    cross_attention, layers = model_facts(config.model, family)
+    from vtprune.placement import resolve_placement
+
+    resolve_placement(strategy, p.placement, cross_attention=cross_attention, decoder_layers=layers, model=m.path)
     # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:
     # indexing every lmms-eval task takes seconds, too slow for each config load.
     if not config.eval.tasks or not all(isinstance(t, str) and t for t in config.eval.tasks):
@@ -272,29 +286,24 @@ def check_generation(values: dict, where: str = "eval.generation") -> None:
             raise ConfigError(f"{where}.{key}: {value!r} is not allowed (allowed: {allowed})")
 
 
-def _check_layer(model: ModelConfig, k) -> None:
-    """An LLM layer index option (fastv's K, 1-based): layers[:K] see every token, so 1 <= K < decoder layers,
-    the adapter's own rule, checked here so that a dry run catches it without loading weights."""
-    n = decoder_layers(model)
-    if not 1 <= k < (n or math.inf):
-        upper, where = (n - 1, f" for {model.path} ({n} decoder layers)") if n else ("decoder layers - 1", "")
-        raise ConfigError(f"pruning.options.layer: {k} is outside the allowed range [1, {upper}]{where}")
+def model_facts(model: ModelConfig, family: str | None) -> tuple[bool | None, int | None]:
+    """Whether the model has cross-attention layers and how many decoder layers its LLM has, from its config alone;
+    None for what cannot be read offline (the adapter checks again once the model is loaded)."""
+    from vtprune.models import FAMILIES
 
-
-def decoder_layers(model: ModelConfig) -> int | None:
-    """The language model's decoder layer count, from the model's config alone; None when it cannot be read
-    offline (the adapter checks again once the model is loaded)."""
+    cross = FAMILIES.get(family).cross_attention if family in FAMILIES else None
     if model.path.startswith("tiny:"):
         from vtprune.models.tiny import TINY_TEXT_LAYERS
 
         # The tiny recipe itself, so that validating never builds (or needs) the tiny checkpoint.
-        return TINY_TEXT_LAYERS.get(model.path[5:])
+        return cross, TINY_TEXT_LAYERS.get(model.path[5:])
     try:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(model.path, local_files_only=True).get_text_config().num_hidden_layers
+        text = AutoConfig.from_pretrained(model.path, local_files_only=True).get_text_config(decoder=True)
+        return bool(getattr(text, "cross_attention_layers", None)), text.num_hidden_layers
     except (OSError, ValueError, KeyError, AttributeError):
-        return None
+        return cross, None
 
 
 def declared_family(config: Config) -> str | None:

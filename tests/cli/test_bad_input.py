@@ -208,9 +208,9 @@ def test_generation_keys_that_are_allowed(tmp_path):
     ("tiny:qwen2_5_vl", 99, "99 is outside the allowed range [1, 3] for tiny:qwen2_5_vl (4 decoder layers)"),
 ])
 def test_fastv_layer_outside_the_model(tmp_path, path, layer, message):
-    data = {"model": {"path": path}, "pruning": {"strategy": "fastv", "options": {"layer": layer}}}
+    data = {"model": {"path": path}, "pruning": {"strategy": "fastv", "placement": {"layer": layer}}}
     line = error_line(invoke("eval", "-c", config(tmp_path, yaml.safe_dump(data)), "--dry-run"))
-    assert line == f"error: pruning.options.layer: {message}"
+    assert line == f"error: pruning.placement.layer: {message}"
 
 
 def test_fastv_layer_bound_read_from_a_local_config(tmp_path):
@@ -218,9 +218,9 @@ def test_fastv_layer_bound_read_from_a_local_config(tmp_path):
 
     arch = Path(__file__).parents[2] / "configs" / "architectures" / "llava-1.5-7b"
     data = {"model": {"path": str(arch), "weights": "random"},
-            "pruning": {"strategy": "fastv", "options": {"layer": 32}}}
+            "pruning": {"strategy": "fastv", "placement": {"layer": 32}}}
     line = error_line(invoke("eval", "-c", config(tmp_path, yaml.safe_dump(data)), "--dry-run"))
-    assert line == f"error: pruning.options.layer: 32 is outside the allowed range [1, 31] for {arch} (32 decoder layers)"
+    assert line == f"error: pruning.placement.layer: 32 is outside the allowed range [1, 31] for {arch} (32 decoder layers)"
     # A model whose config cannot be read offline is checked when it loads, not here.
     data["model"] = {"path": "nobody/not-cached-llava", "family": "llava"}
     assert invoke("eval", "-c", config(tmp_path, yaml.safe_dump(data)), "--dry-run").exit_code == 0

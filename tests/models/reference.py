@@ -2,6 +2,20 @@
 
 import torch
 
+from vtprune.models.base import PrunePlan
+from vtprune.placement import SETTINGS
+from vtprune.strategies import STRATEGIES
+
+PLACEMENT_KEYS = {key for keys in SETTINGS.values() for key in keys}
+
+
+def plan(name, keep=1.0, seed=0, **settings):
+    """A plan of strategy ``name``: placement settings (``layer``, ``prune_first_layer_cache``) go to the
+    placement, the others are the strategy's options."""
+    placement = {k: v for k, v in settings.items() if k in PLACEMENT_KEYS}
+    options = {k: v for k, v in settings.items() if k not in PLACEMENT_KEYS}
+    return PrunePlan(STRATEGIES.get(name), keep, options, seed, placement)
+
 
 def masked_layer_hooks(layers, base: torch.Tensor, first: int) -> list:
     """Forward pre-hooks on ``layers[first:]`` whose attention sees only the keys ``base`` [B, S] allows (plus

@@ -4,19 +4,15 @@ import pytest
 import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
-from reference import masked_layer_hooks
+from reference import masked_layer_hooks, plan
 
 import vtprune
-from vtprune.models.base import PrunePlan, left_pad_positions
-from vtprune.strategies import STRATEGIES
+from vtprune.models.base import left_pad_positions
 
 ALL = ["none", "random", "uniform", "fastervlm", "text_sim", "divprune", "adav", "fastv"]
 IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (90, 40), (20, 30, 210))]
 PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
 
-
-def plan(name, keep=1.0, **options):
-    return PrunePlan(STRATEGIES.get(name), keep, options)
 
 
 @pytest.fixture(scope="module")

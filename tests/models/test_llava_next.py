@@ -5,18 +5,15 @@ import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
 
+from reference import plan
+
 import vtprune
-from vtprune.models.base import PrunePlan
-from vtprune.strategies import STRATEGIES
 
 ALL = ["none", "random", "uniform", "fastervlm", "text_sim", "divprune", "adav", "fastv"]
 # Different aspect ratios: different crop grids and unpadded sizes, hence different token counts.
 IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (90, 40), (20, 30, 210))]
 PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
 
-
-def plan(name, keep=1.0, **options):
-    return PrunePlan(STRATEGIES.get(name), keep, options)
 
 
 @pytest.fixture(scope="module")

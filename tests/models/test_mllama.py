@@ -9,9 +9,9 @@ import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
 
+from reference import plan
+
 import vtprune
-from vtprune.models.base import PrunePlan
-from vtprune.strategies import STRATEGIES
 
 # tiny:mllama: 32x32 tiles, 17 tokens per tile (16 patches + CLS), up to 4 tiles, cross-attention layers [1, 3]
 PER_TILE = 17
@@ -27,9 +27,6 @@ PADDED = [noise(40, 30, 0), noise(30, 90, 1)]  # 2 and 3 of 4 tiles
 FULL = [noise(64, 64, 2), noise(32, 128, 3)]  # 4 of 4 tiles
 PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
 
-
-def plan(name, keep=1.0, seed=0, **options):
-    return PrunePlan(STRATEGIES.get(name), keep, options, seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import pytest
 import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
-from reference import masked_layer_hooks
+from reference import masked_layer_hooks, plan
 
 import vtprune
-from vtprune.models.base import PrunePlan, left_pad_positions
-from vtprune.strategies import STRATEGIES
+from vtprune.models.base import left_pad_positions
 
 ALL = ["none", "uniform", "random", "fastervlm", "cls_saliency", "adav", "divprune", "text_sim", "fastv"]
 PRE_LLM = [name for name in ALL if name not in ("none", "fastv")]
@@ -31,9 +30,6 @@ IMAGES = [noise(56, 56, 1), noise(112, 56, 2)]
 PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
 COUNTS = [16, 28]
 
-
-def plan(name, keep=1.0, **options):
-    return PrunePlan(STRATEGIES.get(name), keep, options)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -172,7 +172,7 @@ def test_a_call_from_inside_a_pruning_context_is_refused(pipe):
             prefill(none, inputs)
         with pytest.raises(VtpruneError, match=refused), fastv.adapter.applied(inputs, fastv.plan):
             pass
-        k = fastv.plan.option("layer")
+        k = fastv.adapter.placement(fastv.plan).layer
         assert hooks_on(pipe.model) == 1 + len(fastv.adapter.decoder_layers) - k  # only the open context's own
 
     # from inside a hook: the strategy's selection runs in fastv's scoring hook

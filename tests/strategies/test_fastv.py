@@ -5,10 +5,10 @@ import torch
 from vtprune.strategies import STRATEGIES, Signals
 
 
-def test_fastv_is_declared_in_llm_with_its_layer_option():
+def test_fastv_is_declared_in_llm_with_its_default_layer_as_placement():
     s = STRATEGIES.get("fastv")
     assert (s.needs, s.stage) == (("last_token_attention",), "in_llm")
-    assert s.options["layer"].default == 2
+    assert s.placement == {"layer": 2} and s.options == {}
 
 
 def test_fastv_ranks_by_the_mean_over_heads():

@@ -13,19 +13,20 @@ it reads (the language model's weights plus the KV cache).
 from __future__ import annotations
 
 from vtprune.bench.kv import (
-    Layout,
     analytic_kv_bytes,
     cross_layer_indices,
     layer_tokens,
-    layout_for,
+    placement_for,
     num_visual_tokens,
     vision_flops,
 )
 
+from vtprune.placement import Placement
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout) -> int:
+def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement) -> int:
     """Multiply-adds × 2 of the language model's prefill (projections, attention, MLP, one LM-head row).
 
     Attention counts every query-key pair (no causal saving), as sdpa computes it. The vision encoder and the
@@ -35,7 +36,7 @@ def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int,
     h, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or h // heads
     total = 0
-    for kind, queries, keys, _ in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, layout=layout):
+    for kind, queries, keys, _ in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, placement=placement):
         kv_inputs = queries if kind == "self" else keys  # cross layers project K/V from the visual tokens
         total += 2 * queries * h * heads * head_dim * 2  # q_proj, o_proj
         total += 2 * kv_inputs * h * kv_heads * head_dim * 2  # k_proj, v_proj
@@ -69,38 +70,38 @@ def decoder_weight_bytes(config, element_size: int) -> int:
     return element_size * (layers + h * text.vocab_size)
 
 
-def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout: Layout,
+def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement,
                   element_size: int) -> dict:
     """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.
 
     ``total_prefill_flops`` (vision + LLM prefill) bounds the time to first token; ``decode_bytes_per_step``
     (weights + the cache after prefill) bounds a decode step, which is memory-bound at these batch sizes.
     """
-    def figures(kept, lay):
+    def figures(kept, where):
         kv = analytic_kv_bytes(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
-                               num_kept=kept, layout=lay, element_size=element_size)
+                               num_kept=kept, placement=where, element_size=element_size)
         llm = prefill_flops(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
-                            num_kept=kept, layout=lay)
+                            num_kept=kept, placement=where)
         return {"kv_self_bytes": kv["self"], "kv_cross_bytes": kv["cross"], "kv_bytes": kv["self"] + kv["cross"],
                 "prefill_flops": llm, "vision_flops": vision, "total_prefill_flops": vision + llm,
                 "decode_bytes_per_step": weights + kv["self"] + kv["cross"]}
 
     vision = batch_size * vision_flops(config)
     weights = decoder_weight_bytes(config, element_size)
-    point, none = figures(num_kept, layout), figures(num_visual, Layout())
+    point, none = figures(num_kept, placement), figures(num_visual, Placement())
     return {**point, "ideal_ttft_speedup": none["total_prefill_flops"] / point["total_prefill_flops"],
             "ideal_decode_speedup": none["decode_bytes_per_step"] / point["decode_bytes_per_step"]}
 
 
 def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: list[int], prompt_tokens: int,
               dtype: str, model: str = "") -> list[dict]:
-    """One row per (strategy, keep_ratio, batch_size); ``strategies`` are (Strategy, options) pairs."""
+    """One row per (strategy, keep_ratio, batch_size); ``strategies`` are (Strategy, placement settings) pairs."""
     from vtprune.strategies.base import budget
 
     n = num_visual_tokens(hf_config)
     rows = []
-    for strategy, options in strategies:
-        layout = layout_for(strategy, options, hf_config)
+    for strategy, settings in strategies:
+        placement = placement_for(strategy, settings, hf_config)
         for ratio in [1.0] if strategy.name == "none" else ratios:
             kept = n if strategy.name == "none" else budget(n, ratio)
             for batch in batch_sizes:
@@ -108,7 +109,7 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
                     "model": model, "family": hf_config.model_type, "strategy": strategy.name, "keep_ratio": ratio,
                     "batch_size": batch, "dtype": dtype, "prompt_tokens": prompt_tokens, "num_visual": n, "num_kept": kept,
                     **ideal_figures(hf_config, batch_size=batch, text_tokens=prompt_tokens, num_visual=n, num_kept=kept,
-                                    layout=layout, element_size=DTYPE_BYTES[dtype]),
+                                    placement=placement, element_size=DTYPE_BYTES[dtype]),
                 })
     return rows
 
@@ -129,7 +130,7 @@ def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -
 
     resolve_family(hf_config.model_type, "auto")  # an unsupported model type is one line naming the supported ones
     names = strategies or [config.pruning.strategy]
-    pairs = [(STRATEGIES.get(s), dict(config.pruning.options) if s == config.pruning.strategy else {}) for s in names]
+    pairs = [(STRATEGIES.get(s), config.pruning.point(s, 1.0)["placement"]) for s in names]
     dtype = "bfloat16" if config.model.dtype == "auto" else config.model.dtype  # auto: full-size models run on a GPU
     return cost_rows(hf_config, strategies=pairs, ratios=check_ratios(ratios or [1.0, 0.75, 0.5, 0.25]),
                      batch_sizes=batch_sizes or config.bench.batch_sizes, prompt_tokens=config.bench.prompt_tokens,

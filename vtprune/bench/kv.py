@@ -7,8 +7,6 @@ model without allocating one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 
 def cross_layer_indices(config) -> set[int]:
     """Decoder layers that cross-attend to the image (empty for self-attention VLMs)."""
@@ -30,34 +28,14 @@ def measured_kv_bytes(cache, config) -> dict:
     return out
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a strategy's kept set takes effect, as far as the cache and the FLOPs are concerned."""
+def placement_for(strategy, settings: dict, config):
+    """The placement of ``strategy`` (a registered ``Strategy``) with ``settings`` on a model of ``config``."""
+    from vtprune.placement import placement_for_config
 
-    in_llm_layer: int = 0  # self-attention models: layers[:K] see every visual token (fastv), 0 = pre-LLM
-    first_cross_full: bool = False  # cross-attention models: the first cross layer attends to (and caches) all N
-    first_cross_cached_full: bool = False  # ... and its cache still holds all N after prefill
+    return placement_for_config(strategy, settings, config)
 
 
-def layout_for(strategy, options: dict, config) -> Layout:
-    """The layout of ``strategy`` (a registered ``Strategy``) with ``options`` on a model of ``config``."""
-    if getattr(strategy, "name", None) == "none":
-        return Layout()
-
-    def option(name):
-        return options.get(name, strategy.options[name].default) if name in strategy.options else None
-
-    if cross_layer_indices(config):
-        # Every Mllama strategy prunes at the same point: the first cross layer sees all visual tokens during
-        # prefill, later ones only the kept. Only trimmed_llama can keep the first layer's full cache.
-        cut = option("prune_first_layer_cache")
-        return Layout(first_cross_full=True, first_cross_cached_full=cut is False)
-    if strategy.stage != "in_llm":
-        return Layout()
-    return Layout(in_llm_layer=int(option("layer")))
-
-
-def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, layout: Layout) -> list[tuple[str, int, int, int]]:
+def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, placement) -> list[tuple[str, int, int, int]]:
     """Per decoder layer: (kind, query tokens, key tokens during prefill, tokens cached after prefill), one sample.
 
     Self-attention models: the image tokens are part of the sequence (``text_tokens`` excludes them).
@@ -69,14 +47,15 @@ def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, la
     first_cross = min(cross) if cross else None
     for index in range(text.num_hidden_layers):
         if index in cross:
-            full = layout.first_cross_full and index == first_cross
+            # The first cross layer attends to (and caches) every visual token in prefill; later ones the kept.
+            full = placement.where == "cross_attention" and index == first_cross
             keys = num_visual if full else num_kept
-            cached = num_visual if full and layout.first_cross_cached_full else num_kept
+            cached = num_visual if full and not placement.prune_first_layer_cache else num_kept
             out.append(("cross", text_tokens, keys, cached))
         elif cross:
             out.append(("self", text_tokens, text_tokens, text_tokens))
         else:
-            seq = text_tokens + (num_visual if index < layout.in_llm_layer else num_kept)
+            seq = text_tokens + (num_visual if index < placement.layer else num_kept)
             out.append(("self", seq, seq, seq))
     return out
 
@@ -88,7 +67,7 @@ def kv_bytes_per_token(config, element_size: int) -> int:
     return 2 * text.num_key_value_heads * head_dim * element_size
 
 
-def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, layout: Layout,
+def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement,
                       element_size: int, decoded: int = 0) -> dict:
     """``{"self", "cross"}`` cache bytes after prefill plus ``decoded`` tokens fed back (self-attention layers grow).
 
@@ -96,7 +75,7 @@ def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: 
     """
     per_token = kv_bytes_per_token(config, element_size)
     out = {"self": 0, "cross": 0}
-    for kind, _, _, cached in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, layout=layout):
+    for kind, _, _, cached in layer_tokens(config, text_tokens=text_tokens, num_visual=num_visual, num_kept=num_kept, placement=placement):
         out[kind] += batch_size * per_token * (cached + (decoded if kind == "self" else 0))
     return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.bench.cost import check_ratios, ideal_figures
-from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, layout_for, measured_kv_bytes, tile_tokens
+from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, measured_kv_bytes, tile_tokens
 from vtprune.bench.memory import memory_kind, peak_bytes, reset_peak
 from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed, too_wide
 
@@ -31,9 +31,8 @@ def bench_pipelines(pipeline, strategies=None, ratios=None) -> list:
     ratios = check_ratios(ratios or [cfg.keep_ratio])
     out = []
     for name in strategies or [cfg.strategy]:
-        options = dict(cfg.options) if name == cfg.strategy else {}
         for ratio in [1.0] if name == "none" else ratios:
-            out.append(pipeline.with_pruning(name, ratio, options))
+            out.append(pipeline.with_pruning(name, ratio))
     return out
 
 
@@ -175,7 +174,7 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
         image_tokens, cached_visual = int((ids[0] == model.config.image_token_id).sum()), num_visual
     shape = {"batch_size": batch_size, "text_tokens": ids.shape[1] - image_tokens, "num_visual": cached_visual,
              "num_kept": cached_visual if plan.is_noop else max(r.num_kept for r in records),
-             "layout": layout_for(plan.strategy, plan.options, model.config), "element_size": model.dtype.itemsize}
+             "placement": pipe.adapter.placement(plan), "element_size": model.dtype.itemsize}
     analytic = analytic_kv_bytes(model.config, **shape, decoded=n - 1)  # the last new token is never fed back
     ideal = ideal_figures(model.config, **shape)
     figures, ratios, intervals = {}, {}, {}

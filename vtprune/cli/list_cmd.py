@@ -28,6 +28,7 @@ def rows(what: str) -> list[tuple[str, str]]:
             families = [f for f, cls in FAMILIES.items() if cls.runs(s)]
             on = "all families" if len(families) == len(FAMILIES.names()) else ", ".join(families)
             opts = f" options: {', '.join(f'{k}={o.default}' for k, o in s.options.items())}" if s.options else ""
+            opts += f" placement: {', '.join(f'{k}={v}' for k, v in s.placement.items())}" if s.placement else ""
             out.append((name, f"{s.description} [{where_it_prunes(s, families)}; {on}]{opts}"))
         return out
     if what == "models":

@@ -89,9 +89,7 @@ def ratios_(
     # Validate every point before loading anything: a bad strategy or ratio is one line, nothing written.
     configs = {}
     for s, r in points:
-        options = cfg.pruning.options if s == cfg.pruning.strategy else {}
-        pruning = {"strategy": s, "keep_ratio": r, "options": options}
-        configs[(s, r)] = cfg.replace(name=point_name(s, r), pruning=pruning)
+        configs[(s, r)] = cfg.replace(name=point_name(s, r), pruning=cfg.pruning.point(s, r))
     if bench:
         try:
             from vtprune.bench import run_bench

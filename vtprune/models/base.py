@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from vtprune.errors import ConfigError, VtpruneError
+from vtprune.placement import Placement, resolve_placement
 from vtprune.registry import Registry
 from vtprune.strategies.base import Signals, Strategy
 
@@ -47,12 +48,16 @@ class SampleRecord:
 
 @dataclass
 class PrunePlan:
-    """A strategy at a keep ratio with its options: what one call of an adapter applies."""
+    """A strategy at a keep ratio with its options, and the placement settings: what one call of an adapter applies.
+
+    ``placement`` holds the settings as given (``pruning.placement``); the adapter resolves and checks them against
+    its model (``Adapter.placement``)."""
 
     strategy: Strategy
     keep_ratio: float = 1.0
     options: dict = field(default_factory=dict)
     seed: int = 0
+    placement: dict = field(default_factory=dict)
 
     @property
     def is_noop(self) -> bool:
@@ -98,6 +103,8 @@ class Adapter:
     model_class: ClassVar[str]  # transformers class name
     #: transformers ``model_type`` values this adapter serves
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: the language model reads the image through cross-attention layers (mllama), not as tokens in its sequence
+    cross_attention: ClassVar[bool] = False
 
     def __init__(self, model, processor):
         self.model = model
@@ -171,6 +178,11 @@ class Adapter:
                 guard.hooked = False
                 for handle in handles:
                     handle.remove()
+
+    def placement(self, plan: PrunePlan) -> Placement:
+        """Where ``plan`` prunes on this model: its settings over the strategy's defaults, bounded by the config."""
+        return resolve_placement(plan.strategy, plan.placement, cross_attention=self.cross_attention,
+                                 decoder_layers=self.model.config.get_text_config(decoder=True).num_hidden_layers)
 
     def add_hooks(self, inputs, plan: PrunePlan, handles: list):
         """Register the hooks of ``plan``, appending each handle to ``handles``; return the per-call state.

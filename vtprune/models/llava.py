@@ -227,9 +227,7 @@ class LlavaAdapter(Adapter):
         if plan.strategy.stage != "in_llm":
             return super().add_hooks(inputs, plan, handles)
         layers = self.decoder_layers
-        k = int(plan.option("layer"))
-        if not 1 <= k < len(layers):
-            raise ConfigError(f"pruning.options.layer: must be in 1..{len(layers) - 1} for this model (got {k})")
+        k = self.placement(plan).layer
         ids = inputs["input_ids"]
         state = _FastVState(
             plan=plan,

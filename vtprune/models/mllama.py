@@ -5,8 +5,8 @@ one point, so that comparisons differ only in the selection signal: during prefi
 layer sees every visual token; a forward pre-hook on it computes the strategy's signals and selects the kept
 set; every later cross-attention layer then receives only the kept features (each sample's set padded to the
 batch maximum, pad columns masked in its cross-attention mask), so its K/V projections, attention and KV cache
-cover only the kept tokens. With ``prune_first_layer_cache`` (default, and always for the baselines, which have
-no such option) the first layer's cached K/V are cut to the kept set right after prefill, so its decode steps
+cover only the kept tokens. With the placement setting ``prune_first_layer_cache`` (default true, for every
+strategy) the first layer's cached K/V are cut to the kept set right after prefill, so its decode steps
 see only kept tokens too. Decode steps reuse the kept set. ``none`` runs the model's own untouched path.
 
 Hooks live only inside one adapter call (``with self.applied(...)``) and are removed on exit. The cache cut
@@ -59,6 +59,7 @@ class MllamaAdapter(Adapter):
     family = "mllama"
     model_class = "MllamaForConditionalGeneration"
     model_types = ("mllama",)
+    cross_attention = True
     prunes_at = "after the 1st cross-attention layer"
 
     @property
@@ -120,7 +121,7 @@ class MllamaAdapter(Adapter):
             valid=self.visual_valid(inputs),
             text_mask=inputs["attention_mask"].bool(),
             keys=sample_keys(inputs),
-            cut_first=cuts_first_layer(plan),
+            cut_first=not plan.is_noop and self.placement(plan).prune_first_layer_cache,
         )
         first, *later = self.cross_layers
         layers = self.decoder_layers
@@ -296,13 +297,6 @@ class MllamaAdapter(Adapter):
         layer = encoder_layer_flops(tiles * padded, vision.hidden_size, vision.intermediate_size)
         projector = 2 * tiles * (patches + 1) * vision.vision_output_dim * hf_config.text_config.hidden_size
         return embed + (vision.num_hidden_layers + vision.num_global_layers) * layer + projector
-
-
-def cuts_first_layer(plan: PrunePlan) -> bool:
-    """Whether the first cross-attention layer's cache is cut to the kept set (baselines: always, as the default)."""
-    if plan.is_noop:
-        return False
-    return "prune_first_layer_cache" not in plan.strategy.options or bool(plan.option("prune_first_layer_cache"))
 
 
 def cross_attention_scores(layer, hidden, states, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,12 @@ class Strategy:
     fn: Callable[..., list[torch.Tensor]]
     needs: tuple[str, ...] = ()
     options: dict[str, Option] = field(default_factory=dict)
-    #: where a self-attention adapter applies the kept set: "pre_llm" (before the language model) or "in_llm"
-    #: (inside it). On cross-attention models (mllama) every strategy prunes after the first cross-attention layer.
+    #: where the strategy's signals exist on a self-attention model: "pre_llm" (before the language model) or
+    #: "in_llm" (inside it). On cross-attention models (mllama) every strategy prunes at the cross-attention layers.
     stage: str = "pre_llm"
+    #: defaults of the placement settings (``vtprune.placement``), e.g. fastv's ``{"layer": 2}``: the adapter owns
+    #: where pruning happens, the strategy only proposes its authors' default
+    placement: dict = field(default_factory=dict)
 
     @property
     def description(self) -> str:
@@ -85,13 +88,13 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
-def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm"):
+def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
-        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage))
+        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {})))
         return fn
 
     return wrap

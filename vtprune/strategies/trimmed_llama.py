@@ -38,13 +38,12 @@ def select_round_robin(ranked: torch.Tensor, k: int) -> torch.Tensor:
     needs=("cross_attention",),
     options={
         "mode": Option("adaptive", "adaptive: union of per-head top-k (paper); budget: union capped at k", choices=("adaptive", "budget")),
-        "prune_first_layer_cache": Option(True, "also cut the first cross-attention layer's cached K/V to the kept set"),
     },
     stage="in_llm",
 )
-def keep_trimmed_llama(signals, budgets, mode="adaptive", prune_first_layer_cache=True):
+def keep_trimmed_llama(signals, budgets, mode="adaptive"):
     """Union of per-head top-k text→image attention in the first cross-attention layer (Trimmed Llama)."""
-    # prune_first_layer_cache is applied by the adapter; the selection does not depend on it.
+    # Whether the first layer's own cache is cut too is the placement's (prune_first_layer_cache), not the selection's.
     select = select_topk_union if mode == "adaptive" else select_round_robin
     return [
         select(head_rankings(signals.cross_attention[b], signals.valid[b]), int(k)) for b, k in enumerate(budgets.tolist())

@@ -1,0 +1,91 @@
+"""Where a plan prunes: one validated object, owned by the adapter, bounded by the model's config (DESIGN §3).
+
+A strategy says *which* visual tokens to keep; the placement says *where* the kept set takes effect:
+
+- ``pre_llm``: before the language model (the pre-LLM splice: a shorter sequence, original positions kept);
+- ``in_llm``: after decoder layer ``layer`` = K (1-based): ``layers[:K]`` see every token, ``layers[K:]`` and
+  their KV cache only the kept ones (fastv);
+- ``cross_attention`` (cross-attention models, mllama): the first cross-attention layer sees every visual token
+  during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache.
+
+The settings come from ``pruning.placement`` over the strategy's defaults (``register_strategy(placement=...)``).
+The same rule checks them at config load (``--dry-run``, from the model's config file alone) and in the adapter
+once the model is loaded, so ``layer: 99`` fails before any weight is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtprune.errors import ConfigError
+
+KEY = "pruning.placement"
+
+#: the settings of each kind of placement, with their allowed values as error lines state them
+SETTINGS = {
+    "pre_llm": {},
+    "in_llm": {"layer": "an integer in [1, decoder layers - 1]"},
+    "cross_attention": {"prune_first_layer_cache": "true or false"},
+}
+_SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    where: str = "pre_llm"
+    layer: int = 0  # in_llm: K; 0 everywhere else (every layer sees only the kept tokens, or the family decides)
+    prune_first_layer_cache: bool = True  # cross_attention only
+
+    def describe(self) -> str:
+        if self.where == "in_llm":
+            return f"inside the LLM after layer {self.layer}"
+        if self.where == "cross_attention":
+            return "after the first cross-attention layer" + ("" if self.prune_first_layer_cache else " (its cache kept whole)")
+        return _SAYS[self.where]
+
+
+def resolve_placement(strategy, settings: dict, *, cross_attention: bool | None, decoder_layers: int | None = None,
+                      model: str = "") -> Placement | None:
+    """The placement of ``strategy`` with ``settings`` on a model that has (or lacks) cross-attention layers and
+    ``decoder_layers`` LLM layers (None: unknown, the bound is checked once the model is loaded).
+
+    ``cross_attention=None`` (the family is not known without the model): the settings are checked against every
+    placement the strategy may get, and None is returned.
+    """
+    wheres = ("cross_attention", strategy.stage) if cross_attention is None else (
+        "cross_attention" if cross_attention else strategy.stage,)
+    allowed = {key: says for where in wheres for key, says in SETTINGS[where].items()}
+    for key, value in settings.items():
+        if key not in allowed:
+            where = " or ".join(dict.fromkeys(_SAYS[w] for w in wheres))
+            raise ConfigError(f"{KEY}.{key}: not a setting of '{strategy.name}', which prunes {where} "
+                              f"(allowed: {', '.join(allowed) or 'none'})")
+    defaults = {k: v for k, v in strategy.placement.items() if k in allowed}
+    values = {**defaults, **settings}
+    if "prune_first_layer_cache" in values and not isinstance(values["prune_first_layer_cache"], bool):
+        raise ConfigError(f"{KEY}.prune_first_layer_cache: {values['prune_first_layer_cache']!r} is not allowed "
+                          "(allowed: true or false)")
+    if "layer" in values:
+        check_layer(values["layer"], decoder_layers, model)
+    if cross_attention is None:
+        return None
+    if wheres[0] == "in_llm" and "layer" not in values:
+        raise ValueError(f"strategy '{strategy.name}' prunes inside the LLM but declares no default placement layer")
+    return Placement(wheres[0], **values)
+
+
+def check_layer(k, decoder_layers: int | None, model: str = "") -> None:
+    """An in-LLM K: ``layers[:K]`` see every token, so 1 <= K < decoder layers (when they are known)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ConfigError(f"{KEY}.layer: {k!r} is not allowed (allowed: {SETTINGS['in_llm']['layer']})")
+    if not 1 <= k < (decoder_layers or float("inf")):
+        upper = decoder_layers - 1 if decoder_layers else "decoder layers - 1"
+        where = f" for {model} ({decoder_layers} decoder layers)" if decoder_layers and model else ""
+        raise ConfigError(f"{KEY}.layer: {k} is outside the allowed range [1, {upper}]{where}")
+
+
+def placement_for_config(strategy, settings: dict, hf_config) -> Placement:
+    """The placement on a model known only by its transformers config (``cost``, ``kv``)."""
+    text = hf_config.get_text_config(decoder=True)
+    return resolve_placement(strategy, settings, cross_attention=bool(getattr(text, "cross_attention_layers", None)),
+                             decoder_layers=text.num_hidden_layers)
