@@ -4,7 +4,8 @@ A strategy says *which* visual tokens to keep; the placement says *where* the ke
 
 - ``pre_llm``: before the language model (the pre-LLM splice: a shorter sequence, original positions kept);
 - ``in_llm``: after decoder layer ``layer`` = K (1-based): ``layers[:K]`` see every token, ``layers[K:]`` and
-  their KV cache only the kept ones (fastv);
+  their KV cache only the kept ones (fastv); or in several stages, ``layers: [K1, K2, ...]`` (PyramidDrop): from
+  each K_s on, the layers see only what that stage kept of the previous stage's tokens;
 - ``cross_attention`` (cross-attention models, mllama): the first cross-attention layer sees every visual token
   during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache.
 
@@ -24,7 +25,8 @@ KEY = "pruning.placement"
 #: the settings of each kind of placement, with their allowed values as error lines state them
 SETTINGS = {
     "pre_llm": {},
-    "in_llm": {"layer": "an integer in [1, decoder layers - 1]"},
+    "in_llm": {"layer": "an integer in [1, decoder layers - 1]",
+               "layers": "a list of increasing integers in [1, decoder layers - 1]"},
     "cross_attention": {"prune_first_layer_cache": "true or false"},
 }
 _SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers"}
@@ -33,12 +35,19 @@ _SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attenti
 @dataclass(frozen=True)
 class Placement:
     where: str = "pre_llm"
-    layer: int = 0  # in_llm: K; 0 everywhere else (every layer sees only the kept tokens, or the family decides)
+    #: in_llm: the stages' K (1-based, increasing); empty everywhere else (every layer sees only the kept tokens,
+    #: or the family decides)
+    layers: tuple[int, ...] = ()
     prune_first_layer_cache: bool = True  # cross_attention only
+
+    @property
+    def layer(self) -> int:
+        """The first stage's K (0: pruned before the LLM)."""
+        return self.layers[0] if self.layers else 0
 
     def describe(self) -> str:
         if self.where == "in_llm":
-            return f"inside the LLM after layer {self.layer}"
+            return f"inside the LLM after layer{'s' if len(self.layers) > 1 else ''} {', '.join(map(str, self.layers))}"
         if self.where == "cross_attention":
             return "after the first cross-attention layer" + ("" if self.prune_first_layer_cache else " (its cache kept whole)")
         return _SAYS[self.where]
@@ -60,28 +69,52 @@ def resolve_placement(strategy, settings: dict, *, cross_attention: bool | None,
             where = " or ".join(dict.fromkeys(_SAYS[w] for w in wheres))
             raise ConfigError(f"{KEY}.{key}: not a setting of '{strategy.name}', which prunes {where} "
                               f"(allowed: {', '.join(allowed) or 'none'})")
-    defaults = {k: v for k, v in strategy.placement.items() if k in allowed}
-    values = {**defaults, **settings}
+    if "layer" in settings and "layers" in settings:
+        raise ConfigError(f"{KEY}: give layer (one stage) or layers (several), not both")
+    values = {**{k: v for k, v in strategy.placement.items() if k in allowed}, **settings}
     if "prune_first_layer_cache" in values and not isinstance(values["prune_first_layer_cache"], bool):
         raise ConfigError(f"{KEY}.prune_first_layer_cache: {values['prune_first_layer_cache']!r} is not allowed "
                           "(allowed: true or false)")
-    if "layer" in values:
-        check_layer(values["layer"], decoder_layers, model)
+    layers = _stage_layers(values, settings, decoder_layers, model)
     if cross_attention is None:
         return None
-    if wheres[0] == "in_llm" and "layer" not in values:
-        raise ValueError(f"strategy '{strategy.name}' prunes inside the LLM but declares no default placement layer")
-    return Placement(wheres[0], **values)
+    if wheres[0] == "in_llm":
+        if not layers:
+            raise ValueError(f"strategy '{strategy.name}' prunes inside the LLM but declares no default placement layer")
+        return Placement("in_llm", layers=layers)
+    return Placement(wheres[0], **{k: v for k, v in values.items() if k not in ("layer", "layers")})
 
 
-def check_layer(k, decoder_layers: int | None, model: str = "") -> None:
+def _stage_layers(values: dict, settings: dict, decoder_layers: int | None, model: str) -> tuple[int, ...]:
+    """The in-LLM stages' K from ``layer`` or ``layers``. A strategy's default ``layers`` may be fractions of the
+    decoder depth (PyramidDrop's 8, 16, 24 of 32 layers are 0.25, 0.5, 0.75), resolved once the depth is known."""
+    if "layer" in settings or ("layer" in values and "layers" not in settings):
+        check_layer(values["layer"], decoder_layers, model)
+        return (values["layer"],)
+    if "layers" not in values:
+        return ()
+    layers = values["layers"]
+    if "layers" not in settings:  # the strategy's default: fractions of the depth
+        if decoder_layers is None:
+            return ()
+        layers = [max(1, round(f * decoder_layers)) for f in layers]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ConfigError(f"{KEY}.layers: {layers!r} is not allowed (allowed: {SETTINGS['in_llm']['layers']})")
+    for k in layers:
+        check_layer(k, decoder_layers, model, key=f"{KEY}.layers")
+    if any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{KEY}.layers: {list(layers)} must be increasing (allowed: {SETTINGS['in_llm']['layers']})")
+    return tuple(layers)
+
+
+def check_layer(k, decoder_layers: int | None, model: str = "", key: str = f"{KEY}.layer") -> None:
     """An in-LLM K: ``layers[:K]`` see every token, so 1 <= K < decoder layers (when they are known)."""
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ConfigError(f"{KEY}.layer: {k!r} is not allowed (allowed: {SETTINGS['in_llm']['layer']})")
+        raise ConfigError(f"{key}: {k!r} is not allowed (allowed: {SETTINGS['in_llm']['layer']})")
     if not 1 <= k < (decoder_layers or float("inf")):
         upper = decoder_layers - 1 if decoder_layers else "decoder layers - 1"
         where = f" for {model} ({decoder_layers} decoder layers)" if decoder_layers and model else ""
-        raise ConfigError(f"{KEY}.layer: {k} is outside the allowed range [1, {upper}]{where}")
+        raise ConfigError(f"{key}: {k} is outside the allowed range [1, {upper}]{where}")
 
 
 def placement_for_config(strategy, settings: dict, hf_config) -> Placement:

@@ -7,7 +7,8 @@
 - ``metrics.jsonl`` — one row per (task, metric): run, model, family, strategy, keep_ratio, task, metric,
   value (None when unscored), stderr, n, scored (bool), kept_fraction_mean, num_visual_mean, num_kept_mean,
   equivalent_tokens_mean (None for pre-LLM strategies), smoke.
-- ``samples.jsonl`` — one row per sample: task, doc_id, output, target, num_visual, num_kept, kept_fraction,
+- ``samples.jsonl`` — one row per sample: task, doc_id, output, target, num_visual, num_kept (merged tokens
+  included), num_merged, kept_fraction,
   select_ms.
 - ``bench.jsonl``   — one row per (strategy, keep_ratio, batch_size): run, model, family, strategy, keep_ratio,
   batch_size, device, dtype, weights, smoke, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,

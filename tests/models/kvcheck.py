@@ -3,7 +3,7 @@
 from vtprune.bench.kv import analytic_kv_bytes, measured_kv_bytes
 
 
-def expected_kv(adapter, plan, *, batch_size, text_tokens, num_visual, num_kept):
+def expected_kv(adapter, plan, *, batch_size, text_tokens, num_visual, num_kept):  # num_kept: int, or per stage
     config = adapter.model.config
     return analytic_kv_bytes(
         config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,

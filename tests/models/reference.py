@@ -17,8 +17,8 @@ def plan(name, keep=1.0, seed=0, **settings):
     return PrunePlan(STRATEGIES.get(name), keep, options, seed, placement)
 
 
-def masked_layer_hooks(layers, base: torch.Tensor, first: int) -> list:
-    """Forward pre-hooks on ``layers[first:]`` whose attention sees only the keys ``base`` [B, S] allows (plus
+def masked_layer_hooks(layers, base: torch.Tensor, first: int, last: int | None = None) -> list:
+    """Forward pre-hooks on ``layers[first:last]`` whose attention sees only the keys ``base`` [B, S] allows (plus
     every token generated after the prompt): the full-length equivalent of an in-LLM cut. Remove the handles."""
 
     def make(index):
@@ -37,4 +37,5 @@ def masked_layer_hooks(layers, base: torch.Tensor, first: int) -> list:
 
         return hook
 
-    return [layers[i].register_forward_pre_hook(make(i), with_kwargs=True) for i in range(first, len(layers))]
+    last = len(layers) if last is None else last
+    return [layers[i].register_forward_pre_hook(make(i), with_kwargs=True) for i in range(first, last)]

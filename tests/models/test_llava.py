@@ -188,3 +188,93 @@ def test_selection_time_excludes_the_vision_tower(adapter, inputs, monkeypatch):
     with torch.no_grad():
         _, _, records = adapter.pruned_inputs(inputs, plan("uniform", 0.5))
     assert 0 < sum(r.select_seconds for r in records) < 0.5
+
+
+# -- multi-stage in-LLM pruning (pdrop): each stage ≡ masking what it dropped in its layers, every layer caches
+# what its stage kept, decode works over the per-stage caches.
+
+
+def stage_masks(adapter, inputs, state) -> list:
+    """Per stage: hooks on its layers that hide every image token its stage no longer has."""
+    ids, layers = inputs["input_ids"], adapter.decoder_layers
+    bounds = [s.layer for s in state.stages] + [len(layers)]
+    handles = []
+    for stage, end in zip(state.stages, bounds[1:]):
+        base = inputs["attention_mask"].bool().clone()
+        for b, keep in enumerate(stage.visual):
+            pos = torch.nonzero(ids[b] == adapter.image_token_id).flatten()
+            hide = torch.ones(len(pos), dtype=torch.bool)
+            hide[keep] = False
+            base[b, pos[hide]] = False
+        handles += masked_layer_hooks(layers, base, stage.layer, end)
+    return handles
+
+
+def test_default_stages_are_the_quarters_of_the_depth(adapter):
+    assert adapter.placement(plan("pdrop", 0.5)).layers == (1, 2, 3)  # 4 decoder layers
+    assert adapter.placement(plan("pdrop", 0.5, layers=[2, 3])).layers == (2, 3)
+
+
+def test_each_stage_equals_masking_what_it_dropped(adapter, inputs):
+    p = plan("pdrop", 0.5)
+    positions = left_pad_positions(inputs["attention_mask"])
+    with torch.no_grad():
+        with adapter.applied(inputs, p) as state:
+            logits = adapter.model(**inputs, position_ids=positions).logits[:, -1]
+        handles = stage_masks(adapter, inputs, state)
+        try:
+            ref = adapter.model(**inputs, position_ids=positions).logits[:, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert (logits - unpruned).abs().max() > 1e-4
+    # 16 visual tokens: stages keep 8, 4, 2; each stage's set lies inside the previous one's
+    assert [s.kept for s in state.stages] == [[8, 8], [4, 4], [2, 2]]
+    for earlier, later in zip(state.stages, state.stages[1:]):
+        assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(earlier.visual, later.visual))
+    records = state.records
+    assert all(r.stage_kept == [8, 4, 2] and r.kept == s.tolist() for r, s in zip(records, state.stages[-1].visual))
+    assert all(r.equivalent_tokens == (16 + 8 + 4 + 2) / 4 for r in records)
+    assert not any(layer._forward_pre_hooks for layer in adapter.decoder_layers)
+
+
+def test_every_layer_caches_what_its_stage_kept(adapter, inputs):
+    p = plan("pdrop", 0.5)
+    with torch.no_grad(), adapter.applied(inputs, p):
+        out = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"]), use_cache=True)
+    full = inputs["input_ids"].shape[1]
+    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [full, full - 8, full - 12, full - 14]
+    expected = expected_kv(adapter, p, batch_size=2, text_tokens=full - 16, num_visual=16, num_kept=[8, 4, 2])
+    assert measured_kv(adapter, out.cache) == expected
+
+
+def test_generate_over_the_stage_caches_equals_the_masked_reference(adapter, inputs):
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=adapter.processor.tokenizer.pad_token_id)
+    p = plan("pdrop", 0.5)
+    with torch.no_grad():
+        with adapter.applied(inputs, p) as state:
+            new = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
+        handles = stage_masks(adapter, inputs, state)
+        try:
+            ref = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
+        finally:
+            for h in handles:
+                h.remove()
+        pipe_new, records = adapter.generate(inputs, p, **gen)
+    assert torch.equal(new, ref) and torch.equal(pipe_new, new)
+    assert [r.stage_kept for r in records] == [[8, 4, 2]] * 2
+
+
+def test_bad_stage_layers_are_one_line():
+    from vtprune.config import config_from_dict
+    from vtprune.errors import ConfigError
+
+    base = {"name": "t", "model": {"path": "tiny:llava"}}
+    with pytest.raises(ConfigError, match=r"pruning.placement.layers: \[2, 1\] must be increasing"):
+        config_from_dict({**base, "pruning": {"strategy": "pdrop", "placement": {"layers": [2, 1]}}})
+    with pytest.raises(ConfigError, match=r"pruning.placement.layers: 4 is outside the allowed range \[1, 3\]"):
+        config_from_dict({**base, "pruning": {"strategy": "pdrop", "placement": {"layers": [1, 4]}}})
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_dict({**base, "pruning": {"strategy": "pdrop", "placement": {"layer": 1, "layers": [2]}}})

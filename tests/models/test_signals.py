@@ -41,5 +41,5 @@ def test_cls_saliency_and_fastervlm_are_one_rule_on_every_family(family):
 def test_a_family_lists_the_signals_it_computes():
     assert FAMILIES.get("mllama").provides() == ("cls_attention", "cross_attention", "groups")
     llava = FAMILIES.get("llava")
-    assert llava.provides("in_llm") == ("last_token_attention",)
-    assert llava.provides("pre_llm") == ("cls_attention", "features", "groups", "text_embeds")
+    assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_hidden_states")
+    assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds")

@@ -53,3 +53,33 @@ def test_divprune_keep_all_keeps_every_valid_token():
     valid = torch.tensor([[1] * 5 + [0] * 2, [0] * 2 + [1] * 5], dtype=torch.bool)
     kept = DIVPRUNE.select(Signals(valid=valid, features=features), 1.0)
     assert [k.tolist() for k in kept] == [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6]]
+
+
+def test_distance_is_exactly_symmetric():
+    from vtprune.strategies.divprune import cosine_distance
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        d = cosine_distance(torch.randn(12, 7, generator=g))
+        assert torch.equal(d, d.T)
+
+
+def test_mutual_nearest_neighbours_tie_to_the_lower_index():
+    # Tokens 0 and 1 are an isolated pair of mutual nearest neighbours (their nearest distances are one number),
+    # tokens 2..5 a tight cluster: the most isolated token is 0 or 1, and the tie goes to 0 whatever the rounding.
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    for _ in range(200):
+        base = torch.randn(2, 6, generator=g)
+        cluster = base[1] + 0.01 * torch.randn(4, 6, generator=g)
+        pair = torch.stack([base[0], base[0] + 0.3 * torch.randn(6, generator=g)])
+        features = torch.cat([pair, cluster])
+        from vtprune.strategies.divprune import cosine_distance
+
+        d = cosine_distance(features).fill_diagonal_(float("inf"))
+        mutual = int(d[0].argmin()) == 1 and int(d[1].argmin()) == 0
+        first = int(max_min_diverse(features, 1)[0])
+        if mutual and first in (0, 1):
+            checked += 1
+            assert first == 0
+    assert checked > 20

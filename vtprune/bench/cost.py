@@ -26,7 +26,7 @@ from vtprune.placement import Placement
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement) -> int:
+def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement) -> int:
     """Multiply-adds × 2 of the language model's prefill (projections, attention, MLP, one LM-head row).
 
     Attention counts every query-key pair (no causal saving), as sdpa computes it. The vision encoder and the
@@ -70,7 +70,7 @@ def decoder_weight_bytes(config, element_size: int) -> int:
     return element_size * (layers + h * text.vocab_size)
 
 
-def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement,
+def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement,
                   element_size: int) -> dict:
     """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.
 
@@ -96,18 +96,18 @@ def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int,
 def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: list[int], prompt_tokens: int,
               dtype: str, model: str = "") -> list[dict]:
     """One row per (strategy, keep_ratio, batch_size); ``strategies`` are (Strategy, placement settings) pairs."""
-    from vtprune.strategies.base import budget
-
     n = num_visual_tokens(hf_config)
     rows = []
     for strategy, settings in strategies:
         placement = placement_for(strategy, settings, hf_config)
         for ratio in [1.0] if strategy.name == "none" else ratios:
-            kept = n if strategy.name == "none" else budget(n, ratio)
+            kept = n if strategy.name == "none" else stage_budgets(n, ratio, placement)
             for batch in batch_sizes:
                 rows.append({
                     "model": model, "family": hf_config.model_type, "strategy": strategy.name, "keep_ratio": ratio,
-                    "batch_size": batch, "dtype": dtype, "prompt_tokens": prompt_tokens, "num_visual": n, "num_kept": kept,
+                    "batch_size": batch, "dtype": dtype, "prompt_tokens": prompt_tokens, "num_visual": n,
+                    "num_kept": kept[-1] if isinstance(kept, list) else kept,
+                    **({"stage_kept": kept} if isinstance(kept, list) else {}),
                     **ideal_figures(hf_config, batch_size=batch, text_tokens=prompt_tokens, num_visual=n, num_kept=kept,
                                     placement=placement, element_size=DTYPE_BYTES[dtype]),
                 })
@@ -135,6 +135,16 @@ def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -
     return cost_rows(hf_config, strategies=pairs, ratios=check_ratios(ratios or [1.0, 0.75, 0.5, 0.25]),
                      batch_sizes=batch_sizes or config.bench.batch_sizes, prompt_tokens=config.bench.prompt_tokens,
                      dtype=dtype, model=config.model.path)
+
+
+def stage_budgets(n: int, ratio: float, placement):
+    """Tokens kept: ``ceil(r · N)``; over several in-LLM stages, each stage keeps ``ceil(r · ·)`` of the last one's."""
+    from vtprune.strategies.base import budget
+
+    counts = [n]
+    for _ in placement.layers or [None]:
+        counts.append(budget(counts[-1], ratio))
+    return counts[1:] if len(placement.layers) > 1 else counts[1]
 
 
 def check_ratios(ratios: list[float]) -> list[float]:

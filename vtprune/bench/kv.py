@@ -35,12 +35,15 @@ def placement_for(strategy, settings: dict, config):
     return placement_for_config(strategy, settings, config)
 
 
-def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, placement) -> list[tuple[str, int, int, int]]:
+def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept, placement) -> list[tuple[str, int, int, int]]:
     """Per decoder layer: (kind, query tokens, key tokens during prefill, tokens cached after prefill), one sample.
 
     Self-attention models: the image tokens are part of the sequence (``text_tokens`` excludes them).
     Cross-attention models: the self-attention layers see only the text; the cross layers see the image.
+    ``num_kept``: the visual tokens kept, or for a multi-stage placement a list, the count after each stage.
     """
+    stages = list(num_kept) if isinstance(num_kept, (list, tuple)) else [num_kept] * max(1, len(placement.layers))
+    num_kept = stages[-1]
     text = config.get_text_config(decoder=True)
     cross = cross_layer_indices(config)
     out = []
@@ -55,7 +58,10 @@ def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept: int, pl
         elif cross:
             out.append(("self", text_tokens, text_tokens, text_tokens))
         else:
-            seq = text_tokens + (num_visual if index < placement.layer else num_kept)
+            seen = num_visual if placement.layers else num_kept
+            for k, count in zip(placement.layers, stages):
+                seen = count if index >= k else seen
+            seq = text_tokens + seen
             out.append(("self", seq, seq, seq))
     return out
 
@@ -67,7 +73,7 @@ def kv_bytes_per_token(config, element_size: int) -> int:
     return 2 * text.num_key_value_heads * head_dim * element_size
 
 
-def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept: int, placement,
+def analytic_kv_bytes(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement,
                       element_size: int, decoded: int = 0) -> dict:
     """``{"self", "cross"}`` cache bytes after prefill plus ``decoded`` tokens fed back (self-attention layers grow).
 

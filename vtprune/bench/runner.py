@@ -173,7 +173,7 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
     else:
         image_tokens, cached_visual = int((ids[0] == model.config.image_token_id).sum()), num_visual
     shape = {"batch_size": batch_size, "text_tokens": ids.shape[1] - image_tokens, "num_visual": cached_visual,
-             "num_kept": cached_visual if plan.is_noop else max(r.num_kept for r in records),
+             "num_kept": cached_visual if plan.is_noop else batch_kept(records),
              "placement": pipe.adapter.placement(plan), "element_size": model.dtype.itemsize}
     analytic = analytic_kv_bytes(model.config, **shape, decoded=n - 1)  # the last new token is never fed back
     ideal = ideal_figures(model.config, **shape)
@@ -221,3 +221,10 @@ def efficiency(ratio: float | None, ideal: float) -> float | None:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
+
+
+def batch_kept(records) -> int | list[int]:
+    """The batch's longest kept set (shorter ones are padded to it); per stage for a multi-stage in-LLM plan."""
+    if len(records[0].stage_kept) > 1:
+        return [max(r.stage_kept[s] for r in records) for s in range(len(records[0].stage_kept))]
+    return max(r.num_kept for r in records)

@@ -27,8 +27,8 @@ def rows(what: str) -> list[tuple[str, str]]:
         for name, s in STRATEGIES.items():
             families = [f for f, cls in FAMILIES.items() if cls.runs(s)]
             on = "all families" if len(families) == len(FAMILIES.names()) else ", ".join(families)
-            opts = f" options: {', '.join(f'{k}={o.default}' for k, o in s.options.items())}" if s.options else ""
-            opts += f" placement: {', '.join(f'{k}={v}' for k, v in s.placement.items())}" if s.placement else ""
+            opts = f" options: {', '.join(option_text(k, o) for k, o in s.options.items())}" if s.options else ""
+            opts += f" placement: {', '.join(f'{k}={placement_text(v)}' for k, v in s.placement.items())}" if s.placement else ""
             out.append((name, f"{s.description} [{where_it_prunes(s, families)}; {on}]{opts}"))
         return out
     if what == "models":
@@ -42,6 +42,20 @@ def rows(what: str) -> list[tuple[str, str]]:
     from vtprune.eval.tasks import TASKS
 
     return TASKS.items()
+
+
+def option_text(name: str, option) -> str:
+    """``name=default`` with the allowed values: ``mode=adaptive (adaptive|budget)``, ``budget_thres=0.25 [0.0, 0.5]``."""
+    allowed = f" ({'|'.join(map(str, option.choices))})" if option.choices else ""
+    allowed += f" [{option.bounds[0]}, {option.bounds[1]}]" if option.bounds else ""
+    return f"{name}={option.default}{allowed}"
+
+
+def placement_text(value) -> str:
+    """A default placement value; fractional layers are fractions of the model's depth."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]·depth"
+    return str(value)
 
 
 def where_it_prunes(strategy, families: list[str]) -> str:

@@ -235,7 +235,7 @@ def _sample_row(task: str, sample: dict, s) -> dict:
     return {
         "task": task, "doc_id": sample["doc_id"], "output": s.text, "target": _target(sample),
         "num_visual": s.num_visual, "num_kept": s.num_kept, "kept_fraction": s.kept_fraction,
-        "select_ms": s.select_seconds * 1000,
+        "num_merged": len(s.merged), "select_ms": s.select_seconds * 1000,
     }
 
 

@@ -25,17 +25,19 @@ import torch
 from vtprune.errors import ConfigError, VtpruneError
 from vtprune.placement import Placement, resolve_placement
 from vtprune.registry import Registry
-from vtprune.strategies.base import Signals, Strategy
+from vtprune.strategies.base import Selection, Signals, Strategy
 
 
 @dataclass
 class SampleRecord:
     """What happened to one sample's visual tokens."""
 
-    kept: list[int]  # sorted indices into the model's full visual-token sequence of this sample
+    kept: list[int]  # sorted indices into the model's full visual-token sequence of this sample that stay
     num_visual: int  # candidates: padding (empty tiles) excluded
     select_seconds: float = 0.0  # scoring + selection, this sample's share of the batch
     equivalent_tokens: float | None = None  # in-LLM strategies: (K·N + (L−K)·kept) / L
+    merged: list[int] = field(default_factory=list)  # the slots of ``kept`` that carry a merged token
+    stage_kept: list[int] = field(default_factory=list)  # in-LLM: tokens kept after each stage (the last: num_kept)
 
     @property
     def num_kept(self) -> int:
@@ -66,11 +68,19 @@ class PrunePlan:
     def option(self, name: str):
         return self.options.get(name, self.strategy.options[name].default)
 
-    def select(self, signals: Signals) -> tuple[list[torch.Tensor], float]:
-        """Kept indices per sample and the wall time of the selection (scoring inside the adapter is added by it)."""
+    def select(self, signals: Signals) -> tuple[list[Selection], float]:
+        """Each sample's selection and the wall time of the selection (scoring inside the adapter is added by it)."""
         start = time.perf_counter()
-        kept = self.strategy.select(signals, self.keep_ratio, **self.options)
-        return kept, time.perf_counter() - start
+        selections = self.strategy.selections(signals, self.keep_ratio, **self.options)
+        return selections, time.perf_counter() - start
+
+    def select_kept(self, signals: Signals, where: str) -> tuple[list[torch.Tensor], float]:
+        """Kept indices only, for placements that cannot build merged tokens (yet): a merge is refused, not dropped."""
+        selections, seconds = self.select(signals)
+        if any(s.num_merged for s in selections):
+            raise VtpruneError(f"pruning.strategy: '{self.strategy.name}' merges tokens, which vtprune builds only "
+                               f"before the LLM, not {where}")
+        return [s.kept for s in selections], seconds
 
 
 @dataclass

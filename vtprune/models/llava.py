@@ -43,30 +43,51 @@ class _PreLLM:
 
 
 @dataclass
-class _FastVState:
+class _Stage:
+    """One in-LLM cut: from decoder layer ``layer`` (0-based, = the 1-based K) on, only this stage's tokens."""
+
+    layer: int
+    index: torch.Tensor | None = None  # [B, S_s] positions in the previous stage's sequence, left padded
+    full_index: torch.Tensor | None = None  # [B, S_s] the same positions in the whole prompt
+    ids: torch.Tensor | None = None  # [B, S_s] their token ids
+    mask: torch.Tensor | None = None  # [B, S_s + new tokens] padding mask of this stage's layers
+    rope: tuple | None = None
+    position_ids: torch.Tensor | None = None
+    kept: list[int] = field(default_factory=list)  # visual tokens kept per sample
+    visual: list[torch.Tensor] = field(default_factory=list)  # per sample: which of its visual tokens (sorted)
+
+
+@dataclass
+class _InLLMState:
     """Per-call state of the in-LLM hooks."""
 
     plan: PrunePlan
-    layer: int  # K: layers[:K] see every token, layers[K:] only the kept ones
-    image_pos: list[torch.Tensor]  # [N_b] image-token positions in the full prompt
-    full_mask: torch.Tensor  # [B, S] 2-D padding mask of the prompt
+    stages: list[_Stage]
     keys: list[bytes]
+    ids: torch.Tensor  # [B, S] the prompt
+    mask: torch.Tensor  # [B, S] its padding mask
+    remaining: list[torch.Tensor]  # per sample: indices into its visual tokens still in the sequence
     records: list[SampleRecord] = field(default_factory=list)
-    gather: torch.Tensor | None = None  # [B, S'] prompt positions kept for layers[K:], left padded
-    short_mask: torch.Tensor | None = None  # [B, S' + new tokens] padding mask of layers[K:]
-    prefill: bool = True
-    short_rope: tuple | None = None
-    short_position_ids: torch.Tensor | None = None
+    decoding: bool = False
+    select_seconds: float = 0.0
+
+    @property
+    def gather(self) -> torch.Tensor | None:
+        """The prompt positions the last stage's layers see, left padded."""
+        return self.stages[-1].full_index
 
 
 @dataclass
 class _Layer:
-    """What signal providers see inside the LLM: the decoder layer where an in-LLM strategy scores, its input."""
+    """What signal providers see inside the LLM: the decoder layer where a stage is scored, its input and layout."""
 
-    state: _FastVState
+    state: _InLLMState
     layer: torch.nn.Module
     hidden: torch.Tensor
     position_embeddings: tuple
+    ids: torch.Tensor  # [B, S_now] token ids of the sequence the layer sees
+    mask: torch.Tensor  # [B, S_now] its padding mask
+    image_pos: list[torch.Tensor]  # [N_b] positions of each sample's visual tokens in it
 
 
 @register_family
@@ -76,7 +97,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_class = "LlavaForConditionalGeneration"
     model_types = ("llava",)
-    in_llm_signals = ("last_token_attention",)
+    in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states")
 
     @property
     def image_token_id(self) -> int:
@@ -107,13 +128,30 @@ class LlavaAdapter(Adapter):
     def text_embeds(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM input embeddings of each prompt's text tokens after its image tokens, padded: ``[B, T, D]``, ``[B, T]``."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        embed = self.model.get_input_embeddings()
+        return self.text_rows(ids, mask, self.model.get_input_embeddings()(ids))
+
+    def text_rows(self, ids, mask, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vectors`` ``[B, S, D]`` over a sequence of ``ids`` at each one's text tokens after its image tokens,
+        padded: ``[B, T, D]``, ``[B, T]``."""
         rows = []
         for b in range(len(ids)):
-            image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
+            image_pos = torch.nonzero((ids[b] == self.image_token_id) & mask[b]).flatten()
             start = int(image_pos[-1]) + 1 if len(image_pos) else 0
-            rows.append(embed(ids[b, start:][mask[b, start:]]))
+            rows.append(vectors[b, start:][mask[b, start:]])
         return _pad_rows(rows)
+
+    def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """``[N_b, 3]`` (group, row, column) of each visual token on its crop's patch grid; -1 for a token without a
+        patch. LLaVA-1.5: one crop, row-major (strategy ``full`` puts the CLS token first)."""
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        out = []
+        for f in visual.features:
+            p = torch.arange(side * side, device=f.device)
+            grid = torch.stack([torch.zeros_like(p), p // side, p % side], dim=1)
+            if len(f) == len(p) + 1:
+                grid = torch.cat([grid.new_full((1, 3), -1), grid])
+            out.append(grid)
+        return out
 
     def signals(self, inputs, visual: VisualTokens, needs: tuple[str, ...]) -> Signals:
         # Visual signals are right padded: index i of a row is visual token i of that sample.
@@ -131,12 +169,21 @@ class LlavaAdapter(Adapter):
     def signal_text_embeds(self, ctx: _PreLLM, signals: Signals) -> None:
         signals.text_embeds, signals.text_valid = self.text_embeds(ctx.inputs)
 
+    def signal_grid(self, ctx: _PreLLM, signals: Signals) -> None:
+        signals.grid = _pad_right(self.token_grid(ctx.inputs, ctx.visual), -1)
+
+    def signal_hidden_states(self, ctx: _Layer, signals: Signals) -> None:
+        signals.hidden_states = _pad_right([ctx.hidden[b, pos] for b, pos in enumerate(ctx.image_pos)], 0)
+
+    def signal_text_hidden_states(self, ctx: _Layer, signals: Signals) -> None:
+        signals.text_hidden_states, signals.text_valid = self.text_rows(ctx.ids, ctx.mask, ctx.hidden)
+
     def signal_cls_attention(self, ctx: _PreLLM, signals: Signals) -> None:
         signals.cls_attention = _pad_right(self.cls_attention(ctx.inputs, ctx.visual), 0)
 
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
-        head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.state.full_mask)
-        rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.state.image_pos)]  # [H, N_b]
+        head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask)
+        rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.image_pos)]  # [H, N_b]
         padded = head_scores.new_zeros(len(rows), head_scores.shape[1], signals.valid.shape[1])
         for b, row in enumerate(rows):
             padded[b, :, : row.shape[1]] = row
@@ -186,26 +233,32 @@ class LlavaAdapter(Adapter):
         signals = self.signals(inputs, visual, plan.strategy.needs)
         signals.generators = sample_generators(plan.seed, sample_keys(inputs))
         scoring = time.perf_counter() - start
-        kept, selecting = plan.select(signals)
-        per_sample = (scoring + selecting) / len(kept)
+        selections, selecting = plan.select(signals)
+        per_sample = (scoring + selecting) / len(selections)
 
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         embeds = self.model.get_input_embeddings()(ids)
         rows, stays, records = [], [], []
-        for b, keep in enumerate(kept):
+        for b, selection in enumerate(selections):
             image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
             feats = visual.features[b]
             if len(image_pos) != len(feats):
                 raise ValueError(f"sample {b}: {len(image_pos)} image tokens in the prompt for {len(feats)} features")
+            if selection.num_merged:
+                # A merged token sits in its anchor's slot (and keeps the anchor's position).
+                feats = feats.clone()
+                feats[selection.anchors] = selection.weights[:, : len(feats)].to(feats) @ feats
             row = embeds[b].clone()
             row[image_pos] = feats.to(row.dtype)
+            keep = selection.slots
             drop = torch.ones(len(feats), dtype=torch.bool, device=row.device)
             drop[keep.to(row.device)] = False
             stay = mask[b].clone()
             stay[image_pos[drop]] = False
             rows.append(row[stay])
             stays.append(stay)
-            records.append(SampleRecord(kept=keep.tolist(), num_visual=len(feats), select_seconds=per_sample))
+            records.append(SampleRecord(kept=keep.tolist(), num_visual=len(feats), select_seconds=per_sample,
+                                        merged=selection.anchors.tolist()))
         inputs_embeds, attention_mask = _pad_rows(rows)
         attention_mask = attention_mask.long()
         spliced = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
@@ -220,94 +273,97 @@ class LlavaAdapter(Adapter):
         """Positions of the shortened sequences: LLaVA numbers them afresh (the shorter sequence is the prompt)."""
         return left_pad_positions(attention_mask)
 
-    # -- pruning inside the LLM (fastv) --------------------------------------------------------------------
+    # -- pruning inside the LLM (fastv, pdrop) -------------------------------------------------------------
 
-    def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _FastVState:
-        """In-LLM strategies: a scoring hook on ``layers[K-1]`` and cutting hooks on ``layers[K:]`` for one call."""
+    def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _InLLMState:
+        """In-LLM strategies: one forward pre-hook on every decoder layer from the one that scores the first stage.
+
+        The hook of layer ``i`` cuts the sequence if a stage starts at ``i`` (prefill), gives the layer its stage's
+        rotary embeddings and mask, and, if the next stage starts at ``i + 1``, scores that layer's input and
+        selects the next stage's tokens among the current ones."""
         if plan.strategy.stage != "in_llm":
             return super().add_hooks(inputs, plan, handles)
         layers = self.decoder_layers
-        k = self.placement(plan).layer
-        ids = inputs["input_ids"]
-        state = _FastVState(
-            plan=plan,
-            layer=k,
-            image_pos=[torch.nonzero(row == self.image_token_id).flatten() for row in ids],
-            full_mask=inputs["attention_mask"].bool(),
-            keys=sample_keys(inputs),
-        )
-        handles.append(layers[k - 1].register_forward_pre_hook(self._score_hook(state), with_kwargs=True))
-        for index in range(k, len(layers)):
-            handles.append(layers[index].register_forward_pre_hook(self._cut_hook(state, index), with_kwargs=True))
+        stages = [_Stage(k) for k in self.placement(plan).layers]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        state = _InLLMState(plan=plan, stages=stages, keys=sample_keys(inputs), ids=ids, mask=mask,
+                            remaining=[torch.arange(int((row == self.image_token_id).sum()), device=ids.device) for row in ids])
+        for index in range(stages[0].layer - 1, len(layers)):
+            handles.append(layers[index].register_forward_pre_hook(self._in_llm_hook(state, index), with_kwargs=True))
         return state
 
-    def _score_hook(self, state: _FastVState):
-        def hook(layer, args, kwargs):
-            if state.gather is not None:  # decode step: the kept set is fixed after prefill
-                return
-            start = time.perf_counter()
-            hidden = args[0] if args else kwargs["hidden_states"]
-            width = max(len(p) for p in state.image_pos)
-            valid = torch.zeros(len(state.image_pos), width, dtype=torch.bool, device=hidden.device)
-            for b, pos in enumerate(state.image_pos):
-                valid[b, : len(pos)] = True
-            context = _Layer(state, layer, hidden, kwargs["position_embeddings"])
-            generators = sample_generators(state.plan.seed, state.keys)
-            signals = self.compute_signals(context, valid, state.plan.strategy.needs, generators)
-            kept = state.plan.strategy.select(signals, state.plan.keep_ratio, **state.plan.options)
-            rows = []
-            total = len(self.decoder_layers)
-            for b, keep in enumerate(kept):
-                stay = state.full_mask[b].clone()
-                drop = torch.ones(len(state.image_pos[b]), dtype=torch.bool, device=stay.device)
-                drop[keep.to(stay.device)] = False
-                stay[state.image_pos[b][drop]] = False
-                rows.append(torch.nonzero(stay).flatten())
-                n, kept_n = len(state.image_pos[b]), len(keep)
-                state.records.append(
-                    SampleRecord(
-                        kept=keep.tolist(),
-                        num_visual=n,
-                        equivalent_tokens=(state.layer * n + (total - state.layer) * kept_n) / total,
-                    )
-                )
-            state.gather, state.short_mask = _pad_rows(rows)
-            seconds = (time.perf_counter() - start) / len(kept)
-            for record in state.records:
-                record.select_seconds = seconds
-            return
-
-        return hook
-
-    def _cut_hook(self, state: _FastVState, index: int):
+    def _in_llm_hook(self, state: _InLLMState, index: int):
         from transformers.masking_utils import create_causal_mask
+
+        starts = next((s for s in state.stages if s.layer == index), None)
+        current = next((s for s in reversed(state.stages) if s.layer <= index), None)
+        upcoming = next((s for s in state.stages if s.layer == index + 1), None)
 
         def hook(layer, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == state.layer:
-                state.prefill = state.short_rope is None
-                if state.prefill:
-                    hidden = _take(hidden, state.gather)
-                    state.short_rope = tuple(_take(t.expand(len(hidden), *t.shape[1:]), state.gather) for t in kwargs["position_embeddings"])
-                    pos = kwargs.get("position_ids")
-                    state.short_position_ids = _take(pos.expand(len(hidden), -1), state.gather) if pos is not None else None
+            if index == state.stages[0].layer - 1:
+                state.decoding = state.stages[0].index is not None  # the kept sets are fixed after prefill
+            if starts is not None:
+                if state.decoding:
+                    starts.mask = torch.cat([starts.mask, starts.mask.new_ones(len(hidden), hidden.shape[1])], dim=1)
                 else:
-                    new = state.short_mask.new_ones(len(hidden), hidden.shape[1])
-                    state.short_mask = torch.cat([state.short_mask, new], dim=1)
-            if state.prefill:
-                kwargs["position_embeddings"] = state.short_rope
-                if state.short_position_ids is not None:
-                    kwargs["position_ids"] = state.short_position_ids
-            kwargs["attention_mask"] = create_causal_mask(
-                config=self.text_config,
-                inputs_embeds=hidden,
-                attention_mask=state.short_mask,
-                cache=kwargs.get("cache"),
-                layer_idx=index,
-            )
+                    hidden = _take(hidden, starts.index)
+                    starts.rope = tuple(_take(t.expand(len(hidden), *t.shape[1:]), starts.full_index)
+                                        for t in kwargs["position_embeddings"])
+                    pos = kwargs.get("position_ids")
+                    starts.position_ids = _take(pos.expand(len(hidden), -1), starts.full_index) if pos is not None else None
+            if current is not None:
+                if not state.decoding:
+                    kwargs["position_embeddings"] = current.rope
+                    if current.position_ids is not None:
+                        kwargs["position_ids"] = current.position_ids
+                kwargs["attention_mask"] = create_causal_mask(config=self.text_config, inputs_embeds=hidden,
+                                                              attention_mask=current.mask, cache=kwargs.get("cache"),
+                                                              layer_idx=index)
+            if upcoming is not None and not state.decoding:
+                self._select_stage(state, current, upcoming, layer, hidden, kwargs["position_embeddings"])
             return (hidden, *args[1:]), kwargs
 
         return hook
+
+    def _select_stage(self, state: _InLLMState, current, upcoming: _Stage, layer, hidden, rope) -> None:
+        """Score the input of ``layer`` (the sequence of stage ``current``, or the whole prompt) and fix ``upcoming``."""
+        start = time.perf_counter()
+        ids = state.ids if current is None else current.ids
+        mask = state.mask if current is None else current.mask
+        full_index = _left_pad_arange(mask) if current is None else current.full_index
+        image_pos = [torch.nonzero((row == self.image_token_id) & m).flatten() for row, m in zip(ids, mask)]
+        valid = _pad_right([torch.ones(len(p), dtype=torch.bool, device=hidden.device) for p in image_pos], False)
+        context = _Layer(state, layer, hidden, rope, ids, mask, image_pos)
+        signals = self.compute_signals(context, valid, state.plan.strategy.needs,
+                                       sample_generators(state.plan.seed, state.keys))
+        kept, _ = state.plan.select_kept(signals, "inside the LLM")
+        rows = []
+        for b, keep in enumerate(kept):
+            stay = mask[b].clone()
+            drop = torch.ones(len(image_pos[b]), dtype=torch.bool, device=stay.device)
+            drop[keep.to(stay.device)] = False
+            stay[image_pos[b][drop]] = False
+            rows.append(torch.nonzero(stay).flatten())
+            state.remaining[b] = state.remaining[b][keep.to(state.remaining[b].device)]
+        upcoming.index, upcoming.mask = _pad_rows(rows)
+        upcoming.full_index, upcoming.ids = _take(full_index, upcoming.index), _take(ids, upcoming.index)
+        state.select_seconds += time.perf_counter() - start
+        upcoming.kept = [len(remaining) for remaining in state.remaining]
+        upcoming.visual = [remaining.sort().values for remaining in state.remaining]
+        if upcoming is state.stages[-1]:
+            self._finish_records(state)
+
+    def _finish_records(self, state: _InLLMState) -> None:
+        total = len(self.decoder_layers)
+        bounds = [s.layer for s in state.stages] + [total]
+        for b, remaining in enumerate(state.remaining):
+            n = int((state.ids[b][state.mask[b]] == self.image_token_id).sum())
+            counts = [s.kept[b] for s in state.stages]
+            seen = bounds[0] * n + sum((end - s.layer) * c for s, end, c in zip(state.stages, bounds[1:], counts))
+            state.records.append(SampleRecord(kept=remaining.sort().values.tolist(), num_visual=n,
+                                              select_seconds=state.select_seconds / len(state.remaining),
+                                              equivalent_tokens=seen / total, stage_kept=counts))
 
     # -- calls ---------------------------------------------------------------------------------------------
 
@@ -417,6 +473,11 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, paddi
     logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
     logits = logits.masked_fill(~padding_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _left_pad_arange(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` the positions 0..S-1 of every row (a layout's index into itself)."""
+    return torch.arange(mask.shape[1], device=mask.device).expand(len(mask), -1)
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,17 @@ class LlavaNextAdapter(LlavaAdapter):
         ]
         return VisualTokens(feats, groups, out)
 
+    def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """(crop, row, column) on each crop's own patch grid, packed like the features (unpadded rows and columns
+        are gone); newline tokens have no patch (-1)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        crops = sum(self.crops_per_image(inputs["image_sizes"]))
+        p = torch.arange(side * side, dtype=torch.float32, device=visual.features[0].device)
+        maps = [self.pack_maps(m.expand(crops, -1), inputs["image_sizes"], -1.0) for m in (p // side, p % side)]
+        return [torch.stack([torch.where(r < 0, -1, g), r.round().long(), c.round().long()], dim=1)
+                for g, r, c in zip(visual.groups, *maps)]
+
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """CLS saliency per crop, packed like the features; newline tokens score 0 (no patch behind them)."""
         return self.pack_maps(self.crop_cls_attention(visual.vision), inputs["image_sizes"], 0.0)

@@ -149,7 +149,7 @@ class MllamaAdapter(Adapter):
                 return None
             start = time.perf_counter()
             hidden = args[0] if args else kwargs["hidden_states"]
-            kept, _ = state.plan.select(self.signals(state, layer, hidden, kwargs))
+            kept, _ = state.plan.select_kept(self.signals(state, layer, hidden, kwargs), "at the cross-attention layers")
             device = state.valid.device
             width = max(len(k) for k in kept)
             state.gather = torch.zeros(len(kept), width, dtype=torch.long, device=device)

@@ -74,6 +74,15 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         groups = [torch.zeros(len(f), dtype=torch.long, device=f.device) for f in feats]
         return VisualTokens(feats, groups, {**captured, "grid": inputs["image_grid_thw"], "block": block})
 
+    def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """(0, row, column) on each image's merged grid, raster order (the order of its image tokens)."""
+        out = []
+        for (t, h, w), f in zip(inputs["image_grid_thw"].tolist(), visual.features):
+            width = w // self.merge_size
+            i = torch.arange(len(f), device=f.device) % (h // self.merge_size * width)  # frames repeat the grid
+            out.append(torch.stack([torch.zeros_like(i), i // width, i % width], dim=1))
+        return out
+
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """Attention received per merged token in the last full-attention block (module docstring), per image."""
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision

@@ -1,9 +1,11 @@
 """What every strategy shares: the signals it is given, its declared options, the budget rule, the registry.
 
-A strategy is a pure function ``fn(signals, budgets, **options) -> list[LongTensor]``: for each sample of the
-batch, the sorted indices of the visual tokens to keep. It never touches a model; an adapter computes the
-signals the strategy declares in ``needs`` and applies the kept set. It names no model family: it runs on every
-family that provides the signals it needs (``Adapter.provides``).
+A strategy is a pure function ``fn(signals, budgets, **options)`` returning, for each sample of the batch, either
+the indices of the visual tokens to keep (a LongTensor) or a ``Selection``: kept indices plus *merged* tokens
+(VisionZip's contextual tokens, pooling), each given as weights over the sample's visual tokens. It never touches
+a model; an adapter computes the signals the strategy declares in ``needs`` and applies the result, building each
+merged vector from whatever vectors its placement sees (projector outputs before the LLM). It names no model
+family: it runs on every family that provides the signals it needs (``Adapter.provides``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ SIGNALS = {
     "cls_attention": "[B, N] vision encoder CLS→patch attention, averaged over heads",
     "features": "[B, N, D] visual tokens as the language model sees them (projector outputs)",
     "text_embeds": "[B, T, D] language-model input embeddings of the prompt's text tokens (with text_valid)",
+    "grid": "[B, N, 3] long (group, row, column) of each visual token on its tile / crop / image grid; -1 on "
+    "tokens without a patch (newline, CLS) and on padding",
+    "hidden_states": "[B, N, D] the LLM's hidden states of the visual tokens entering the layer where an in-LLM "
+    "strategy prunes (self-attention models)",
+    "text_hidden_states": "[B, T, D] the same for the prompt's text tokens after the image (with text_valid)",
 }
 
 
@@ -42,6 +49,9 @@ class Signals:
     features: torch.Tensor | None = None  # [B, N, D]
     text_embeds: torch.Tensor | None = None  # [B, T, D]
     text_valid: torch.Tensor | None = None  # [B, T] bool
+    grid: torch.Tensor | None = None  # [B, N, 3] long
+    hidden_states: torch.Tensor | None = None  # [B, N, D]
+    text_hidden_states: torch.Tensor | None = None  # [B, T, D]
     #: one seeded generator per sample (random strategies); seeded from the sample itself so that a
     #: sample's selection does not depend on which other samples share its batch
     generators: list[torch.Generator] | None = None
@@ -49,6 +59,38 @@ class Signals:
     @property
     def num_valid(self) -> torch.Tensor:
         return self.valid.sum(dim=1)
+
+
+@dataclass
+class Selection:
+    """One sample's result: visual tokens kept as they are, and merged tokens.
+
+    A merged token takes the sequence slot (and so the position) of its ``anchor``, a visual token that is not in
+    ``kept``; its vector is ``weights[m] @ vectors`` over the sample's visual tokens (row ``m`` sums to 1, zero on
+    padding). ``kept`` and ``anchors`` are disjoint and sorted; together they are at most the budget.
+    """
+
+    kept: torch.Tensor  # [K] long
+    anchors: torch.Tensor | None = None  # [M] long
+    weights: torch.Tensor | None = None  # [M, N] float
+
+    def __post_init__(self):
+        self.kept = self.kept.sort().values
+        if self.anchors is None:
+            self.anchors = self.kept.new_zeros(0)
+        order = self.anchors.argsort()
+        self.anchors = self.anchors[order]
+        if self.weights is not None:
+            self.weights = self.weights[order]
+
+    @property
+    def num_merged(self) -> int:
+        return len(self.anchors)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """Every visual-token slot that stays in the sequence, kept or carrying a merge, sorted."""
+        return torch.cat([self.kept, self.anchors.to(self.kept.device)]).sort().values
 
 
 @dataclass(frozen=True)
@@ -79,10 +121,15 @@ class Strategy:
         doc = (self.fn.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def select(self, signals: Signals, keep_ratio: float, **options) -> list[torch.Tensor]:
+    def selections(self, signals: Signals, keep_ratio: float, **options) -> list[Selection]:
+        """Each sample's ``Selection`` (kept indices, and merges if the strategy makes any): what adapters apply."""
         opts = {name: opt.default for name, opt in self.options.items()} | options
-        kept = self.fn(signals, budgets(signals.num_valid, keep_ratio), **opts)
-        return [k.sort().values for k in kept]
+        out = self.fn(signals, budgets(signals.num_valid, keep_ratio), **opts)
+        return [s if isinstance(s, Selection) else Selection(s) for s in out]
+
+    def select(self, signals: Signals, keep_ratio: float, **options) -> list[torch.Tensor]:
+        """Each sample's sorted kept indices (merges left out: for strategies that only keep)."""
+        return [s.kept for s in self.selections(signals, keep_ratio, **options)]
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")

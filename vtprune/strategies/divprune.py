@@ -13,8 +13,7 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
     second-smallest entry of each distance column, the smallest being the token itself); then each step
     adds the token whose distance to the selected set (its nearest selected token) is largest. Ties → lower index.
     """
-    unit = F.normalize(features.double(), dim=-1)  # float64: rounding noise should not reorder equal distances
-    distance = 1 - unit @ unit.T
+    distance = cosine_distance(features)
     n = len(features)
     k = min(k, n)
     nearest = (
@@ -28,6 +27,14 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
         to_chosen = torch.minimum(to_chosen, distance[chosen[-1]])
         to_chosen[chosen[-1]] = float("-inf")
     return torch.tensor(chosen, device=features.device)
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """``1 − cos`` between rows, float64 and exactly symmetric: ``U·Uᵀ`` is not, in the last bit, and two mutual
+    nearest neighbours must tie exactly so that the lower index wins, not the rounding."""
+    unit = F.normalize(features.double(), dim=-1)
+    distance = 1 - unit @ unit.T
+    return (distance + distance.T) / 2
 
 
 @register_strategy("divprune", needs=("features",))
