@@ -101,6 +101,12 @@ def test_prefill_flops_by_hand():
     expected = 32 * self_layer() + cross_layer(6404) + 7 * cross_layer(3202) + 2 * h * vocab
     row, = _rows(_trimmed(True), [0.5], [2])
     assert row["prefill_flops"] == 2 * expected
+    # placement prune_first_layer: the first cross layer, too, projects and attends to the 3202 kept only
+    from vtprune.strategies import STRATEGIES
+
+    before, = _rows((STRATEGIES.get("cls_saliency"), {"prune_first_layer": True}), [0.5], [2])
+    assert before["prefill_flops"] == 2 * (32 * self_layer() + 8 * cross_layer(3202) + 2 * h * vocab)
+    assert before["kv_cross_bytes"] == 2 * 8 * PER_TOKEN_LAYER * 3202
 
 
 def test_mllama_baselines_prune_where_trimmed_llama_does():

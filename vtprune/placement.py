@@ -7,7 +7,9 @@ A strategy says *which* visual tokens to keep; the placement says *where* the ke
   their KV cache only the kept ones (fastv); or in several stages, ``layers: [K1, K2, ...]`` (PyramidDrop): from
   each K_s on, the layers see only what that stage kept of the previous stage's tokens;
 - ``cross_attention`` (cross-attention models, mllama): the first cross-attention layer sees every visual token
-  during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache.
+  during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache;
+  ``prune_first_layer: true`` gives the first layer only the kept tokens too (pruning before the LLM, for the
+  strategies whose signals exist there; trimmed_llama still scores on every token, then runs the layer on the kept).
 
 The settings come from ``pruning.placement`` over the strategy's defaults (``register_strategy(placement=...)``).
 The same rule checks them at config load (``--dry-run``, from the model's config file alone) and in the adapter
@@ -27,7 +29,7 @@ SETTINGS = {
     "pre_llm": {},
     "in_llm": {"layer": "an integer in [1, decoder layers - 1]",
                "layers": "a list of increasing integers in [1, decoder layers - 1]"},
-    "cross_attention": {"prune_first_layer_cache": "true or false"},
+    "cross_attention": {"prune_first_layer_cache": "true or false", "prune_first_layer": "true or false"},
 }
 _SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers"}
 
@@ -39,6 +41,7 @@ class Placement:
     #: or the family decides)
     layers: tuple[int, ...] = ()
     prune_first_layer_cache: bool = True  # cross_attention only
+    prune_first_layer: bool = False  # cross_attention only: the first cross layer, too, sees only the kept tokens
 
     @property
     def layer(self) -> int:
@@ -49,6 +52,8 @@ class Placement:
         if self.where == "in_llm":
             return f"inside the LLM after layer{'s' if len(self.layers) > 1 else ''} {', '.join(map(str, self.layers))}"
         if self.where == "cross_attention":
+            if self.prune_first_layer:
+                return "before the first cross-attention layer"
             return "after the first cross-attention layer" + ("" if self.prune_first_layer_cache else " (its cache kept whole)")
         return _SAYS[self.where]
 
@@ -72,9 +77,9 @@ def resolve_placement(strategy, settings: dict, *, cross_attention: bool | None,
     if "layer" in settings and "layers" in settings:
         raise ConfigError(f"{KEY}: give layer (one stage) or layers (several), not both")
     values = {**{k: v for k, v in strategy.placement.items() if k in allowed}, **settings}
-    if "prune_first_layer_cache" in values and not isinstance(values["prune_first_layer_cache"], bool):
-        raise ConfigError(f"{KEY}.prune_first_layer_cache: {values['prune_first_layer_cache']!r} is not allowed "
-                          "(allowed: true or false)")
+    for key in ("prune_first_layer_cache", "prune_first_layer"):
+        if key in values and not isinstance(values[key], bool):
+            raise ConfigError(f"{KEY}.{key}: {values[key]!r} is not allowed (allowed: true or false)")
     layers = _stage_layers(values, settings, decoder_layers, model)
     if cross_attention is None:
         return None

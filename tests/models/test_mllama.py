@@ -48,14 +48,16 @@ def hooks_left(adapter):
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in adapter.model.modules())
 
 
-def masked_reference(adapter, kept, cut_first):
+def masked_reference(adapter, kept, cut_first, first_pruned=False):
     """Hooks that only hide every token outside ``kept`` from the later cross-attention layers (and from the first
-    one's decode steps when its cache is cut): the full-length, unpruned equivalent of the pruned run."""
+    one's decode steps when its cache is cut, from all of it when it is pruned too): the full-length, unpruned
+    equivalent of the pruned run."""
     first, *later = adapter.cross_layers
 
     def hook_for(layer_index):
         def hook(layer, args, kwargs):
-            if layer_index == first and (not cut_first or kwargs.get("cross_attention_states") is not None):
+            prefill = kwargs.get("cross_attention_states") is not None
+            if layer_index == first and not first_pruned and (not cut_first or prefill):
                 return None
             mask = kwargs["cross_attention_mask"]
             hide = torch.ones(len(kept), mask.shape[-1], dtype=torch.bool)
@@ -196,6 +198,35 @@ def test_batched_equals_per_sample(adapter, padded, name):
             torch.testing.assert_close(one_logits[0], logits[b], atol=1e-4, rtol=0)
             assert torch.equal(one_ids[0], ids[b])
     assert not padded["attention_mask"][0].all()  # prompts of different lengths: sample 0 is left padded
+
+
+@pytest.mark.parametrize("name", ["cls_saliency", "trimmed_llama"])
+def test_pruning_before_the_first_cross_layer_equals_masking_it_too(adapter, padded, name):
+    # placement prune_first_layer: every cross-attention layer, the first included, sees only the kept tokens
+    p = plan(name, 0.3, prune_first_layer=True)
+    first, *later = adapter.cross_layers
+    with torch.no_grad():
+        logits, records = adapter.prefill_logits(padded, p)
+        with adapter.applied(padded, p):
+            ids, scores = greedy_scores(adapter, padded)
+        out, _ = adapter.forward(padded, p, use_cache=True)
+        kept = [r.kept for r in records]
+        handles = masked_reference(adapter, kept, cut_first=True, first_pruned=True)
+        try:
+            ref_logits = adapter.model(**padded, position_ids=_positions(padded)).logits[:, -1]
+            ref_ids, ref_scores = greedy_scores(adapter, padded)
+        finally:
+            for h in handles:
+                h.remove()
+        after_first, _ = adapter.prefill_logits(padded, plan(name, 0.3))
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
+    assert torch.equal(ids, ref_ids)
+    assert not torch.allclose(logits, after_first, atol=1e-4)  # the first layer's own view changed the output
+    width = max(len(k) for k in kept)
+    assert all(out.cache.layers[i].keys.shape[2] == width for i in [first, *later])
+    assert all(r.equivalent_tokens == r.num_kept for r in records)
+    assert adapter.placement(p).describe() == "before the first cross-attention layer"
 
 
 # -- (5) cross-attention KV cache holds only the kept tokens ---------------------------------------------------

@@ -51,7 +51,7 @@ def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept, placeme
     for index in range(text.num_hidden_layers):
         if index in cross:
             # The first cross layer attends to (and caches) every visual token in prefill; later ones the kept.
-            full = placement.where == "cross_attention" and index == first_cross
+            full = placement.where == "cross_attention" and not placement.prune_first_layer and index == first_cross
             keys = num_visual if full else num_kept
             cached = num_visual if full and not placement.prune_first_layer_cache else num_kept
             out.append(("cross", text_tokens, keys, cached))

@@ -35,6 +35,7 @@ class _TrimState:
     text_mask: torch.Tensor  # [B, S] bool: prompt positions that are not left padding
     keys: list[bytes]
     cut_first: bool
+    first_pruned: bool = False  # placement prune_first_layer: the first cross layer sees only the kept tokens
     vision_input: torch.Tensor | None = None  # input of the vision layer scored by cls_attention
     gather: torch.Tensor | None = None  # [B, K] kept token indices, padded to the batch maximum
     gather_valid: torch.Tensor | None = None  # [B, K] False on pad columns
@@ -122,6 +123,7 @@ class MllamaAdapter(Adapter):
             text_mask=inputs["attention_mask"].bool(),
             keys=sample_keys(inputs),
             cut_first=not plan.is_noop and self.placement(plan).prune_first_layer_cache,
+            first_pruned=not plan.is_noop and self.placement(plan).prune_first_layer,
         )
         first, *later = self.cross_layers
         layers = self.decoder_layers
@@ -143,7 +145,7 @@ class MllamaAdapter(Adapter):
     def _select_hook(self, state: _TrimState):
         def hook(layer, args, kwargs):
             if kwargs.get("cross_attention_states") is None:  # decode step: the layer reads its cache
-                if state.first_cut:
+                if state.first_cut or state.first_pruned:
                     kwargs["cross_attention_mask"] = _take_columns(kwargs["cross_attention_mask"], state)
                     return args, kwargs
                 return None
@@ -155,7 +157,7 @@ class MllamaAdapter(Adapter):
             state.gather = torch.zeros(len(kept), width, dtype=torch.long, device=device)
             state.gather_valid = torch.zeros(len(kept), width, dtype=torch.bool, device=device)
             seconds = (time.perf_counter() - start) / len(kept)
-            num_layers = len(self.cross_layers)
+            layers, full = len(self.cross_layers), 0 if state.first_pruned else 1  # full: cross layers that see all N
             for b, keep in enumerate(kept):
                 state.gather[b, : len(keep)] = keep.to(device)
                 state.gather_valid[b, : len(keep)] = True
@@ -165,9 +167,11 @@ class MllamaAdapter(Adapter):
                         kept=keep.tolist(),
                         num_visual=n,
                         select_seconds=seconds,
-                        equivalent_tokens=(n + (num_layers - 1) * len(keep)) / num_layers,
+                        equivalent_tokens=(full * n + (layers - full) * len(keep)) / layers,
                     )
                 )
+            if state.first_pruned:  # this layer, too, projects, attends to and caches only the kept features
+                return self._later_hook(state)(layer, args, kwargs)
             return None
 
         return hook
@@ -175,7 +179,8 @@ class MllamaAdapter(Adapter):
     def _cut_cache_hook(self, state: _TrimState, index: int):
         def hook(layer, args, kwargs, output):
             cache = kwargs.get("cache")
-            if not state.cut_first or state.first_cut or cache is None or kwargs.get("cross_attention_states") is None:
+            if (not state.cut_first or state.first_pruned or state.first_cut or cache is None
+                    or kwargs.get("cross_attention_states") is None):
                 return
             cached = cache.layers[index]
             cached.keys = _take_tokens(cached.keys, state.gather)
