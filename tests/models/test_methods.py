@@ -77,7 +77,7 @@ def test_batched_equals_per_sample_within_budget(loaded, family, name):
     assert torch.equal(new[:, 0], logits.argmax(-1))
 
 
-MERGING = [(f, s) for f, s in cases() if s in ("pool", "visionzip")]
+MERGING = [(f, s) for f, s in cases() if STRATEGIES.get(s).fn.__name__ in ("keep_pool", "keep_visionzip", "keep_downsample")]
 
 
 @pytest.mark.parametrize("family,name", MERGING)
@@ -97,9 +97,17 @@ def test_a_merged_token_is_the_weighted_mean_of_its_sources(loaded, family, name
         row = spliced["inputs_embeds"][b][spliced["attention_mask"][b].bool()]
         place = {int(pos): i for i, pos in enumerate(torch.nonzero(stay).flatten())}
         feats = visual.features[b]
+        if p.strategy.merge_space == "vision":  # averaged before the projector, then projected
+            vectors, project = adapter.pre_projector(inputs, visual)
+            patches = selection.kept[adapter.token_grid(inputs, visual)[b][selection.kept, 0] >= 0]  # not newlines
+            torch.testing.assert_close(project(vectors[b][patches]), feats[patches], atol=1e-5, rtol=1e-5)
         for m, anchor in enumerate(selection.anchors.tolist()):
             sources = torch.nonzero(selection.weights[m]).flatten()
-            expected = (selection.weights[m, sources, None] * feats[sources]).sum(0)
+            if p.strategy.merge_space == "vision":
+                expected = project((selection.weights[m, sources, None] * vectors[b][sources]).sum(0))
+                assert not torch.allclose(expected, (selection.weights[m, sources, None] * feats[sources]).sum(0))
+            else:
+                expected = (selection.weights[m, sources, None] * feats[sources]).sum(0)
             torch.testing.assert_close(row[place[int(image_pos[anchor])]], expected, atol=1e-5, rtol=1e-5)
         for k in selection.kept.tolist():
             torch.testing.assert_close(row[place[int(image_pos[k])]], feats[k])

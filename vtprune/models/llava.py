@@ -140,6 +140,19 @@ class LlavaAdapter(Adapter):
             rows.append(vectors[b, start:][mask[b, start:]])
         return _pad_rows(rows)
 
+    def pre_projector(self, inputs, visual: VisualTokens):
+        """Each sample's visual tokens before the projector (``[N_b, D_vision]``, in the features' order) and the
+        projector, so that ``project(v) `` of a token's own ``v`` is its feature: merges before the projector."""
+        return list(self.selected_vision_features(visual)), self.model.model.multi_modal_projector
+
+    def selected_vision_features(self, visual: VisualTokens) -> torch.Tensor:
+        """``[crops, P, D]`` the vision layer(s) the projector reads, as ``get_image_features`` selects them."""
+        cfg = self.model.config
+        layers = cfg.vision_feature_layer
+        hidden = visual.vision.hidden_states
+        chosen = hidden[layers] if isinstance(layers, int) else torch.cat([hidden[i] for i in layers], dim=-1)
+        return chosen[:, 1:] if cfg.vision_feature_select_strategy == "default" else chosen
+
     def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """``[N_b, 3]`` (group, row, column) of each visual token on its crop's patch grid; -1 for a token without a
         patch. LLaVA-1.5: one crop, row-major (strategy ``full`` puts the CLS token first)."""
@@ -238,6 +251,8 @@ class LlavaAdapter(Adapter):
 
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         embeds = self.model.get_input_embeddings()(ids)
+        merging = any(s.num_merged for s in selections)
+        before_projector = self.pre_projector(inputs, visual) if merging and plan.strategy.merge_space == "vision" else None
         rows, stays, records = [], [], []
         for b, selection in enumerate(selections):
             image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
@@ -247,7 +262,11 @@ class LlavaAdapter(Adapter):
             if selection.num_merged:
                 # A merged token sits in its anchor's slot (and keeps the anchor's position).
                 feats = feats.clone()
-                feats[selection.anchors] = selection.weights[:, : len(feats)].to(feats) @ feats
+                if before_projector is None:
+                    feats[selection.anchors] = selection.weights[:, : len(feats)].to(feats) @ feats
+                else:
+                    vectors, project = before_projector[0][b], before_projector[1]
+                    feats[selection.anchors] = project(selection.weights[:, : len(feats)].to(vectors) @ vectors).to(feats)
             row = embeds[b].clone()
             row[image_pos] = feats.to(row.dtype)
             keep = selection.slots

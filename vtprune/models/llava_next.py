@@ -65,6 +65,15 @@ class LlavaNextAdapter(LlavaAdapter):
         ]
         return VisualTokens(feats, groups, out)
 
+    def pre_projector(self, inputs, visual: VisualTokens):
+        """Before the projector, packed like the features; a newline token has no such vector (zeros: never merged)."""
+        chosen = self.selected_vision_features(visual)
+        per_image = torch.split(chosen, self.crops_per_image(inputs["image_sizes"]), dim=0)
+        packed, _ = self.model.model.pack_image_features(
+            list(per_image), inputs["image_sizes"], self.model.config.vision_feature_select_strategy,
+            image_newline=chosen.new_zeros(chosen.shape[-1]))
+        return list(packed), self.model.model.multi_modal_projector
+
     def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """(crop, row, column) on each crop's own patch grid, packed like the features (unpadded rows and columns
         are gone); newline tokens have no patch (-1)."""

@@ -64,15 +64,32 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
             captured["cu_seqlens"] = kwargs["cu_seqlens"]
             captured["rope"] = kwargs["position_embeddings"]
 
+        def capture_merger(module, args):
+            captured["merger_input"] = args[0]
+
         # Only for this call of the tower (the model is held by the caller); removed even on error.
-        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        handles = [block.register_forward_pre_hook(capture, with_kwargs=True),
+                   tower.merger.register_forward_pre_hook(capture_merger)]
         try:
             out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         feats = list(out.pooler_output)
         groups = [torch.zeros(len(f), dtype=torch.long, device=f.device) for f in feats]
         return VisualTokens(feats, groups, {**captured, "grid": inputs["image_grid_thw"], "block": block})
+
+    def pre_projector(self, inputs, visual: VisualTokens):
+        """Before the patch merger's MLP: each merged token's ``merge × merge`` normed patch vectors, concatenated
+        (``ln_q(x).view(-1, 4·D)``), in the tokens' order (the tower works in window order)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        merger, vision = self.model.model.visual.merger, self.model.config.vision_config
+        grouped = merger.ln_q(visual.vision["merger_input"]).view(-1, merger.hidden_size)
+        window_index, _ = get_vision_window_index(visual.vision["grid"], vision.spatial_merge_size, vision.window_size,
+                                                  vision.patch_size)
+        ordered = grouped[torch.argsort(window_index.to(grouped.device))]
+        return list(torch.split(ordered, [len(f) for f in visual.features])), merger.mlp
 
     def token_grid(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """(0, row, column) on each image's merged grid, raster order (the order of its image tokens)."""

@@ -115,6 +115,9 @@ class Strategy:
     #: defaults of the placement settings (``vtprune.placement``), e.g. fastv's ``{"layer": 2}``: the adapter owns
     #: where pruning happens, the strategy only proposes its authors' default
     placement: dict = field(default_factory=dict)
+    #: the vectors a merged token averages: "features" (projector outputs) or "vision" (the vision tower's output
+    #: before the projector, then projected: pooling the patch grid before the projector)
+    merge_space: str = "features"
 
     @property
     def description(self) -> str:
@@ -135,13 +138,14 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
-def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None):
+def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features"):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
-        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {})))
+        STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {}),
+                                      merge_space))
         return fn
 
     return wrap
