@@ -14,7 +14,7 @@ METRIC_KEYS = {
     "run", "model", "family", "strategy", "keep_ratio", "task", "metric", "value", "stderr", "n", "scored",
     "kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean", "smoke",
 }
-SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "select_ms"}
+SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "num_merged", "select_ms"}
 
 
 def write_config(tmp_path, path="tiny:llava", strategy="uniform", keep_ratio=0.5, tasks=MINI, name="run1"):
@@ -46,7 +46,7 @@ def test_eval_llava_on_the_mini_tasks(tmp_path, no_judge):
     assert [s["task"] for s in samples] == [t for t in MINI for _ in range(2)]
     for s in samples:
         assert set(s) == SAMPLE_KEYS
-        assert (s["num_visual"], s["num_kept"], s["kept_fraction"]) == (16, 8, 0.5)
+        assert (s["num_visual"], s["num_kept"], s["kept_fraction"], s["num_merged"]) == (16, 8, 0.5, 0)
         assert s["select_ms"] >= 0 and isinstance(s["output"], str)
     # Targets come from the generated docs in the official schema.
     assert samples[0]["target"] == ["stop"] * 10
