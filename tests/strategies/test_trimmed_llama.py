@@ -98,6 +98,6 @@ def test_declared_options_are_validated():
     with pytest.raises(ConfigError, match=r"pruning.options.prune_first_layer_cache: .*pruning.placement.prune_first_layer_cache"):
         config_from_dict({**base, "pruning": {"strategy": "trimmed_llama", "options": {"prune_first_layer_cache": False}}})
     with pytest.raises(ConfigError, match=r"pruning.placement.layer: not a setting of 'trimmed_llama', which prunes at the "
-                                          r"cross-attention layers \(allowed: prune_first_layer_cache\)"):
+                                          r"cross-attention layers \(allowed: prune_first_layer_cache, prune_first_layer\)"):
         config_from_dict({**base, "pruning": {"strategy": "trimmed_llama", "placement": {"layer": 2}}})
     assert TRIM.stage == "in_llm" and TRIM.needs == ("cross_attention",)
