@@ -173,7 +173,8 @@ def test_a_call_from_inside_a_pruning_context_is_refused(pipe):
         with pytest.raises(VtpruneError, match=refused), fastv.adapter.applied(inputs, fastv.plan):
             pass
         k = fastv.adapter.placement(fastv.plan).layer
-        assert hooks_on(pipe.model) == 1 + len(fastv.adapter.decoder_layers) - k  # only the open context's own
+        # only the open context's own: a pre-hook on layers[K-1:], the scoring hook on layers[K-1], its q/k captures
+        assert hooks_on(pipe.model) == 1 + len(fastv.adapter.decoder_layers) - k + 3
 
     # from inside a hook: the strategy's selection runs in fastv's scoring hook
     reentrant = with_selection(fastv, lambda select: none.generate(IMAGES[:1], PROMPTS[:1], max_new_tokens=1))

@@ -70,6 +70,7 @@ class _InLLMState:
     records: list[SampleRecord] = field(default_factory=list)
     decoding: bool = False
     select_seconds: float = 0.0
+    projected: dict = field(default_factory=dict)  # the scored layer's own q_proj (last position) / k_proj outputs
 
     @property
     def gather(self) -> torch.Tensor | None:
@@ -195,7 +196,7 @@ class LlavaAdapter(Adapter):
         signals.cls_attention = _pad_right(self.cls_attention(ctx.inputs, ctx.visual), 0)
 
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
-        head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask)
+        head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.state.projected)
         rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.image_pos)]  # [H, N_b]
         padded = head_scores.new_zeros(len(rows), head_scores.shape[1], signals.valid.shape[1])
         for b, row in enumerate(rows):
@@ -297,9 +298,9 @@ class LlavaAdapter(Adapter):
     def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _InLLMState:
         """In-LLM strategies: one forward pre-hook on every decoder layer from the one that scores the first stage.
 
-        The hook of layer ``i`` cuts the sequence if a stage starts at ``i`` (prefill), gives the layer its stage's
-        rotary embeddings and mask, and, if the next stage starts at ``i + 1``, scores that layer's input and
-        selects the next stage's tokens among the current ones."""
+        The pre-hook of layer ``i`` cuts the sequence if a stage starts at ``i`` (prefill) and gives the layer its
+        stage's rotary embeddings and mask; a forward hook on the layer before each stage scores that layer's input
+        (with the q/k projections the layer itself computed) and selects the stage's tokens among the current ones."""
         if plan.strategy.stage != "in_llm":
             return super().add_hooks(inputs, plan, handles)
         layers = self.decoder_layers
@@ -309,14 +310,41 @@ class LlavaAdapter(Adapter):
                             remaining=[torch.arange(int((row == self.image_token_id).sum()), device=ids.device) for row in ids])
         for index in range(stages[0].layer - 1, len(layers)):
             handles.append(layers[index].register_forward_pre_hook(self._in_llm_hook(state, index), with_kwargs=True))
+        for stage in stages:
+            scored = layers[stage.layer - 1]
+            handles.append(scored.register_forward_hook(self._select_hook(state, stage), with_kwargs=True))
+            if "last_token_attention" in plan.strategy.needs:
+                # The layer's own q/k projections, so that scoring does not run k_proj over the sequence again.
+                for name in ("q_proj", "k_proj"):
+                    handles.append(getattr(scored.self_attn, name).register_forward_hook(self._capture(state, name)))
         return state
+
+    @staticmethod
+    def _capture(state: _InLLMState, name: str):
+        def hook(module, args, output):
+            if not state.decoding:
+                state.projected[name] = output[:, -1:] if name == "q_proj" else output
+
+        return hook
+
+    def _select_hook(self, state: _InLLMState, upcoming: _Stage):
+        """After the layer before ``upcoming`` ran (prefill): score its input and fix the next stage's tokens."""
+        current = next((s for s in reversed(state.stages) if s.layer < upcoming.layer), None)
+
+        def hook(layer, args, kwargs, output):
+            if state.decoding:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._select_stage(state, current, upcoming, layer, hidden, kwargs["position_embeddings"])
+            state.projected.clear()
+
+        return hook
 
     def _in_llm_hook(self, state: _InLLMState, index: int):
         from transformers.masking_utils import create_causal_mask
 
         starts = next((s for s in state.stages if s.layer == index), None)
         current = next((s for s in reversed(state.stages) if s.layer <= index), None)
-        upcoming = next((s for s in state.stages if s.layer == index + 1), None)
 
         def hook(layer, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -339,8 +367,6 @@ class LlavaAdapter(Adapter):
                 kwargs["attention_mask"] = create_causal_mask(config=self.text_config, inputs_embeds=hidden,
                                                               attention_mask=current.mask, cache=kwargs.get("cache"),
                                                               layer_idx=index)
-            if upcoming is not None and not state.decoding:
-                self._select_stage(state, current, upcoming, layer, hidden, kwargs["position_embeddings"])
             return (hidden, *args[1:]), kwargs
 
         return hook
@@ -472,17 +498,23 @@ class LlavaAdapter(Adapter):
         return tower + projector
 
 
-def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor) -> torch.Tensor:
+def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,
+                         projected: dict | None = None) -> torch.Tensor:
     """``[B, H, S]`` attention of the last position to every position in one Llama decoder layer, per query head.
 
-    Recomputed from the layer's ``input_layernorm``/``q_proj``/``k_proj`` with rotary embeddings (eager formula);
-    the last position sees every non-padding key, so the padding mask is the whole mask of that row.
+    The eager formula over the layer's ``q_proj``/``k_proj`` outputs with rotary embeddings: ``projected`` holds
+    those the layer computed itself (``q_proj`` at the last position, ``k_proj``); without it they are recomputed
+    from ``input_layernorm``. The last position sees every non-padding key, so the padding mask is that row's mask.
     """
     attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    batch, length, _ = x.shape
-    q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    batch, length, _ = hidden.shape
+    if projected and "q_proj" in projected and "k_proj" in projected:
+        q, k = projected["q_proj"], projected["k_proj"]
+    else:
+        x = layer.input_layernorm(hidden)
+        q, k = attn.q_proj(x[:, -1:]), attn.k_proj(x)
+    q = q.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+    k = k.view(batch, length, -1, attn.head_dim).transpose(1, 2)
     cos, sin = position_embeddings
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

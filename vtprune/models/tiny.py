@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
-TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl")
+TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl", "llava_onevision")
 TINY_SEED = 1234
 # Decoder layers of each tiny language model: the recipe reads them here, and config validation bounds layer
 # options (fastv's K) by them without building the checkpoint.
-TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4}
+TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4, "llava_onevision": 4}
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
 _CORPUS = """
@@ -114,6 +114,7 @@ def _build(family: str, out: Path) -> None:
     vocab = len(tokenizer)
     builders = {
         "mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next, "qwen2_5_vl": _build_qwen2_5_vl,
+        "llava_onevision": _build_llava_onevision,
     }
     # Seeded weights without touching the caller's RNG (models are built on the CPU).
     with torch.random.fork_rng(devices=[]):
@@ -252,5 +253,47 @@ def _build_qwen2_5_vl(tokenizer, vocab):
 
     processor = image_only_processor()(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
+    )
+    return model, processor
+
+
+def _build_llava_onevision(tokenizer, vocab):
+    """LLaVA-OneVision: a SigLIP tower (no CLS token, features of the last layer, strategy ``full``), a Qwen2 language
+    model, anyres crops of 32 px with a newline per grid row, and the grid downsampled beyond two crops' worth of
+    patches (``anyres_max_2``, the 7B model's ``anyres_max_9`` scaled to 2x2 grids).
+
+    Width x height -> visual tokens: 30x70 -> 56 (2x1 crops, 8x4 patches, not downsampled), 90x40 -> 52 (1x2 crops,
+    unpadded), 80x50 -> 44 (2x2 crops unpadded to 6x8 patches, downsampled to 4x6), 40x40 -> 46 (8x8 to 5x5).
+    The tokenizer is LLaVA's plus a ``<video>`` token (the model's video token id), added here only.
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    from vtprune.models.llava_onevision import image_only_processor
+
+    tokenizer.add_tokens(["<video>"], special_tokens=True)
+    vocab = len(tokenizer)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=TINY_TEXT_LAYERS["llava_onevision"], num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=2048, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_2",
+    )
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    processor = image_only_processor()(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
+        chat_template=_LLAVA_TEMPLATE, vision_aspect_ratio="anyres_max_2",
     )
     return model, processor
