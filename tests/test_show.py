@@ -81,6 +81,15 @@ def test_two_strategies_two_panels(pipe, tmp_path):
         _check_panel(drawing.convert("RGB"), layout, boxes[k], panel.kept, k * (320 + gap), scale)
 
 
+def test_a_merging_strategy_outlines_its_anchors_and_counts_its_merges(pipe, tmp_path):
+    from vtprune.report.show import show
+
+    # pool at 0.25 on the 4×4 grid: four 2×2 windows, each merged into its top-left token
+    _, panels, boxes = show(pipe, _image(tmp_path), "What?", ["pool"], keep_ratio=0.25)
+    assert panels[0].kept == [0, 2, 8, 10] and panels[0].merged == 4
+    assert panels[0].title == "pool @ 0.25: kept 4/16 (4 merged)" and len(boxes[0]) == 4
+
+
 def test_layout_mismatch_is_an_error(pipe, tmp_path):
     from vtprune.errors import VtpruneError
     from vtprune.report.show import Panel

@@ -24,11 +24,13 @@ class Panel:
     keep_ratio: float
     kept: list[int]
     num_visual: int
+    merged: int = 0  # of the kept slots, those carrying a merged token (outlined like the others)
 
     @property
     def title(self) -> str:
         ratio = "unpruned" if self.strategy == "none" else f"@ {self.keep_ratio:g}"
-        return f"{self.strategy} {ratio}: kept {len(self.kept)}/{self.num_visual}"
+        merged = f" ({self.merged} merged)" if self.merged else ""
+        return f"{self.strategy} {ratio}: kept {len(self.kept)}/{self.num_visual}{merged}"
 
 
 def token_layout(adapter, inputs, sample: int = 0) -> TokenLayout:
@@ -93,6 +95,6 @@ def show(pipe, image, question: str, strategies: list[str] | None = None, keep_r
         run = pipe.with_pruning(None if strategy == pipe.config.pruning.strategy else strategy, keep_ratio)
         # One new token is enough: every strategy has selected by the end of prefill.
         out = run.generate([image], [question], max_new_tokens=1)[0]
-        panels.append(Panel(strategy, run.plan.keep_ratio, out.kept, out.num_visual))
+        panels.append(Panel(strategy, run.plan.keep_ratio, out.kept, out.num_visual, len(out.merged)))
     drawing, boxes = draw_panels(layout, panels)
     return drawing, panels, boxes
