@@ -333,3 +333,46 @@ def test_synthetic_inputs_run(adapter):
     assert [r.num_visual for r in ref_records] == [r.num_visual for r in records] == [n, n]
     assert [r.num_kept for r in records] == [n // 2] * 2
     assert (logits - ref).abs().max() > 1e-4
+
+
+# -- downsample: the image itself, resized to a merged grid within the budget ------------------------------------
+
+
+def test_patches_round_trip_to_the_image_and_back(adapter, inputs):
+    grids = inputs["image_grid_thw"].tolist()
+    start = 0
+    for b, (t, h, w) in enumerate(grids):
+        rows = inputs["pixel_values"][start : start + t * h * w]
+        start += t * h * w
+        assert torch.equal(adapter.patchify(adapter.image_pixels(inputs, b)), rows)
+
+
+def test_fitted_grid_keeps_the_aspect_ratio_within_the_budget():
+    from vtprune.models.qwen2_5_vl import fitted_grid
+
+    assert fitted_grid(4, 4, 16) == (4, 4)
+    # 8 cells of a square: 2×4 / 4×2 are 2× off; 3×2 and 2×3 are 1.5× off and tie -> the taller
+    assert fitted_grid(4, 4, 8) == (3, 2)
+    # 4×7 (aspect 0.57) in 14: 2×7 is 2× off; 3×4 (12 cells, 1.31× off) is the largest within 1.5×
+    assert fitted_grid(4, 7, 14) == (3, 4)
+    # in 4 cells: 2×2 (1.75×), 1×3 (1.71×) and 1×4 (2.3×) are too far off; 1×2 (1.14×) is the largest within 1.5×
+    assert fitted_grid(4, 7, 4) == (1, 2)
+    assert fitted_grid(10, 10, 1) == (1, 1)
+
+
+def test_downsample_runs_the_model_on_a_smaller_image(adapter, inputs):
+    p = plan("downsample", 0.5)
+    with torch.no_grad():
+        small, records = adapter.downsampled(inputs, p)
+        logits, same = adapter.prefill_logits(inputs, p)
+        direct = adapter.model(**small, position_ids=adapter.prompt_positions(small)).logits[:, -1]
+    torch.testing.assert_close(logits, direct)
+    assert [r.kept for r in same] == [r.kept for r in records]
+    new_counts = (small["input_ids"] == adapter.image_token_id).sum(dim=1).tolist()
+    for (t, h, w), n, r in zip(small["image_grid_thw"].tolist(), new_counts, records):
+        assert n == t * h * w // 4 == r.num_kept <= -(-r.num_visual // 2)
+        assert len(set(r.kept)) == r.num_kept and max(r.kept) < r.num_visual
+    assert small["pixel_values"].shape[0] < inputs["pixel_values"].shape[0]  # the vision tower sees fewer patches
+    text = lambda x: [row[m.bool()][row[m.bool()] != adapter.image_token_id].tolist()  # noqa: E731
+                      for row, m in zip(x["input_ids"], x["attention_mask"])]
+    assert text(small) == text(inputs)  # the prompt is unchanged around the shorter image run

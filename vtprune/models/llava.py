@@ -253,7 +253,9 @@ class LlavaAdapter(Adapter):
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         embeds = self.model.get_input_embeddings()(ids)
         merging = any(s.num_merged for s in selections)
-        before_projector = self.pre_projector(inputs, visual) if merging and plan.strategy.merge_space == "vision" else None
+        # Fixed-resolution towers cannot resize their input: "input" merges are made just before the projector.
+        before_projector = (self.pre_projector(inputs, visual) if merging and plan.strategy.merge_space in ("vision", "input")
+                            else None)
         rows, stays, records = [], [], []
         for b, selection in enumerate(selections):
             image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()

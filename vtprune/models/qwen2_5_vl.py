@@ -20,6 +20,11 @@ The family questions, answered here; the pruning itself is LLaVA's pre-LLM splic
   order, which ``argsort(window_index)`` undoes, as the tower does for its output. This follows the issue's
   definition; VisionZip's and VisPruner's Qwen ports were not consulted (no network here), so it is not
   claimed to match them.
+- **Downsampling** (``downsample``, merges in the *input* space): dynamic resolution lets the image itself shrink.
+  Each image is rebuilt from its patches, resized (bilinear, antialiased, in normalised pixel space) to the largest
+  merged grid ``H' × W'`` within the budget that keeps its aspect ratio (within a factor 1.5), re-patchified, and its
+  run of image tokens shortened to match; the model then runs its own path on the smaller image (its own M-RoPE
+  positions), the vision tower included. ``kept`` records, for each new token, the original token under its centre.
 - **Processor**: transformers' ``Qwen2_5_VLProcessor`` insists on a video processor, which needs torchvision
   (not a vtprune dependency): ``image_only_processor()`` is the same class without the video part.
 """
@@ -27,10 +32,11 @@ The family questions, answered here; the pruning itself is LLaVA's pre-LLM splic
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
-from vtprune.models.base import register_family
+from vtprune.models.base import PrunePlan, SampleRecord, register_family
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import LlavaAdapter, VisualTokens
 
@@ -150,19 +156,86 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         patchify orders each image's rows as ``(grid_t, grid_h/merge, grid_w/merge, merge, merge)`` and each row as
         ``(C, T, P, P)``, the T frames of a still image being copies; this undoes it for the first frame.
         """
-        processor = self.processor.image_processor
+        t, h, w = inputs["image_grid_thw"][b].tolist()
+        view = to_image(self.image_pixels(inputs, b), self.processor.image_processor)
+        return TokenLayout(view, grid_boxes(0, 0, h // self.merge_size, w // self.merge_size,
+                                            self.merge_size * self.model.config.vision_config.patch_size))
+
+    def image_pixels(self, inputs, b: int) -> torch.Tensor:
+        """Image ``b`` as the normalised ``[C, h·P, w·P]`` tensor its patches came from (the first frame)."""
         vision = self.model.config.vision_config
         patch, merge = vision.patch_size, vision.spatial_merge_size
-        temporal, channels = vision.temporal_patch_size, vision.in_channels
         grids = inputs["image_grid_thw"].tolist()
         t, h, w = grids[b]
         start = sum(gt * gh * gw for gt, gh, gw in grids[:b])
         rows = inputs["pixel_values"][start : start + t * h * w]
-        cells = rows.reshape(t, h // merge, w // merge, merge, merge, channels, temporal, patch, patch)[0, ..., 0, :, :]
+        cells = rows.reshape(t, h // merge, w // merge, merge, merge, vision.in_channels, vision.temporal_patch_size,
+                             patch, patch)[0, ..., 0, :, :]
         # (h/m, w/m, m, m, C, P, P) -> (C, h/m, m, P, w/m, m, P) -> [C, h·P, w·P]
-        pixels = cells.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch, w * patch)
-        view = to_image(pixels, processor)
-        return TokenLayout(view, grid_boxes(0, 0, h // merge, w // merge, merge * patch))
+        return cells.permute(4, 0, 2, 5, 1, 3, 6).reshape(vision.in_channels, h * patch, w * patch)
+
+    def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The processor's patch rows ``[h·w, C·T·P·P]`` of one still image ``[C, h·P, w·P]`` (its frame repeated)."""
+        vision = self.model.config.vision_config
+        patch, merge, frames = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+        channels, h, w = pixels.shape[0], pixels.shape[1] // patch, pixels.shape[2] // patch
+        cells = pixels.reshape(channels, h // merge, merge, patch, w // merge, merge, patch).permute(1, 4, 2, 5, 0, 3, 6)
+        cells = cells[..., None, :, :].expand(*cells.shape[:5], frames, patch, patch)  # (h/m, w/m, m, m, C, T, P, P)
+        return cells.reshape(h * w, channels * frames * patch * patch)
+
+    # -- downsampling the input (downsample) ---------------------------------------------------------------
+
+    def downsampled(self, inputs, plan: PrunePlan) -> tuple[dict, list[SampleRecord]]:
+        """The batch with every image resized to a merged grid within its budget, and the records (module docstring)."""
+        import time
+
+        import torch.nn.functional as F
+
+        from vtprune.models.llava import _pad_rows
+        from vtprune.strategies.base import budget
+
+        start_time = time.perf_counter()
+        merge, patch = self.merge_size, self.model.config.vision_config.patch_size
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        rows, pixels, grids, records = [], [], [], []
+        for b, (t, h, w) in enumerate(inputs["image_grid_thw"].tolist()):
+            height, width = h // merge, w // merge
+            new_h, new_w = fitted_grid(height, width, budget(t * height * width, plan.keep_ratio) // t)
+            image = self.image_pixels(inputs, b)
+            if (new_h, new_w) != (height, width):
+                size = (new_h * merge * patch, new_w * merge * patch)
+                image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0].to(image)
+            pixels.append(self.patchify(image))
+            grids.append([t, new_h * merge, new_w * merge])
+            row = ids[b][mask[b]]
+            image_at = torch.nonzero(row == self.image_token_id).flatten()
+            new_run = row.new_full((t * new_h * new_w,), self.image_token_id)
+            rows.append(torch.cat([row[: image_at[0]], new_run, row[image_at[-1] + 1 :]]))
+            under = sorted({(int((i + 0.5) * height / new_h)) * width + int((j + 0.5) * width / new_w)
+                            for i in range(new_h) for j in range(new_w)})
+            records.append(SampleRecord(kept=under, num_visual=t * height * width))
+        pad = int(self.text_config.pad_token_id or 0)
+        input_ids, attention_mask = _pad_rows(rows, fill=pad)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask.long(),
+               "mm_token_type_ids": (input_ids == self.image_token_id).long() * attention_mask,
+               "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, device=ids.device)}
+        seconds = (time.perf_counter() - start_time) / len(records)
+        for record in records:
+            record.select_seconds = seconds
+        return out, records
+
+    def _generate(self, inputs, plan: PrunePlan, **gen):
+        if plan.strategy.merge_space != "input":
+            return super()._generate(inputs, plan, **gen)
+        small, records = self.downsampled(inputs, plan)
+        out = self.model.generate(**small, **gen)
+        return out[:, small["input_ids"].shape[1] :], records
+
+    def _prefill_logits(self, inputs, plan: PrunePlan):
+        if plan.strategy.merge_space != "input":
+            return super()._prefill_logits(inputs, plan)
+        small, records = self.downsampled(inputs, plan)
+        return self.model(**small, position_ids=self.prompt_positions(small)).logits[:, -1], records
 
     # -- config-only counts and benchmarks -----------------------------------------------------------------
 
@@ -248,3 +321,19 @@ def image_only_processor():
             super(Stock, self).__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     return Qwen2_5_VLProcessor
+
+
+def fitted_grid(height: int, width: int, cells: int) -> tuple[int, int]:
+    """The largest ``h × w <= cells`` grid (h <= height, w <= width) whose aspect ratio is within a factor 1.5 of
+    ``height / width``; ties → the closer aspect ratio, then the taller grid; 1 × 1 when none is that close."""
+    if height * width <= cells:
+        return height, width
+    target, tolerance = math.log(height / width), math.log(1.5) + 1e-9
+    best, best_key = (1, 1), (0,)
+    for h in range(1, height + 1):
+        for w in range(1, min(width, cells // h) + 1):
+            error = abs(math.log(h / w) - target)
+            key = (h * w, -error, h)
+            if error <= tolerance and key > best_key:
+                best, best_key = (h, w), key
+    return best

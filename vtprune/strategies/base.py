@@ -115,8 +115,9 @@ class Strategy:
     #: defaults of the placement settings (``vtprune.placement``), e.g. fastv's ``{"layer": 2}``: the adapter owns
     #: where pruning happens, the strategy only proposes its authors' default
     placement: dict = field(default_factory=dict)
-    #: the vectors a merged token averages: "features" (projector outputs) or "vision" (the vision tower's output
-    #: before the projector, then projected: pooling the patch grid before the projector)
+    #: the vectors a merged token averages: "features" (projector outputs), "vision" (the vision tower's output
+    #: before the projector, then projected), or "input" (the image itself, downsampled, where the family's tower
+    #: takes any resolution; "vision" on the others)
     merge_space: str = "features"
 
     @property

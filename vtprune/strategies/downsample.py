@@ -16,7 +16,7 @@ from vtprune.strategies.base import register_strategy
 from vtprune.strategies.pool import keep_pool
 
 
-@register_strategy("downsample", needs=("grid",), merge_space="vision")
+@register_strategy("downsample", needs=("grid",), merge_space="input")
 def keep_downsample(signals, budgets):
     """Downsampling: average pooling of each crop's patch grid before the projector, the stride meeting the budget."""
     return keep_pool(signals, budgets)
