@@ -95,7 +95,7 @@ def test_a_strategy_runs_where_its_signals_are_provided(tmp_path):
     data = with_("pruning", strategy="trimmed_llama")
     with pytest.raises(ConfigError, match=r"^pruning.strategy: 'trimmed_llama' needs the signal 'cross_attention', "
                                           r"which model family 'llava' does not provide inside the LLM \(allowed on "
-                                          r"llava: adav, cls_saliency, .*\)$") as error:
+                                          r"llava: adav, .*\)$") as error:
         load_config(write(tmp_path, data))
     allowed = str(error.value).split("allowed on llava: ")[1].rstrip(")").split(", ")
     assert {"fastv", "pdrop", "pool", "uniform", "none"} <= set(allowed) and "trimmed_llama" not in allowed
@@ -126,5 +126,5 @@ def test_strategy_needing_llm_features_is_rejected_on_mllama(tmp_path):
     data = {**GOOD, "model": {"path": "tiny:mllama"}, "pruning": {"strategy": "divprune", "keep_ratio": 0.5}}
     with pytest.raises(ConfigError, match="pruning.strategy: 'divprune' needs the signal 'features', which model "
                                           r"family 'mllama' does not provide \(allowed on mllama: cls_saliency, "
-                                          r"fastervlm, none, random, trimmed_llama, uniform\)"):
+                                          r"fastervlm, hired, none, random, trimmed_llama, uniform\)"):
         load_config(write(tmp_path, data))
