@@ -36,5 +36,13 @@ next=$(config llava-next-7b-adav llava-next-7b adav "{}")
 vtprune bench --config "$next" --strategies none,adav --ratios 0.2222222222,0.1111111111,0.05 --batch-sizes 1,8,16 --output-dir "$out"
 vtprune cost --config "$next" --strategies none,adav --ratios 0.2222222222,0.1111111111,0.05 --batch-sizes 1,8,16 --json > "$out/llava-next-7b-cost.json"
 
+# The field's methods at the budget most papers report (keep 0.25: 144 of LLaVA-1.5's 576 tokens), with the
+# baselines UniPruneBench and VTC-Bench call mandatory (random, pool / downsample), on LLaVA-1.5-7B and Qwen2.5-VL-7B.
+field="none,random,pool,downsample,fastv,pdrop,dart,visionzip,vispruner,cdpruner,fastervlm"
+llava=$(config llava-1.5-7b-field llava-1.5-7b adav "{}")
+vtprune bench --config "$llava" --strategies "$field" --ratios 0.25 --batch-sizes 1,8,32 --output-dir "$out"
+qwen=$(config qwen2.5-vl-7b-field qwen2.5-vl-7b adav "{}")
+vtprune bench --config "$qwen" --strategies "$field" --ratios 0.25 --batch-sizes 1,8,32 --output-dir "$out"
+
 vtprune report "$out" -o "$out/REPORT.md"
 echo "results in $out"
