@@ -52,8 +52,8 @@ def test_help_does_not_import_torch():
 
 def test_list_strategies_says_where_each_prunes():
     lines = {line.split()[0]: line for line in CliRunner().invoke(app, ["list", "strategies"]).stdout.splitlines()}
-    assert "[before the LLM; llava, llava_next, llava_onevision, qwen2_5_vl]" in lines["adav"]
-    assert "[inside the LLM; llava, llava_next, llava_onevision, qwen2_5_vl] placement: layer=2" in lines["fastv"]
+    assert "[before the LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl]" in lines["adav"]
+    assert "[inside the LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl] placement: layer=2" in lines["fastv"]
     assert "[mllama: after the 1st cross-attention layer; mllama]" in lines["trimmed_llama"]
     assert "[before the LLM; mllama: after the 1st cross-attention layer; all families]" in lines["uniform"]
     assert "[nothing pruned; all families]" in lines["none"]

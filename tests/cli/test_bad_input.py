@@ -231,7 +231,7 @@ def test_fastv_layer_bound_read_from_a_local_config(tmp_path):
 
 def test_empty_config_needs_model_path(tmp_path):
     line = error_line(invoke("eval", "-c", config(tmp_path, ""), "--dry-run"))
-    assert line == "error: model.path: required (HF id, local dir, or tiny:mllama|tiny:llava|tiny:llava_next|tiny:qwen2_5_vl|tiny:llava_onevision)"
+    assert line == "error: model.path: required (HF id, local dir, or tiny:mllama|tiny:llava|tiny:llava_next|tiny:qwen2_5_vl|tiny:llava_onevision|tiny:internvl)"
 
 
 def test_config_that_is_a_folder(tmp_path):

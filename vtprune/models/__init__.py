@@ -9,7 +9,7 @@ from pathlib import Path
 from vtprune.errors import ConfigError
 from vtprune.models.base import FAMILIES, Adapter, PrunePlan, SampleRecord
 
-for _name in ("llava", "llava_next", "mllama", "qwen2_5_vl", "llava_onevision"):
+for _name in ("llava", "llava_next", "mllama", "qwen2_5_vl", "llava_onevision", "internvl"):
     importlib.import_module(f"vtprune.models.{_name}")
 
 

@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 TINY_VERSION = "v1"  # bump when the recipe changes so stale caches are not reused
-TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl", "llava_onevision")
+TINY_FAMILIES = ("mllama", "llava", "llava_next", "qwen2_5_vl", "llava_onevision", "internvl")
 TINY_SEED = 1234
 # Decoder layers of each tiny language model: the recipe reads them here, and config validation bounds layer
 # options (fastv's K) by them without building the checkpoint.
-TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4, "llava_onevision": 4}
+TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4, "llava_onevision": 4, "internvl": 4}
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
 _CORPUS = """
@@ -114,7 +114,7 @@ def _build(family: str, out: Path) -> None:
     vocab = len(tokenizer)
     builders = {
         "mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next, "qwen2_5_vl": _build_qwen2_5_vl,
-        "llava_onevision": _build_llava_onevision,
+        "llava_onevision": _build_llava_onevision, "internvl": _build_internvl,
     }
     # Seeded weights without touching the caller's RNG (models are built on the CPU).
     with torch.random.fork_rng(devices=[]):
@@ -297,3 +297,70 @@ def _build_llava_onevision(tokenizer, vocab):
         chat_template=_LLAVA_TEMPLATE, vision_aspect_ratio="anyres_max_2",
     )
     return model, processor
+
+
+def _build_internvl(tokenizer, vocab):
+    """InternVL3: an InternViT tower (CLS token, features of the last layer, ``default`` strategy: CLS dropped) on
+    64 px tiles of 8 px patches, pixel shuffle 0.5 (8x8 patches -> 4x4 = 16 tokens per tile), a Qwen2 language model,
+    and the processor's dynamic tiling with at most 4 tiles plus a thumbnail tile after them (none for one tile).
+
+    Width x height -> tiles -> visual tokens: 40x40 -> 1x1 (no thumbnail) -> 16, 30x70 -> 1 column x 2 rows + thumbnail
+    -> 48, 90x40 -> 2 columns x 1 row + thumbnail -> 48, 100x100 -> 2x2 + thumbnail -> 80.
+    The tokenizer is LLaVA's BPE plus InternVL's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` (the image token), ``<video>``
+    and Qwen's ``<|im_start|>`` / ``<|im_end|>`` turn markers, added here only (so the other families' tokenizers stay
+    as they are), named like InternVL3's: no BOS, the turn ends with ``<|im_end|>``, the image tokens' names for the
+    processor. The CLS token and the position embeddings, zeros in a fresh init, are drawn at random so that the CLS
+    attention is not uniform (trained checkpoints have both).
+    """
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from vtprune.models.internvl import INTERNVL_TOKENS, image_only_processor
+
+    tokenizer.add_tokens([*INTERNVL_TOKENS.values(), "<|im_start|>", "<|im_end|>"], special_tokens=True)
+    # The named tokens the InternVL processor reads (tokenizer.start_image_token, .context_image_token_id, ...).
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, padding_side="left", eos_token="<|im_end|>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens=dict(INTERNVL_TOKENS),
+    )
+    vocab = len(tokenizer)
+    max_tiles = 4
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=64,
+            patch_size=8, attention_bias=True, use_mean_pooling=True, initializer_range=0.2,
+        ),
+        text_config=dict(
+            model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=TINY_TEXT_LAYERS["internvl"], num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=2048, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+        image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    config.max_dynamic_patch = max_tiles  # the processor's max_patches, for config-only counts (vtprune.models.internvl)
+    model = InternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        embeddings = model.model.vision_tower.embeddings
+        embeddings.cls_token.normal_(std=0.5)
+        embeddings.position_embeddings.normal_(std=0.5)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )
+    processor = image_only_processor()(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16, chat_template=_INTERNVL_TEMPLATE,
+    )
+    return model, processor
+
+
+# InternVL3's chat format (Qwen2.5's turns, the image as <IMG_CONTEXT> on its own line), no system prompt.
+_INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
