@@ -182,17 +182,10 @@ class InternVLAdapter(LlavaAdapter):
     def tile_cls_attention(self, vision_output) -> torch.Tensor:
         """``[tiles, P]`` CLS→patch attention in the vision layer producing the used features, head mean, CLS column
         dropped; patches row-major (module docstring). Recomputed from the layer's own norm and q/k projections."""
-        cfg = self.model.config
-        layer_index = cfg.vision_feature_layer
-        if not isinstance(layer_index, int):
-            raise ConfigError("pruning.strategy: cls_attention needs a single vision_feature_layer")
-        hidden = vision_output.hidden_states  # embeddings, then the output of each encoder layer
-        produced = layer_index % len(hidden)  # hidden[produced] is the output of encoder layer produced - 1
-        if produced == 0:
-            raise ConfigError("pruning.strategy: cls_attention needs features taken after an encoder layer")
-        layer = self.model.model.vision_tower.encoder.layer[produced - 1]
+        index, layer_input = self.feature_layer(vision_output)
+        layer = self.model.model.vision_tower.encoder.layer[index]
         attn = layer.attention
-        x = layer.layernorm_before(hidden[produced - 1])
+        x = layer.layernorm_before(layer_input)
         tiles, length, _ = x.shape
         q = attn.q_norm(attn.q_proj(x[:, :1])).view(tiles, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(x)).view(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)

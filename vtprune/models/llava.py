@@ -203,6 +203,18 @@ class LlavaAdapter(Adapter):
             padded[b, :, : row.shape[1]] = row
         signals.last_token_attention = padded
 
+    def feature_layer(self, vision_output) -> tuple[int, torch.Tensor]:
+        """The vision encoder layer whose output the projector reads (its index) and that layer's input, for
+        saliency recomputed inside it."""
+        layer_index = self.model.config.vision_feature_layer
+        if not isinstance(layer_index, int):
+            raise ConfigError("pruning.strategy: cls_attention needs a single vision_feature_layer")
+        hidden = vision_output.hidden_states  # embeddings, then the output of each encoder layer
+        produced = layer_index % len(hidden)  # hidden[produced] is the output of encoder layer produced - 1
+        if produced == 0:
+            raise ConfigError("pruning.strategy: cls_attention needs features taken after an encoder layer")
+        return produced - 1, hidden[produced - 1]
+
     def crop_cls_attention(self, vision_output) -> torch.Tensor:
         """``[crops, P]`` CLS→patch attention inside the vision layer producing the used features, head mean.
 
@@ -210,16 +222,10 @@ class LlavaAdapter(Adapter):
         Column order is the features' order: the CLS column is dropped with the ``default`` select strategy.
         """
         cfg = self.model.config
-        layer_index = cfg.vision_feature_layer
-        if not isinstance(layer_index, int):
-            raise ConfigError("pruning.strategy: cls_attention needs a single vision_feature_layer")
-        hidden = vision_output.hidden_states  # embeddings, then the output of each encoder layer
-        produced = layer_index % len(hidden)  # hidden[produced] is the output of encoder layer produced - 1
-        if produced == 0:
-            raise ConfigError("pruning.strategy: cls_attention needs features taken after an encoder layer")
-        layer = _vision_layers(self.model.model.vision_tower)[produced - 1]
+        index, layer_input = self.feature_layer(vision_output)
+        layer = _vision_layers(self.model.model.vision_tower)[index]
         attn = layer.self_attn
-        x = layer.layer_norm1(hidden[produced - 1])
+        x = layer.layer_norm1(layer_input)
         crops, length, _ = x.shape
         q = attn.q_proj(x[:, :1]).view(crops, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)

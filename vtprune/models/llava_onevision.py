@@ -40,7 +40,6 @@ import math
 import torch
 from PIL import Image
 
-from vtprune.errors import ConfigError
 from vtprune.models.base import register_family
 from vtprune.models.layout import GAP, TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import VisualTokens, _vision_layers
@@ -169,17 +168,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
         Recomputed from that layer's ``layer_norm1``/``q_proj``/``k_proj``, one crop at a time (a crop's
         ``[heads, P, P]`` is 34 MB in float32 on the 7B model)."""
-        cfg = self.model.config
-        layer_index = cfg.vision_feature_layer
-        if not isinstance(layer_index, int):
-            raise ConfigError("pruning.strategy: cls_attention needs a single vision_feature_layer")
-        hidden = vision_output.hidden_states  # embeddings, then the output of each encoder layer
-        produced = layer_index % len(hidden)  # hidden[produced] is the output of encoder layer produced - 1
-        if produced == 0:
-            raise ConfigError("pruning.strategy: cls_attention needs features taken after an encoder layer")
-        layer = _vision_layers(self.model.model.vision_tower)[produced - 1]
+        index, layer_input = self.feature_layer(vision_output)
+        layer = _vision_layers(self.model.model.vision_tower)[index]
         attn = layer.self_attn
-        x = layer.layer_norm1(hidden[produced - 1])
+        x = layer.layer_norm1(layer_input)
         length = x.shape[1]
         received = []
         for crop in x:
