@@ -132,19 +132,6 @@ def test_inputs_one_run_of_tiles_per_image(adapter, inputs):
     assert inputs["attention_mask"][0, 0] == 0 and inputs["attention_mask"][:, -1].all()  # left padded
 
 
-@pytest.mark.parametrize("name", RUNS)
-def test_keep_all_equals_unpruned(adapter, inputs, name):
-    with torch.no_grad():
-        ref, _ = adapter.prefill_logits(inputs, plan("none"))
-        logits, records = adapter.prefill_logits(inputs, plan(name, 1.0))
-        plain = adapter.model(**inputs).logits[:, -1]  # the model's own path
-    torch.testing.assert_close(ref, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert [r.num_visual for r in records] == COUNTS
-    assert all(r.kept == list(range(r.num_visual)) and r.merged == [] for r in records)
-    assert no_hooks_left(adapter)
-
-
 def test_every_self_attention_strategy_runs_on_the_family():
     adapter = FAMILIES.get(FAMILY)
     assert {"none", "random", "uniform", "fastervlm", "cls_saliency", "adav", "text_sim", "divprune", "fastv", "pool",
@@ -214,52 +201,6 @@ def test_batched_equals_per_sample(adapter, inputs, gen, name, options):
     if name != "pool":
         assert [r.num_kept for r in records] == [-(-c * 4 // 10) for c in COUNTS]
     assert torch.equal(new[:, 0], logits.argmax(-1))
-
-
-@pytest.mark.parametrize("name", [s for s in RUNS if s != "none"])
-def test_every_strategy_batched_equals_per_sample_within_budget(adapter, inputs, name):
-    p = plan(name, 0.3)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        for b in range(2):
-            alone_logits, alone = adapter.prefill_logits(adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1]), p)
-            assert alone[0].kept == records[b].kept and alone[0].merged == records[b].merged
-            torch.testing.assert_close(alone_logits[0], logits[b], atol=1e-4, rtol=1e-4)
-    for r, n in zip(records, COUNTS):
-        assert r.num_visual == n and 1 <= r.num_kept <= budget(n, 0.3) and set(r.merged) <= set(r.kept)
-
-
-@pytest.mark.parametrize("name", [s for s in RUNS if STRATEGIES.get(s).fn.__name__ in
-                                  ("keep_pool", "keep_visionzip", "keep_downsample")])
-def test_a_merged_token_is_the_weighted_mean_of_its_sources(adapter, inputs, name):
-    """In the shortened sequence a merged token is the weighted mean of its sources' features (``downsample``: of
-    their vectors before the projector, then projected), in its anchor's slot; kept tokens are their own features."""
-    p = plan(name, 0.25)
-    with torch.no_grad():
-        visual = adapter.visual_tokens(inputs)
-        selections, _ = p.select(adapter.signals(inputs, visual, p.strategy.needs))
-        spliced, records = adapter.spliced(inputs, p)
-        vectors, project = adapter.pre_projector(inputs, visual)
-    assert all(s.num_merged for s in selections)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-    for b, selection in enumerate(selections):
-        image_pos = image_positions(adapter, inputs, b)
-        stay = mask[b] & (ids[b] != adapter.image_token_id)
-        stay[image_pos[selection.slots]] = True
-        row = spliced["inputs_embeds"][b][spliced["attention_mask"][b].bool()]
-        place = {int(pos): i for i, pos in enumerate(torch.nonzero(stay).flatten())}
-        feats = visual.features[b]
-        for m, anchor in enumerate(selection.anchors.tolist()):
-            sources = torch.nonzero(selection.weights[m]).flatten()
-            w = selection.weights[m, sources, None]
-            if p.strategy.merge_space in ("vision", "input"):  # a fixed-size tower: merged before the projector
-                expected = project((w * vectors[b][sources]).sum(0))
-            else:
-                expected = (w * feats[sources]).sum(0)
-            torch.testing.assert_close(row[place[int(image_pos[anchor])]], expected, atol=1e-5, rtol=1e-5)
-        for k in selection.kept.tolist():
-            torch.testing.assert_close(row[place[int(image_pos[k])]], feats[k])
-        assert records[b].merged == selection.anchors.tolist()
 
 
 def test_pool_merges_2x2_windows_within_each_tile(adapter, inputs):
