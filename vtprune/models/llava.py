@@ -521,15 +521,21 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, paddi
     else:
         x = layer.input_layernorm(hidden)
         q, k = attn.q_proj(x[:, -1:]), attn.k_proj(x)
-    q = q.view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-    k = k.view(batch, length, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import rotate_half
 
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # key heads shared by groups of query heads
-    logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] * attn.scaling  # [B, H, S]
+    cos, sin = position_embeddings  # [B or 1, S, head_dim]
+    heads, kv_heads = q.shape[-1] // attn.head_dim, k.shape[-1] // attn.head_dim
+    rows = []
+    for b in range(batch):  # one sample at a time: the whole batch's rotated keys never exist at once
+        c, s = (cos[b], sin[b]) if len(cos) > 1 else (cos[0], sin[0])
+        qb = q[b, -1].view(heads, attn.head_dim)
+        qb = qb * c[-1] + rotate_half(qb) * s[-1]
+        kb = k[b].view(length, kv_heads, attn.head_dim).transpose(0, 1)  # [KV, S, d]
+        kb = kb * c + rotate_half(kb) * s
+        # query head h reads key head h // (heads / kv_heads), as repeat_kv arranges them
+        grouped = qb.view(kv_heads, heads // kv_heads, attn.head_dim)
+        rows.append(torch.einsum("kgd,ksd->kgs", grouped.float(), kb.float()).reshape(heads, length))
+    logits = torch.stack(rows) * attn.scaling  # [B, H, S]
     logits = logits.masked_fill(~padding_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
