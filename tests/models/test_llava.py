@@ -231,7 +231,7 @@ def test_each_stage_equals_masking_what_it_dropped(adapter, inputs):
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     assert (logits - unpruned).abs().max() > 1e-4
     # 16 visual tokens: stages keep 8, 4, 2; each stage's set lies inside the previous one's
-    assert [s.kept for s in state.stages] == [[8, 8], [4, 4], [2, 2]]
+    assert [[len(v) for v in s.visual] for s in state.stages] == [[8, 8], [4, 4], [2, 2]]
     for earlier, later in zip(state.stages, state.stages[1:]):
         assert all(set(b.tolist()) <= set(a.tolist()) for a, b in zip(earlier.visual, later.visual))
     records = state.records

@@ -16,12 +16,11 @@ from vtprune.bench.kv import (
     analytic_kv_bytes,
     cross_layer_indices,
     layer_tokens,
-    placement_for,
     num_visual_tokens,
     vision_flops,
 )
 
-from vtprune.placement import Placement
+from vtprune.placement import Placement, placement_for_config
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -99,7 +98,7 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
     n = num_visual_tokens(hf_config)
     rows = []
     for strategy, settings in strategies:
-        placement = placement_for(strategy, settings, hf_config)
+        placement = placement_for_config(strategy, settings, hf_config)
         for ratio in [1.0] if strategy.name == "none" else ratios:
             kept = n if strategy.name == "none" else stage_budgets(n, ratio, placement)
             for batch in batch_sizes:

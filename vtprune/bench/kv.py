@@ -28,13 +28,6 @@ def measured_kv_bytes(cache, config) -> dict:
     return out
 
 
-def placement_for(strategy, settings: dict, config):
-    """The placement of ``strategy`` (a registered ``Strategy``) with ``settings`` on a model of ``config``."""
-    from vtprune.placement import placement_for_config
-
-    return placement_for_config(strategy, settings, config)
-
-
 def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept, placement) -> list[tuple[str, int, int, int]]:
     """Per decoder layer: (kind, query tokens, key tokens during prefill, tokens cached after prefill), one sample.
 

@@ -53,7 +53,6 @@ class _Stage:
     mask: torch.Tensor | None = None  # [B, S_s + new tokens] padding mask of this stage's layers
     rope: tuple | None = None
     position_ids: torch.Tensor | None = None
-    kept: list[int] = field(default_factory=list)  # visual tokens kept per sample
     visual: list[torch.Tensor] = field(default_factory=list)  # per sample: which of its visual tokens (sorted)
 
 
@@ -279,10 +278,7 @@ class LlavaAdapter(Adapter):
             row = embeds[b].clone()
             row[image_pos] = feats.to(row.dtype)
             keep = selection.slots
-            drop = torch.ones(len(feats), dtype=torch.bool, device=row.device)
-            drop[keep.to(row.device)] = False
-            stay = mask[b].clone()
-            stay[image_pos[drop]] = False
+            stay = _without_pruned(mask[b], image_pos, keep)
             rows.append(row[stay])
             stays.append(stay)
             records.append(SampleRecord(kept=keep.tolist(), num_visual=len(feats), select_seconds=per_sample,
@@ -393,16 +389,11 @@ class LlavaAdapter(Adapter):
         kept, _ = state.plan.select_kept(signals, "inside the LLM")
         rows = []
         for b, keep in enumerate(kept):
-            stay = mask[b].clone()
-            drop = torch.ones(len(image_pos[b]), dtype=torch.bool, device=stay.device)
-            drop[keep.to(stay.device)] = False
-            stay[image_pos[b][drop]] = False
-            rows.append(torch.nonzero(stay).flatten())
+            rows.append(torch.nonzero(_without_pruned(mask[b], image_pos[b], keep)).flatten())
             state.remaining[b] = state.remaining[b][keep.to(state.remaining[b].device)]
         upcoming.index, upcoming.mask = _pad_rows(rows)
         upcoming.full_index, upcoming.ids = _take(full_index, upcoming.index), _take(ids, upcoming.index)
         state.select_seconds += time.perf_counter() - start
-        upcoming.kept = [len(remaining) for remaining in state.remaining]
         upcoming.visual = [remaining.sort().values for remaining in state.remaining]
         if upcoming is state.stages[-1]:
             self._finish_records(state)
@@ -412,7 +403,7 @@ class LlavaAdapter(Adapter):
         bounds = [s.layer for s in state.stages] + [total]
         for b, remaining in enumerate(state.remaining):
             n = int((state.ids[b][state.mask[b]] == self.image_token_id).sum())
-            counts = [s.kept[b] for s in state.stages]
+            counts = [len(s.visual[b]) for s in state.stages]
             seen = bounds[0] * n + sum((end - s.layer) * c for s, end, c in zip(state.stages, bounds[1:], counts))
             state.records.append(SampleRecord(kept=remaining.sort().values.tolist(), num_visual=n,
                                               select_seconds=state.select_seconds / len(state.remaining),
@@ -538,6 +529,15 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, paddi
     logits = torch.stack(rows) * attn.scaling  # [B, H, S]
     logits = logits.masked_fill(~padding_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _without_pruned(mask: torch.Tensor, image_pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A ``[S]`` padding mask with the image positions outside ``keep`` (indices into ``image_pos``) cleared."""
+    drop = torch.ones(len(image_pos), dtype=torch.bool, device=mask.device)
+    drop[keep.to(mask.device)] = False
+    stay = mask.clone()
+    stay[image_pos[drop]] = False
+    return stay
 
 
 def _left_pad_arange(mask: torch.Tensor) -> torch.Tensor:

@@ -117,13 +117,14 @@ class MllamaAdapter(Adapter):
 
     def add_hooks(self, inputs, plan: PrunePlan, handles: list) -> _TrimState:
         """Selection and cache cut on the first cross-attention layer, kept features for the later ones."""
+        placement = self.placement(plan)
         state = _TrimState(
             plan=plan,
             valid=self.visual_valid(inputs),
             text_mask=inputs["attention_mask"].bool(),
             keys=sample_keys(inputs),
-            cut_first=not plan.is_noop and self.placement(plan).prune_first_layer_cache,
-            first_pruned=not plan.is_noop and self.placement(plan).prune_first_layer,
+            cut_first=not plan.is_noop and placement.prune_first_layer_cache,
+            first_pruned=not plan.is_noop and placement.prune_first_layer,
         )
         first, *later = self.cross_layers
         layers = self.decoder_layers
