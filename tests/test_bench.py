@@ -18,7 +18,7 @@ from vtprune.results import read_jsonl
 SHORT = {"batch_sizes": [1, 2], "prompt_tokens": 8, "new_tokens": 9, "warmup": 1, "repeats": 2}
 
 ROW_KEYS = [
-    "run", "model", "family", "strategy", "keep_ratio", "batch_size", "device", "dtype", "weights", "smoke",
+    "run", "model", "family", "strategy", "keep_ratio", "batch_size", "device", "dtype", "weights", "smoke", "micro",
     "prompt_tokens", "new_tokens", "repeats", "num_visual", "num_kept_mean", "kept_fraction_mean",
     "ttft_ms", "ttft_ms_spread", "decode_ms_per_token", "decode_ms_per_token_spread", "e2e_ms", "e2e_ms_spread",
     "tokens_per_s", "peak_memory_bytes", "kv_self_bytes", "kv_cross_bytes", "kv_self_bytes_analytic",
@@ -51,7 +51,7 @@ def test_rows_fields_and_units(llava, tmp_path):
         ("none", 1.0, 1), ("none", 1.0, 2), ("uniform", 0.5, 1), ("uniform", 0.5, 2)]
     for row in rows:
         assert list(row) == ROW_KEYS
-        assert row["family"] == "llava" and row["smoke"] is True and row["weights"] == "pretrained"
+        assert row["family"] == "llava" and row["smoke"] is True and row["micro"] is False and row["weights"] == "pretrained"
         assert row["dtype"] == "float32" and row["device"].startswith("cpu")
         assert (row["prompt_tokens"], row["new_tokens"], row["repeats"]) == (8, 9, 2)
         for key in ("ttft_ms", "decode_ms_per_token", "e2e_ms", "tokens_per_s", "peak_memory_bytes"):

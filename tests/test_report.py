@@ -1,4 +1,5 @@
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -253,3 +254,54 @@ def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
     assert uniform[0].endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
     assert uniform[1].endswith("| noisy / 2.05× | noisy / 1.25× |")  # noisy: no measured figure, the ideal stands
     assert none[1].endswith("| — | — |") and uniform[2].endswith("| — | — |")
+
+
+def _topk(probs):
+    return {"ids": list(probs), "logprobs": [math.log(p) for p in probs.values()]}
+
+
+def test_fidelity_columns_and_kl_plot_from_the_samples(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    # Unpruned: "Two" and "red"; keep 0.5: "2" (the same answer once normalised) with another first-token
+    # distribution, and "blue" with the same one. Keep 0.25 has no samples file: no fidelity, not a number.
+    write_jsonl(root / "eval-none-1.0" / "samples.jsonl", [
+        {"task": "task_a", "doc_id": 0, "output": "Two", "first_topk": _topk({5: 0.5, 7: 0.3})},
+        {"task": "task_a", "doc_id": 1, "output": "red", "first_topk": _topk({5: 0.9})},
+    ])
+    write_jsonl(root / "eval-uniform-0.5" / "samples.jsonl", [
+        {"task": "task_a", "doc_id": 0, "output": "2", "first_topk": _topk({7: 0.5, 5: 0.25})},
+        {"task": "task_a", "doc_id": 1, "output": "blue", "first_topk": _topk({5: 0.9})},
+    ])
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    kl = (0.5 * math.log(0.5 / 0.25) + 0.3 * math.log(0.3 / 0.5) + 0.2 * math.log(0.2 / 0.25)) / 2
+    assert "| task_a | task_b | task_a: loyalty / top-1 / KL | task_b: loyalty / top-1 / KL |" in text
+    assert "| none | 1 | 1.000 | 16.0 / 16.0 | — | 0.8 (100.0%) | unscored | 1.00 / 1.00 / 0.000 | — |" in text
+    assert f"| uniform | 0.5 | 0.500 | 8.0 / 16.0 | — | 0.6 (75.0%) | unscored | 0.50 / 0.50 / {kl:.3f} | — |" in text
+    assert "| uniform | 0.25 | 0.250 | 4.0 / 16.0 | — | 0.4 (50.0%) | unscored | — | — |" in text
+    png = tmp_path / "plots" / "kl_tiny-llava-task-a.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE and f"(plots/{png.name})" in text
+    assert not (tmp_path / "plots" / "kl_tiny-llava-task-b.png").exists()
+
+    result = _invoke(root, "--format", "csv", "-o", tmp_path / "r.csv")
+    table = pd.read_csv(tmp_path / "r.csv")
+    row = table[(table["task"] == "task_a") & (table["keep_ratio"] == 0.5)].iloc[0]
+    assert (row["loyalty"], row["top1_agreement"], row["fidelity_n"]) == (0.5, 0.5, 2)
+    assert row["kl_mean"] == pytest.approx(kl)
+
+
+def test_micro_models_are_labelled_micro_model_figures(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    for run in root.glob("eval-*"):
+        meta = json.loads((run / "run.json").read_text())
+        write_json(run / "run.json", meta | {"smoke": False, "micro": True})
+        rows = [r | {"smoke": False, "micro": True, "model": "micro:llava"} for r in
+                map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        write_jsonl(run / "metrics.jsonl", rows)
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "smoke figures" not in text
+    assert text.count("micro-model figures") == 2  # the banner and the model's table
+    assert "### micro:llava — micro-model figures" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vtprune.config import Config, config_from_dict, load_config
 from vtprune.errors import VtpruneError
+from vtprune.fidelity import first_token_topk
 from vtprune.models.base import SampleRecord
 
 # transformers samples from torch's global RNG, which every model in the process shares.
@@ -22,6 +23,8 @@ class GenerationResult(SampleRecord):
     text: str = ""
     input_tokens: int = 0  # prompt tokens as the processor built them, image tokens included, before pruning
     output_tokens: int = 0  # tokens generated, up to the end-of-sequence token
+    # the first generated token's top-k log-probabilities, most likely first: {"ids": [...], "logprobs": [...]}
+    first_topk: dict | None = None
 
 
 class Pipeline:
@@ -75,14 +78,15 @@ class Pipeline:
             gen.setdefault("pad_token_id", tokenizer.pad_token_id)
             sampling = gen.get("do_sample")
             seeded = _seeded_rng(self.adapter.device, self.config.seed) if sampling else contextlib.nullcontext()
-            with seeded, torch.inference_mode():
+            with seeded, torch.inference_mode(), first_token_topk(self.model, len(images)) as first:
                 new_ids, records = self.adapter.generate(inputs, self.plan, **gen)
             texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
             prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
             new_lengths = (new_ids != gen["pad_token_id"]).sum(-1).tolist()
+        first = first or [None] * len(records)
         return [
-            GenerationResult(**vars(r), text=t.strip(), input_tokens=int(p), output_tokens=int(n))
-            for t, r, p, n in zip(texts, records, prompt_lengths, new_lengths)
+            GenerationResult(**vars(r), text=t.strip(), input_tokens=int(p), output_tokens=int(n), first_topk=f)
+            for t, r, p, n, f in zip(texts, records, prompt_lengths, new_lengths, first)
         ]
 
 

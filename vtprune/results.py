@@ -3,15 +3,18 @@
 ``results/<name>/``
 - ``run.json``      — written LAST; its ``finished`` time marks the folder complete (a sweep redoes others).
   Keys: name, kind ("eval" | "bench" | "eval+bench" for a sweep point benchmarked after its eval), config (resolved), versions {vtprune, torch, transformers, lmms_eval,
-  python}, device, dtype, git_commit, started, finished, smoke (True for tiny models: smoke figures only).
+  python}, device, dtype, git_commit, started, finished, smoke (True for tiny models: smoke figures only), micro
+  (True for the trained micro models: micro-model figures), eval runs: tasks, limit, judge, fidelity {reference:
+  the unpruned run's folder relative to this one's parent, or None with a note saying why}.
 - ``metrics.jsonl`` — one row per (task, metric): run, model, family, strategy, keep_ratio, task, metric,
   value (None when unscored), stderr, n, scored (bool), kept_fraction_mean, num_visual_mean, num_kept_mean,
-  equivalent_tokens_mean (None for pre-LLM strategies), smoke.
+  equivalent_tokens_mean (None for pre-LLM strategies), smoke, micro, loyalty, top1_agreement, kl_mean, fidelity_n
+  (None / 0 without an unpruned run to compare with; ``vtprune.fidelity``).
 - ``samples.jsonl`` — one row per sample: task, doc_id, output, target, num_visual, num_kept (merged tokens
-  included), num_merged, kept_fraction,
-  select_ms.
+  included), num_merged, kept_fraction, select_ms, first_topk {ids, logprobs: the first generated token's top-20},
+  loyal, top1_agree, kl (fidelity to the unpruned run's sample of the same task and doc_id; None without one).
 - ``bench.jsonl``   — one row per (strategy, keep_ratio, batch_size): run, model, family, strategy, keep_ratio,
-  batch_size, device, dtype, weights, smoke, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,
+  batch_size, device, dtype, weights, smoke, micro, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,
   kept_fraction_mean, ttft_ms, decode_ms_per_token, e2e_ms (medians over rounds; each with a ``_spread`` column =
   IQR; decode is the median of the timed decode steps per round), tokens_per_s, peak_memory_bytes, kv_self_bytes,
   kv_cross_bytes, kv_self_bytes_analytic, kv_cross_bytes_analytic, select_ms, rounds, interleaved (True: the
@@ -93,6 +96,11 @@ def is_smoke(config) -> bool:
     return config.model.path.startswith("tiny:")
 
 
+def is_micro(config) -> bool:
+    """A micro model trained on vtprune's synthetic tasks: its figures are real, but about those tasks only."""
+    return config.model.path.startswith("micro:")
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -137,4 +145,5 @@ def run_metadata(config, kind: str, device, dtype, started: str) -> dict:
         "started": started,
         "finished": None,
         "smoke": is_smoke(config),
+        "micro": is_micro(config),
     }

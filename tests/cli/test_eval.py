@@ -12,9 +12,11 @@ from vtprune.results import is_complete, read_jsonl
 MINI = ["vtprune_textvqa_mini", "vtprune_vqav2_mini", "vtprune_llava_bench_mini"]
 METRIC_KEYS = {
     "run", "model", "family", "strategy", "keep_ratio", "task", "metric", "value", "stderr", "n", "scored",
-    "kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean", "smoke",
+    "kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean", "smoke", "micro",
+    "loyalty", "top1_agreement", "kl_mean", "fidelity_n",
 }
-SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "num_merged", "select_ms"}
+SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "num_merged", "select_ms",
+               "first_topk", "loyal", "top1_agree", "kl"}
 
 
 def write_config(tmp_path, path="tiny:llava", strategy="uniform", keep_ratio=0.5, tasks=MINI, name="run1"):
@@ -24,6 +26,15 @@ def write_config(tmp_path, path="tiny:llava", strategy="uniform", keep_ratio=0.5
         "eval": {"tasks": tasks, "generation": {"max_new_tokens": 3, "do_sample": False}},
     }))
     return config
+
+
+def mini_answers(task, doc_id):
+    import datasets
+
+    from vtprune.eval.mini import MINI_TASKS, mini_dataset_path
+
+    doc = datasets.load_from_disk(str(mini_dataset_path(task)))[MINI_TASKS[task][1]][doc_id]
+    return [a["answer"] if isinstance(a, dict) else a for a in doc["answers"]]
 
 
 @pytest.fixture
@@ -49,8 +60,8 @@ def test_eval_llava_on_the_mini_tasks(tmp_path, no_judge):
         assert (s["num_visual"], s["num_kept"], s["kept_fraction"], s["num_merged"]) == (16, 8, 0.5, 0)
         assert s["select_ms"] >= 0 and isinstance(s["output"], str)
     # Targets come from the generated docs in the official schema.
-    assert samples[0]["target"] == ["stop"] * 10
-    assert samples[2]["target"] == ["red"] * 10
+    assert samples[0]["target"] == mini_answers("vtprune_textvqa_mini", 0)
+    assert samples[2]["target"] == mini_answers("vtprune_vqav2_mini", 0)
 
     rows = read_jsonl(run / "metrics.jsonl")
     for r in rows:
@@ -149,3 +160,68 @@ def test_lmms_eval_finds_the_model_by_entry_point(tmp_path):
     cls = models.get_model("vtprune")
     with pytest.raises(ValueError, match="unknown model_args \\['foo'\\]"):
         cls.create_from_arg_string(f"config={write_config(tmp_path)},foo=1")
+
+
+def test_fidelity_to_the_unpruned_run_in_the_same_folder(tmp_path, no_judge):
+    out, tasks = tmp_path / "results", ["vtprune_vqav2_mini"]
+
+    def run(name, strategy, keep_ratio):
+        config = write_config(tmp_path, strategy=strategy, keep_ratio=keep_ratio, tasks=tasks, name=name)
+        result = CliRunner().invoke(app, ["eval", "-c", str(config), "--limit", "2", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        meta = json.loads((out / name / "run.json").read_text())
+        return result.stdout, meta["fidelity"], read_jsonl(out / name / "metrics.jsonl"), read_jsonl(
+            out / name / "samples.jsonl")
+
+    # Before any unpruned run: said so, nothing computed.
+    stdout, fidelity, (row,), samples = run("early", "uniform", 0.25)
+    assert fidelity["reference"] is None and "no unpruned run" in " ".join(stdout.split())
+    assert (row["loyalty"], row["kl_mean"], row["fidelity_n"]) == (None, None, 0)
+    assert all(s["loyal"] is None and len(s["first_topk"]["ids"]) == 20 for s in samples)
+
+    _, fidelity, (row,), _ = run("ref", "none", 1.0)  # its own reference
+    assert fidelity["reference"] == "ref" and (row["loyalty"], row["kl_mean"], row["fidelity_n"]) == (1.0, 0.0, 2)
+
+    _, fidelity, (row,), _ = run("all", "uniform", 1.0)
+    assert fidelity["reference"] == "ref"
+    assert row["loyalty"] == 1.0 and row["top1_agreement"] == 1.0 and row["kl_mean"] == pytest.approx(0, abs=1e-9)
+
+    _, fidelity, (row,), samples = run("quarter", "uniform", 0.25)
+    assert fidelity["reference"] == "ref" and row["fidelity_n"] == 2
+    assert row["kl_mean"] == pytest.approx(sum(s["kl"] for s in samples) / 2) and row["kl_mean"] > 0
+    assert row["loyalty"] == sum(s["loyal"] for s in samples) / 2
+
+    # The report recomputes fidelity from the samples: the run made before its reference has it too.
+    result = CliRunner().invoke(app, ["report", str(out), "-o", str(tmp_path / "R.md")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "R.md").read_text()
+    quarter = f"{row['loyalty']:.2f} / {row['top1_agreement']:.2f} / {row['kl_mean']:.3f}"
+    assert text.count(f"| uniform | 0.25 | 0.250 | 4.0 / 16.0 | — | 0 | {quarter} |") == 1  # early and quarter: one point
+    assert "| uniform | 1 | 1.000 | 16.0 / 16.0 | — | 0 | 1.00 / 1.00 / 0.000 |" in text
+    assert (tmp_path / "plots" / "kl_tiny-llava-vtprune-vqav2-mini.png").is_file()
+
+
+def test_the_reference_must_share_model_generation_and_tasks(tmp_path):
+    from vtprune.config import config_from_dict
+    from vtprune.eval.runner import find_reference
+    from vtprune.results import write_json
+
+    def config(**over):
+        return config_from_dict({"name": "x", "model": {"path": "tiny:llava"},
+                                 "eval": {"generation": {"max_new_tokens": 3}}, **over})
+
+    def reference(name, finished="2026-01-01T00:00:00", tasks=("a", "b"), kind="eval", **over):
+        base = config(pruning={"strategy": "none", "keep_ratio": 1.0}, **over).to_dict()
+        write_json(tmp_path / name / "run.json", {"kind": kind, "config": base, "tasks": list(tasks), "finished": finished})
+
+    reference("other-model", model={"path": "tiny:llava_next"})
+    reference("other-generation", eval={"generation": {"max_new_tokens": 4}})
+    reference("other-seed", seed=5)
+    reference("fewer-tasks", tasks=("a",))
+    reference("bench-only", kind="bench")
+    reference("unfinished", finished=None)
+    assert find_reference(tmp_path, config(), ["a", "b"]) is None
+    reference("old")
+    reference("sweep/none-1.0", finished="2026-02-01T00:00:00")  # one level down, newer
+    assert find_reference(tmp_path, config(), ["a", "b"]) == tmp_path / "sweep" / "none-1.0"
+    assert find_reference(tmp_path, config(), ["a"], exclude=tmp_path / "sweep" / "none-1.0") == tmp_path / "old"

@@ -163,8 +163,12 @@ def test_two_process_cpu_eval_equals_one_process(tmp_path):
     run([*torchrun, "-m", "vtprune", *eval_args, str(tmp_path / "two")], cwd=tmp_path)
 
     def rows(folder, name):
-        return [{k: v for k, v in r.items() if k != "select_ms"} for r in read_jsonl(folder / "dp" / name)]
+        return [{k: v for k, v in r.items() if k not in ("select_ms", "first_topk")} for r in read_jsonl(folder / "dp" / name)]
 
     one, two = rows(tmp_path / "one", "samples.jsonl"), rows(tmp_path / "two", "samples.jsonl")
     assert len(one) == 6 and one == two
+    # Two processes use fewer threads each: the log-probabilities agree to float rounding, the ranking exactly.
+    for a, b in zip(*(read_jsonl(t / "dp" / "samples.jsonl") for t in (tmp_path / "one", tmp_path / "two"))):
+        assert a["first_topk"]["ids"] == b["first_topk"]["ids"]
+        assert a["first_topk"]["logprobs"] == pytest.approx(b["first_topk"]["logprobs"], abs=1e-5)
     assert rows(tmp_path / "one", "metrics.jsonl") == rows(tmp_path / "two", "metrics.jsonl")

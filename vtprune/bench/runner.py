@@ -158,7 +158,7 @@ def measure_visit(pipe, inputs) -> Visit:
 def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: list[Visit]) -> dict:
     """One bench row: ``pipe``'s visits on ``inputs`` (a synthetic batch of ``batch_size``), paired round by round
     with the ``reference`` (none) visits."""
-    from vtprune.results import device_name, is_smoke
+    from vtprune.results import device_name, is_micro, is_smoke
 
     cfg, adapter, plan = pipe.config, pipe.adapter, pipe.plan
     settings, model = cfg.bench, adapter.model
@@ -195,7 +195,7 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
     return {
         "run": cfg.name, "model": cfg.model.path, "family": adapter.family, "strategy": plan.strategy.name,
         "keep_ratio": plan.keep_ratio, "batch_size": batch_size, "device": device_name(adapter.device),
-        "dtype": str(model.dtype).replace("torch.", ""), "weights": cfg.model.weights, "smoke": is_smoke(cfg),
+        "dtype": str(model.dtype).replace("torch.", ""), "weights": cfg.model.weights, "smoke": is_smoke(cfg), "micro": is_micro(cfg),
         "prompt_tokens": settings.prompt_tokens, "new_tokens": n, "repeats": settings.repeats,
         "num_visual": num_visual,
         "num_kept_mean": statistics.fmean(r.num_kept for r in records),

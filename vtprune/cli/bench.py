@@ -64,7 +64,7 @@ def bench(
          lambda r: speedup_cell(r["decode_ms_per_token_ratio"], r["ideal_decode_speedup"], r["noisy"])),
         ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
         ("select ms", "select_ms", "{:.2f}"),
-    ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else ""))
+    ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else "") + (" (micro-model figures)" if rows[0].get("micro") else ""))
     typer.echo(f"wrote {out / 'bench.jsonl'}", err=True)
 
 

@@ -1,6 +1,7 @@
 """``vtprune eval``: one config on its lmms-eval tasks → results/<name>/ (run.json, metrics.jsonl, samples.jsonl)."""
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -77,17 +78,32 @@ def print_scores(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from vtprune.results import read_jsonl
+    import json
+
+    from vtprune.report.tables import MICRO_MARK
+    from vtprune.results import RUN_FILE, read_jsonl
 
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    table = Table("task", "metric", "value", "± stderr", "n", "kept", title=f"{run_dir.name}", title_justify="left")
+    table = Table("task", "metric", "value", "± stderr", "n", "kept", "loyalty", "top-1", "KL", title=f"{run_dir.name}",
+                  title_justify="left")
+
+    def figure(value, digits=3):
+        return "—" if value is None else f"{value:.{digits}f}"
+
     for r in rows:
         value = "unscored" if r["value"] is None else f"{r['value']:.4f}"
         stderr = "" if r["stderr"] is None else f"{r['stderr']:.4f}"
         kept = "" if r["kept_fraction_mean"] is None else f"{r['num_kept_mean']:.1f}/{r['num_visual_mean']:.1f}"
-        table.add_row(r["task"], r["metric"], value, stderr, str(r["n"]), kept)
-    console = Console()
+        table.add_row(r["task"], r["metric"], value, stderr, str(r["n"]), kept, figure(r.get("loyalty")),
+                      figure(r.get("top1_agreement")), figure(r.get("kl_mean"), 4))
+    # Piped or logged output has no width to fit: rich would squeeze the names to 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     console.print(table)
+    note = (json.loads((run_dir / RUN_FILE).read_text()).get("fidelity") or {}).get("note")
+    if note:
+        console.print(f"fidelity: {note}", soft_wrap=True)
     if rows and rows[0].get("smoke"):
         console.print("smoke figures: a tiny random model shows the machinery works, not how accurate a strategy is")
+    if rows and rows[0].get("micro"):
+        console.print(f"{MICRO_MARK}")
     typer.echo(str(run_dir))

@@ -146,11 +146,12 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
             metrics = _metrics(result["results"][name], names)
         for metric, value, stderr in metrics:
             metric_rows.append(_metric_row(pipeline, name, metric, value, stderr, samples, task_stats))
+    fidelity = _fidelity(config, run_dir, sample_rows, metric_rows)
     write_jsonl(run_dir / "samples.jsonl", sample_rows)
     write_jsonl(run_dir / "metrics.jsonl", metric_rows)
     adapter = pipeline.adapter
     meta = run_metadata(config, "eval", adapter.device, adapter.model.dtype, started)
-    meta.update(tasks=tasks, limit=limit, judge=judge_available(), finished=now())
+    meta.update(tasks=tasks, limit=limit, judge=judge_available(), fidelity=fidelity, finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
 
@@ -235,8 +236,80 @@ def _sample_row(task: str, sample: dict, s) -> dict:
     return {
         "task": task, "doc_id": sample["doc_id"], "output": s.text, "target": _target(sample),
         "num_visual": s.num_visual, "num_kept": s.num_kept, "kept_fraction": s.kept_fraction,
-        "num_merged": len(s.merged), "select_ms": s.select_seconds * 1000,
+        "num_merged": len(s.merged), "select_ms": s.select_seconds * 1000, "first_topk": s.first_topk,
     }
+
+
+# What must agree for one run's answers to be another's unpruned reference (the keep ratio and strategy aside).
+_SAME_RUN = (("model", "path"), ("model", "weights"), ("model", "dtype"), ("eval", "generation"), ("seed",))
+
+
+def _same_setup(a: dict, b: dict) -> bool:
+    def get(config, keys):
+        for key in keys:
+            config = (config or {}).get(key)
+        return config
+
+    return all(get(a, keys) == get(b, keys) for keys in _SAME_RUN)
+
+
+def find_reference(folder: Path, config, tasks, exclude: Path | None = None) -> Path | None:
+    """The newest finished unpruned (``none``, keep 1.0) eval run of the same model, generation settings and seed
+    in ``folder`` (or one level below, e.g. a sweep's ``none-1.0``) holding all of ``tasks``; None if there is none."""
+    import json
+
+    from vtprune.results import RUN_FILE
+
+    wanted, found = json.loads(json.dumps(config.to_dict(), default=str)), []
+    for path in [*folder.glob(f"*/{RUN_FILE}"), *folder.glob(f"*/*/{RUN_FILE}")]:
+        if exclude is not None and path.parent.resolve() == exclude.resolve():
+            continue
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(run, dict) or not run.get("finished") or not str(run.get("kind", "")).startswith("eval"):
+            continue
+        pruning = (run.get("config") or {}).get("pruning") or {}
+        if pruning.get("strategy") != "none" or float(pruning.get("keep_ratio", 0)) != 1.0:
+            continue
+        if set(tasks) <= set(run.get("tasks") or []) and _same_setup(run.get("config"), wanted):
+            found.append((run["finished"], path.parent))
+    return max(found)[1] if found else None
+
+
+def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[dict]) -> dict:
+    """Loyalty, top-1 agreement and KL against the unpruned run (``vtprune.fidelity``), into both row lists.
+
+    The unpruned run is its own reference. Returns what run.json records: the reference folder, or why there is none.
+    """
+    from vtprune.fidelity import compare
+    from vtprune.results import read_jsonl
+
+    tasks = sorted({r["task"] for r in sample_rows})
+    pruning = config.pruning
+    if pruning.strategy == "none" and pruning.keep_ratio == 1.0:
+        reference, ref_rows = run_dir, sample_rows
+    else:
+        reference = find_reference(run_dir.parent, config, tasks, exclude=run_dir)
+        if reference is None:
+            for row in sample_rows:
+                row.update(loyal=None, top1_agree=None, kl=None)
+            for row in metric_rows:
+                row.update(loyalty=None, top1_agreement=None, kl_mean=None, fidelity_n=0)
+            return {"reference": None, "note": (
+                f"no unpruned run (strategy none, keep 1.0) of {config.model.path} on {', '.join(tasks)} with the same "
+                f"generation settings in {run_dir.parent}: loyalty and KL not computed (run strategy none there first; "
+                "`vtprune report` computes them once it exists)")}
+        ref_rows = read_jsonl(reference / "samples.jsonl")
+    per_sample, by_task = compare(ref_rows, sample_rows)
+    for row in sample_rows:
+        row.update(per_sample.get((row["task"], row["doc_id"]), {"loyal": None, "top1_agree": None, "kl": None}))
+    empty = {"loyalty": None, "top1_agreement": None, "kl_mean": None, "n": 0}
+    for row in metric_rows:
+        summary = by_task.get(row["task"], empty)
+        row.update({k: v for k, v in summary.items() if k != "n"}, fidelity_n=summary["n"])
+    return {"reference": os.path.relpath(reference, run_dir.parent), "note": None}
 
 
 def _target(sample: dict):
@@ -252,7 +325,7 @@ def _plain(value):
 
 
 def _metric_row(pipeline, task, metric, value, stderr, samples, stats) -> dict:
-    from vtprune.results import is_smoke
+    from vtprune.results import is_micro, is_smoke
 
     config = pipeline.config
     equivalent = [s.equivalent_tokens for s in stats]
@@ -264,7 +337,7 @@ def _metric_row(pipeline, task, metric, value, stderr, samples, stats) -> dict:
         "num_visual_mean": _mean([s["num_visual"] for s in samples]),
         "num_kept_mean": _mean([s["num_kept"] for s in samples]),
         "equivalent_tokens_mean": None if any(e is None for e in equivalent) else _mean(equivalent),
-        "smoke": is_smoke(config),
+        "smoke": is_smoke(config), "micro": is_micro(config),
     }
 
 

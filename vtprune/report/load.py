@@ -24,6 +24,7 @@ class Results:
     metrics: pd.DataFrame  # metrics.jsonl rows of every run
     bench: pd.DataFrame  # bench.jsonl rows of every run
     notes: list[str] = field(default_factory=list)
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # run_dir -> its samples.jsonl rows (fidelity)
 
 
 def load_results(root: str | Path) -> Results:
@@ -32,7 +33,7 @@ def load_results(root: str | Path) -> Results:
     root = Path(root)
     if not root.is_dir():
         raise VtpruneError(f"RESULTS_DIR: not a folder: {root}")
-    runs, metrics, bench, notes = [], [], [], []
+    runs, metrics, bench, notes, samples = [], [], [], [], {}
     for run_dir in _run_dirs(root):
         try:
             run = _run_json(run_dir / RUN_FILE)
@@ -41,22 +42,27 @@ def load_results(root: str | Path) -> Results:
                 notes.append(f"interrupted or still running: {run_dir} — run the same command again to resume")
                 continue
             rows = {name: _rows(run_dir / name) for name in ROW_FILES}
+            sample_rows = _rows(run_dir / "samples.jsonl")
         except CorruptFile as exc:
             notes.append(f"{exc}, skipped")
             continue
         run["run_dir"] = str(run_dir)
         runs.append(run)
+        samples[str(run_dir)] = sample_rows
         for name, out in (("metrics.jsonl", metrics), ("bench.jsonl", bench)):
             for row in rows[name]:
+                row["run_dir"] = str(run_dir)
                 row.setdefault("run", run.get("name"))
                 row.setdefault("smoke", run.get("smoke", False))
+                row.setdefault("micro", run.get("micro", False))
                 row["finished"] = run["finished"]
                 out.append(row)
     if not runs:
         skipped = f" ({len(notes)} skipped: {notes[0]})" if notes else ""
         raise VtpruneError(f"RESULTS_DIR: no complete runs (run.json) below {root}{skipped}")
     return Results(pd.DataFrame(runs), _latest(pd.DataFrame(metrics), ["model", "strategy", "keep_ratio", "task", "metric"]),
-                   _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size"]), notes)
+                   _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size"]), notes,
+                   samples)
 
 
 def _run_dirs(root: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""PNG plots (matplotlib, Agg): accuracy vs achieved keep fraction; latency and KV cache vs batch size."""
+"""PNG plots (matplotlib, Agg): accuracy and first-token KL vs achieved keep fraction; latency and KV cache vs batch
+size."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ def accuracy_plots(acc: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict
     """One PNG per (model, task column): % of unpruned vs achieved keep fraction, one line per strategy."""
     from vtprune.report.tables import _task_columns
 
-    plt = _pyplot()
     out = {}
     for model, group in acc.groupby("model", sort=True):
         for task, metric, label in _task_columns(group):
@@ -33,17 +33,35 @@ def accuracy_plots(acc: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict
             points = points.dropna(subset=["pct_of_unpruned", "kept_fraction_mean"])
             if points.empty:
                 continue  # the tables' notes say why (unscored, or no unpruned row)
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for strategy, line in points.groupby("strategy", sort=True):
-                line = line.sort_values("kept_fraction_mean")
-                ax.plot(line["kept_fraction_mean"], line["pct_of_unpruned"], marker="o", label=strategy)
-            ax.set(xlabel="achieved keep fraction", ylabel="% of unpruned", title=f"{model}: {label}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
             path = plots_dir / f"accuracy_{_slug(model, label)}.png"
-            _save(fig, path)
-            out[(model, label)] = path
+            out[(model, label)] = _keep_plot(points, "pct_of_unpruned", "% of unpruned", f"{model}: {label}", path)
     return out
+
+
+def fidelity_plots(acc: pd.DataFrame, plots_dir: Path) -> dict[tuple[str, str], Path]:
+    """One PNG per (model, task): mean first-token KL to the unpruned run vs achieved keep fraction, a line per strategy."""
+    points = acc.dropna(subset=["kl_mean", "kept_fraction_mean"]) if "kl_mean" in acc.columns else acc.iloc[:0]
+    # Fidelity is per task: the rows of a task's several metrics carry the same figures.
+    points = points.drop_duplicates(["model", "task", "strategy", "keep_ratio"])
+    return {
+        (model, f"{task} KL"): _keep_plot(group, "kl_mean", "KL(unpruned ‖ pruned), nats", f"{model}: {task}",
+                                          plots_dir / f"kl_{_slug(model, task)}.png")
+        for (model, task), group in points.groupby(["model", "task"], sort=True)
+    }
+
+
+def _keep_plot(points: pd.DataFrame, column: str, ylabel: str, title: str, path: Path) -> Path:
+    """``column`` against the achieved keep fraction, one line per strategy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for strategy, line in points.groupby("strategy", sort=True):
+        line = line.sort_values("kept_fraction_mean")
+        ax.plot(line["kept_fraction_mean"], line[column], marker="o", label=strategy)
+    ax.set(xlabel="achieved keep fraction", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return path
 
 
 def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[tuple, Path]:

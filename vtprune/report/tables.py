@@ -14,6 +14,8 @@ from vtprune.bench.timing import too_wide
 from vtprune.report.load import Results
 
 SMOKE_MARK = "smoke figures: tiny random model, not accuracy claims"
+MICRO_MARK = ("micro-model figures: small models trained on vtprune's synthetic shapes-and-words tasks, not claims "
+              "about any released model")
 UNSCORED = "unscored"
 SPEED_COLUMNS = {  # bench column → (table header, unit)
     "ttft_ms": ("TTFT", "ms"),
@@ -41,8 +43,10 @@ def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(frame[column], errors="coerce").astype(float)
 
 
-def accuracy_frame(metrics: pd.DataFrame) -> pd.DataFrame:
-    """metrics rows + ``ref_value`` (the unpruned score of the same model/task/metric) and ``pct_of_unpruned``."""
+def accuracy_frame(metrics: pd.DataFrame, samples: dict[str, list[dict]] | None = None) -> pd.DataFrame:
+    """metrics rows + ``ref_value`` (the unpruned score of the same model/task/metric) and ``pct_of_unpruned``, and
+    the fidelity to that unpruned run (``loyalty``, ``top1_agreement``, ``kl_mean``, ``fidelity_n``) computed from
+    both runs' ``samples`` (run_dir -> samples.jsonl rows; ``vtprune.fidelity``)."""
     if metrics.empty:
         return metrics
     m = metrics.copy()
@@ -56,6 +60,42 @@ def accuracy_frame(metrics: pd.DataFrame) -> pd.DataFrame:
     m["pct_of_unpruned"] = (100 * m["value"] / m["ref_value"]).where(usable)
     for column in ("kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean"):
         m[column] = _numeric(m, column)
+    return _with_fidelity(m, samples or {})
+
+
+FIDELITY_COLUMNS = ("loyalty", "top1_agreement", "kl_mean")
+
+
+def _with_fidelity(m: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFrame:
+    """Each row's fidelity to the unpruned run of its model and task, recomputed from the two runs' samples (so a
+    point evaluated before its reference has it too); NaN where either run's samples are missing."""
+    from vtprune.fidelity import compare
+
+    if "run_dir" not in m.columns:
+        for column in (*FIDELITY_COLUMNS, "fidelity_n"):
+            m[column] = float("nan")
+        return m
+    # Fidelity is per task: the unpruned run of the task, whether or not each of its metrics is scored.
+    refs = m[_is_reference(m)].drop_duplicates(["model", "task"]).set_index(["model", "task"])["run_dir"]
+    cache: dict[tuple, dict] = {}
+
+    def summary(row) -> dict:
+        ref_dir = refs.get((row.model, row.task))
+        key = (ref_dir, row.run_dir, row.task)
+        if key not in cache:
+            ref, own = samples.get(ref_dir), samples.get(row.run_dir)
+            found = {}
+            if ref and own:
+                _, by_task = compare([r for r in ref if r.get("task") == row.task],
+                                     [r for r in own if r.get("task") == row.task])
+                found = by_task.get(row.task, {})
+            cache[key] = found
+        return cache[key]
+
+    found = pd.DataFrame([summary(row) for row in m.itertuples()], index=m.index)
+    for column in (*FIDELITY_COLUMNS, "n"):
+        values = found[column] if column in found.columns else pd.Series(float("nan"), index=m.index)
+        m["fidelity_n" if column == "n" else column] = pd.to_numeric(values, errors="coerce").astype(float)
     return m
 
 
@@ -91,7 +131,7 @@ def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
 def merged_frame(results: Results) -> pd.DataFrame:
     """The accuracy and speed rows in one long table (``kind`` says which), for ``--format csv|json``."""
     parts = [frame.assign(kind=kind) for kind, frame in
-             (("accuracy", accuracy_frame(results.metrics)), ("speed", speed_frame(results.bench))) if not frame.empty]
+             (("accuracy", accuracy_frame(results.metrics, results.samples)), ("speed", speed_frame(results.bench))) if not frame.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["kind"])
 
 
@@ -148,14 +188,21 @@ def _accuracy_cell(row) -> str:
     return f"{_number(row.value)} ({row.pct_of_unpruned:.1f}%)"
 
 
+def _fidelity_cell(row) -> str:
+    values = [getattr(row, c, math.nan) for c in FIDELITY_COLUMNS]
+    if all(math.isnan(v) for v in values):
+        return "—"
+    loyalty, top1, kl = ("—" if math.isnan(v) else f"{v:.{d}f}" for v, d in zip(values, (2, 2, 3)))
+    return f"{loyalty} / {top1} / {kl}"
+
+
 def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
     out = ["## Accuracy", ""]
     if acc.empty:
         notes.append("no accuracy rows (metrics.jsonl): run `vtprune eval` or `vtprune sweep ratios`")
         return out + ["No accuracy results.", ""]
     for model, group in acc.groupby("model", sort=True):
-        smoke = " — " + SMOKE_MARK if group["smoke"].fillna(False).astype(bool).any() else ""
-        out += [f"### {model}{smoke}", ""]
+        out += [f"### {model}{_mark(group)}", ""]
         columns = _task_columns(group)
         for task, metric, _ in columns:
             cell = group[(group["task"] == task) & (group["metric"] == metric)]
@@ -167,13 +214,18 @@ def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str])
             elif (cell["ref_value"] == 0).all():
                 notes.append(f"{model}, {task} ({metric}): the unpruned score is 0, so % of unpruned is undefined "
                              "(no percentages, no plot)")
-        header = ["strategy", "keep ratio", "kept fraction", "kept / visual", "equivalent tokens"] + [c[2] for c in columns]
+        tasks = sorted(group["task"].unique())
+        header = ["strategy", "keep ratio", "kept fraction", "kept / visual", "equivalent tokens"] + [
+            c[2] for c in columns] + [f"{t}: loyalty / top-1 / KL" for t in tasks]
         rows = []
         for (strategy, ratio), point in _order(group).groupby(["strategy", "keep_ratio"], sort=False):
             cells = []
             for task, metric, _ in columns:
                 match = point[(point["task"] == task) & (point["metric"] == metric)]
                 cells.append(_accuracy_cell(next(match.itertuples())) if len(match) else "—")
+            for task in tasks:
+                match = point[point["task"] == task]
+                cells.append(_fidelity_cell(next(match.itertuples())) if len(match) else "—")
             kept = f"{point['num_kept_mean'].mean():.1f} / {point['num_visual_mean'].mean():.1f}" \
                 if point["num_visual_mean"].notna().any() else "—"
             rows.append([strategy, f"{ratio:g}", _fraction_range(point["kept_fraction_mean"]), kept,
@@ -182,7 +234,10 @@ def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str])
         out += [f"![{model} {label}]({relative(path)})" for (m, label), path in plots.items() if m == model]
         out.append("")
     out.append("Cells: score (% of the unpruned score of the same model and task). Kept fraction: achieved kept / "
-               "visual tokens (range over tasks).")
+               "visual tokens (range over tasks). Fidelity to the unpruned run of the same model and task, per sample "
+               "and averaged: loyalty (the same answer after lmms-eval's VQA normalisation), top-1 (the same most "
+               "likely first token), KL (unpruned ‖ pruned) of the first token's distribution in nats, over the two "
+               "top-20 lists with the rest lumped (a lower bound of the full KL).")
     return out + [""]
 
 
@@ -235,8 +290,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
         notes.append("no speed rows (bench.jsonl): run `vtprune bench`")
         return out + ["No benchmark results.", ""]
     for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
-        smoke = " — " + SMOKE_MARK if group["smoke"].fillna(False).astype(bool).any() else ""
-        out += [f"### {model} — {device}, {dtype}{smoke}", ""]
+        out += [f"### {model} — {device}, {dtype}{_mark(group)}", ""]
         header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS] + [
             name for name, _ in IDEAL_COLUMNS.values()]
         for batch_size, batch in group.groupby("batch_size", sort=True):
@@ -263,13 +317,22 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
     return out + [""]
 
 
+def _flagged(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame and frame[column].fillna(False).astype(bool).any()
+
+
+def _mark(group: pd.DataFrame) -> str:
+    """The label a model's tables carry: tiny random models give smoke figures, micro models micro-model figures."""
+    return "".join(f" — {mark}" for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK))
+                   if _flagged(group, column))
+
+
 def header_section(results: Results, root: Path) -> list[str]:
     runs = results.runs
-    smoke = runs.get("smoke", pd.Series(dtype=bool)).fillna(False).astype(bool).any() or any(
-        frame["smoke"].fillna(False).astype(bool).any() for frame in (results.metrics, results.bench) if "smoke" in frame)
     out = ["# vtprune report", ""]
-    if smoke:
-        out += [f"> **{SMOKE_MARK}**", ""]
+    for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK)):
+        if any(_flagged(frame, column) for frame in (runs, results.metrics, results.bench)):
+            out += [f"> **{mark}**", ""]
     versions = sorted({", ".join(f"{k} {v}" for k, v in (r or {}).items() if v) for r in runs.get("versions", [])})
     dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
     out += [
@@ -287,16 +350,16 @@ def header_section(results: Results, root: Path) -> list[str]:
 
 def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path) -> str:
     """The markdown report; plots are written under ``plots_dir`` and linked relative to ``output``."""
-    from vtprune.report.plots import accuracy_plots, speed_plots
+    from vtprune.report.plots import accuracy_plots, fidelity_plots, speed_plots
 
     notes = list(results.notes)
-    acc, speed = accuracy_frame(results.metrics), speed_frame(results.bench)
+    acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench)
     base = output.parent if output is not None else Path.cwd()
 
     def relative(path: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
 
-    acc_plots = accuracy_plots(acc, plots_dir, notes) if not acc.empty else {}
+    acc_plots = {**accuracy_plots(acc, plots_dir, notes), **fidelity_plots(acc, plots_dir)} if not acc.empty else {}
     speed_plots_ = speed_plots(speed, plots_dir, notes) if not speed.empty else {}
     lines = header_section(results, root)
     lines += accuracy_section(acc, acc_plots, relative, notes)
