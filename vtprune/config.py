@@ -225,6 +225,10 @@ def validate(config: Config) -> None:
         from vtprune.models.tiny import TINY_FAMILIES
 
         _choice("model.path", m.path, [f"tiny:{f}" for f in TINY_FAMILIES])
+    if m.path.startswith("micro:"):
+        from vtprune.models import micro_families
+
+        _choice("model.path", m.path, [f"micro:{f}" for f in micro_families()])
     if not (isinstance(p.keep_ratio, float) and 0 < p.keep_ratio <= 1 and math.isfinite(p.keep_ratio)):
         raise ConfigError(f"pruning.keep_ratio: {p.keep_ratio} is outside the allowed range (0, 1]")
     strategy = STRATEGIES.get(p.strategy)
@@ -300,16 +304,20 @@ def model_facts(model: ModelConfig, family: str | None) -> tuple[bool | None, in
     try:
         from transformers import AutoConfig
 
-        text = AutoConfig.from_pretrained(model.path, local_files_only=True).get_text_config(decoder=True)
+        from vtprune.models import MICRO_ROOT
+
+        path = str(MICRO_ROOT / model.path[6:]) if model.path.startswith("micro:") else model.path
+        text = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config(decoder=True)
         return bool(getattr(text, "cross_attention_layers", None)), text.num_hidden_layers
     except (OSError, ValueError, KeyError, AttributeError):
         return cross, None
 
 
 def declared_family(config: Config) -> str | None:
-    """The model family if it is known without reading the model (explicit, or a tiny model); else None."""
+    """The model family if it is known without reading the model (explicit, or a tiny or micro model); else None."""
     if config.model.family != "auto":
         return config.model.family
-    if config.model.path.startswith("tiny:"):
-        return config.model.path[5:]
+    for prefix in ("tiny:", "micro:"):
+        if config.model.path.startswith(prefix):
+            return config.model.path[len(prefix):]
     return None

@@ -60,3 +60,28 @@ def test_tiny_text_layers_table_matches_the_built_models():
     for family in TINY_FAMILIES:
         text = AutoConfig.from_pretrained(tiny_path(family)).get_text_config(decoder=True)
         assert text.num_hidden_layers == TINY_TEXT_LAYERS[family], family
+
+
+# sha256 (first 16 hex digits) of each tiny checkpoint's tensors (names and bytes, sorted by name), as TINY_VERSION
+# v1 built them: refactoring the recipe (the micro models reuse its builders) must leave every tiny model as it was.
+V1_WEIGHTS = {
+    "mllama": "bc90d26faab79cf1", "llava": "5e6163a39f40ad3e", "llava_next": "c8d0c74fc38c056e",
+    "qwen2_5_vl": "bafcdc534cb2b421", "llava_onevision": "2138dc570486cdc8", "internvl": "80044f9854c2f2be",
+}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_weights_are_those_of_their_version(family):
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from vtprune.models.tiny import TINY_VERSION
+
+    assert TINY_VERSION == "v1"  # a new recipe gets a new version and new digests here
+    tensors = load_file(str(tiny_path(family) / "model.safetensors"))
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    assert digest.hexdigest()[:16] == V1_WEIGHTS[family]

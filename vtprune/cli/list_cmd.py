@@ -32,13 +32,15 @@ def rows(what: str) -> list[tuple[str, str]]:
             out.append((name, f"{s.description} [{where_it_prunes(s, families)}; {on}]{opts}"))
         return out
     if what == "models":
-        from vtprune.models import FAMILIES
+        from vtprune.models import FAMILIES, micro_families
         from vtprune.models.tiny import TINY_FAMILIES
 
-        return [
-            (name, ((cls.__doc__ or "").strip().splitlines() or [""])[0] + (f" (tiny model: tiny:{name})" if name in TINY_FAMILIES else ""))
-            for name, cls in FAMILIES.items()
-        ]
+        def offline(name):
+            names = [f"tiny:{name}"] * (name in TINY_FAMILIES) + [f"micro:{name} (trained)"] * (name in micro_families())
+            return f" (offline: {', '.join(names)})" if names else ""
+
+        return [(name, ((cls.__doc__ or "").strip().splitlines() or [""])[0] + offline(name))
+                for name, cls in FAMILIES.items()]
     from vtprune.eval.tasks import TASKS
 
     return TASKS.items()

@@ -1,8 +1,11 @@
-"""Offline mirrors of textvqa_val, vqav2_val and llava_in_the_wild: a few generated images, official columns.
+"""Offline mirrors of textvqa_val, vqav2_val and llava_in_the_wild: generated images, official columns.
 
-Each mirror is drawn with PIL from a fixed table (no binaries in git), saved once with ``datasets`` under
-``$VTPRUNE_CACHE/mini/`` and read by the task YAMLs in ``vtprune/eval/tasks/`` through lmms-eval's
-``load_from_disk`` path, with the official tasks' own prompt and scoring functions.
+The textvqa and vqav2 mirrors are held-out draws of the synthetic visual-QA distribution the micro models are
+trained on (``vtprune.eval.synth``, seeds ``MINI_SEED`` and ``MINI_SEED + 1``; training uses ``TRAIN_SEED``):
+word questions for textvqa, colour / shape / count / position questions for vqav2. The llava_in_the_wild mirror
+is drawn from a fixed table. Everything is drawn with PIL in code (no binaries in git), saved once with
+``datasets`` under ``$VTPRUNE_CACHE/mini/`` and read by the task YAMLs in ``vtprune/eval/tasks/`` through
+lmms-eval's ``load_from_disk`` path, with the official tasks' own prompt and scoring functions.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-MINI_VERSION = "v1"  # bump when the tables or the drawing change, so stale caches are not reused
+MINI_VERSION = "v2"  # bump when the tables or the drawing change, so stale caches are not reused
 
 # name of the task -> (dataset folder, split the official task reads)
 MINI_TASKS = {
@@ -23,9 +26,9 @@ MINI_TASKS = {
 _COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (240, 210, 20),
             "black": (10, 10, 10), "white": (250, 250, 250)}
 
-# (word or number on the sign, colour of the sign, background)
-_TEXT = [("STOP", "red", "white"), ("42", "blue", "yellow"), ("OPEN", "green", "white"), ("CAFE", "black", "yellow"),
-         ("7", "yellow", "blue"), ("EXIT", "green", "black")]
+# Samples per task: a 13-point sweep over both tasks stays around two minutes on a 2-core CPU with a micro model.
+MINI_SIZES = {"vtprune_vqav2_mini": 48, "vtprune_textvqa_mini": 40}
+
 # (shape, colour, count, background)
 _SHAPES = [("circle", "red", 1, "white"), ("square", "blue", 2, "white"), ("triangle", "green", 3, "black"),
            ("circle", "yellow", 2, "blue"), ("square", "red", 4, "white"), ("triangle", "blue", 1, "yellow")]
@@ -67,26 +70,6 @@ def _build(task: str, target: Path) -> None:
             datasets.enable_progress_bars()
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _sign_image(word: str, colour: str, background: str):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (336, 252), _COLOURS[background])
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((48, 56, 288, 196), fill=_COLOURS[colour])
-    ink = _COLOURS["black" if colour in ("yellow", "white") else "white"]
-    draw.text((168, 126), word, fill=ink, font=_font(64), anchor="mm")
-    return image
-
-
 def _shapes_image(shape: str, colour: str, count: int, background: str):
     from PIL import Image, ImageDraw
 
@@ -108,14 +91,15 @@ def _shapes_image(shape: str, colour: str, count: int, background: str):
 def _textvqa():
     from datasets import Image, Sequence, Value
 
+    from vtprune.eval import synth
+
     rows = []
-    for i, (word, colour, background) in enumerate(_TEXT):
-        question = "what does the sign say?" if not word.isdigit() else "what number is on the sign?"
+    for i, s in enumerate(synth.draw_split(synth.MINI_SEED + 1, MINI_SIZES["vtprune_textvqa_mini"], synth.WORD_KINDS)):
         rows.append({
-            "image_id": f"mini{i:04d}", "question_id": 90000 + i, "question": question,
-            "question_tokens": question.rstrip("?").split(), "image": _sign_image(word, colour, background),
-            "image_width": 336, "image_height": 252, "answers": [word.lower()] * 10, "image_classes": ["Sign"],
-            "set_name": "val", "ocr_tokens": [word.lower()],
+            "image_id": f"mini{i:04d}", "question_id": 90000 + i, "question": s.question,
+            "question_tokens": s.question.rstrip("?").split(), "image": s.image,
+            "image_width": s.image.width, "image_height": s.image.height, "answers": [s.answer] * 10,
+            "image_classes": ["Sign"], "set_name": "val", "ocr_tokens": [s.answer],
         })
     features = {
         "image_id": Value("string"), "question_id": Value("int64"), "question": Value("string"),
@@ -127,22 +111,24 @@ def _textvqa():
     return rows, features
 
 
+# VQAv2's question_type / answer_type of each synthetic kind
+_VQA_TYPES = {"colour": ("what color is the", "other"), "shape": ("what", "other"), "count": ("how many", "number"),
+              "position": ("is the", "other")}
+
+
 def _vqav2():
     from datasets import Image, Value
 
+    from vtprune.eval import synth
+
     rows = []
-    for i, (shape, colour, count, background) in enumerate(_SHAPES):
-        if i % 3 == 0:
-            question, answer, kind, qtype = f"What color is the {shape}?", colour, "other", "what color is the"
-        elif i % 3 == 1:
-            question, answer, kind, qtype = f"How many {shape}s are there?", _NUMBER_WORDS[count], "number", "how many"
-        else:
-            question, answer, kind, qtype = f"Is there a {shape}?", "yes", "yes/no", "is there a"
+    for i, s in enumerate(synth.draw_split(synth.MINI_SEED, MINI_SIZES["vtprune_vqav2_mini"], synth.SHAPE_KINDS)):
+        qtype, kind = _VQA_TYPES[s.kind]
         rows.append({
-            "question_type": qtype, "multiple_choice_answer": answer,
-            "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
-            "image_id": 80000 + i, "answer_type": kind, "question_id": 800000 + i, "question": question,
-            "image": _shapes_image(shape, colour, count, background),
+            "question_type": qtype, "multiple_choice_answer": s.answer,
+            "answers": [{"answer": s.answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
+            "image_id": 80000 + i, "answer_type": kind, "question_id": 800000 + i, "question": s.question,
+            "image": s.image,
         })
     features = {
         "question_type": Value("string"), "multiple_choice_answer": Value("string"),

@@ -14,12 +14,28 @@ for _name in ("llava", "llava_next", "mllama", "qwen2_5_vl", "llava_onevision", 
 
 
 def resolve_path(path: str) -> str:
-    """A local directory for ``tiny:<family>`` (built on first use); other paths are passed on unchanged."""
+    """A local directory for ``tiny:<family>`` (built on first use) and ``micro:<family>`` (trained checkpoints
+    shipped in the package, ``vtprune/models/micro/<family>``); other paths are passed on unchanged."""
     if path.startswith("tiny:"):
         from vtprune.models.tiny import tiny_path
 
         return str(tiny_path(path[5:]))
+    if path.startswith("micro:"):
+        shipped = micro_families()
+        if path[6:] not in shipped:
+            raise ConfigError(f"model.path: unknown micro model '{path}' (allowed: {', '.join('micro:' + f for f in shipped)})")
+        return str(MICRO_ROOT / path[6:])
     return path
+
+
+MICRO_ROOT = Path(__file__).parent / "micro"  # trained by scripts/train_micro.py
+
+
+def micro_families() -> list[str]:
+    """The families with a trained micro checkpoint shipped in the package."""
+    if not MICRO_ROOT.is_dir():
+        return []
+    return sorted(d.name for d in MICRO_ROOT.iterdir() if (d / "config.json").exists())
 
 
 def resolve_family(model_type: str, declared: str) -> type[Adapter]:

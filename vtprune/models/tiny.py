@@ -19,6 +19,9 @@ TINY_SEED = 1234
 # options (fastv's K) by them without building the checkpoint.
 TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4, "llava_onevision": 4, "internvl": 4}
 
+# Families whose builder takes size overrides (``build_model``): those with a micro model.
+_SIZED = ("llava", "mllama", "llava_next")
+
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
 _CORPUS = """
 What is shown in the image? What color is the object? How many objects are there? What does the sign say?
@@ -85,7 +88,7 @@ def tiny_path(family: str) -> Path:
     return target
 
 
-def _tokenizer(family: str):
+def _tokenizer(family: str, corpus=_CORPUS, vocab_size: int = 384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -94,9 +97,10 @@ def _tokenizer(family: str):
     tok.decoder = decoders.ByteLevel()
     specials = _SPECIALS + _QWEN_SPECIALS if family == "qwen2_5_vl" else _SPECIALS
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     if family == "mllama":
         names = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
     elif family == "qwen2_5_vl":  # like Qwen: no BOS, the turn ends with <|im_end|>
@@ -108,56 +112,67 @@ def _tokenizer(family: str):
 
 
 def _build(family: str, out: Path) -> None:
+    model, processor = build_model(family)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_model(family: str, *, corpus=_CORPUS, vocab_size: int = 384, seed: int = TINY_SEED, text=None, vision=None):
+    """(model, processor) of ``family`` by the tiny recipe. ``text`` / ``vision`` override entries of the language
+    and vision configs (the micro models are the same architectures, larger; the image size follows
+    ``vision['image_size']``); without them this is the tiny model exactly."""
     import torch
 
-    tokenizer = _tokenizer(family)
+    tokenizer = _tokenizer(family, corpus, vocab_size)
     vocab = len(tokenizer)
     builders = {
         "mllama": _build_mllama, "llava": _build_llava, "llava_next": _build_llava_next, "qwen2_5_vl": _build_qwen2_5_vl,
         "llava_onevision": _build_llava_onevision, "internvl": _build_internvl,
     }
+    overrides = {k: v for k, v in (("text", text), ("vision", vision)) if v}
+    if overrides and family not in _SIZED:
+        raise ValueError(f"{family}: the tiny recipe takes no size overrides (sized: {', '.join(_SIZED)})")
     # Seeded weights without touching the caller's RNG (models are built on the CPU).
     with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(TINY_SEED)
-        model, processor = builders[family](tokenizer, vocab)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+        torch.default_generator.manual_seed(seed)
+        return builders[family](tokenizer, vocab, **overrides)
 
 
-def _llama_text(vocab: int, tokenizer) -> dict:
+def _llama_text(vocab: int, tokenizer, **over) -> dict:
     return dict(
         model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128,
         num_hidden_layers=TINY_TEXT_LAYERS["llava"],  # llava and llava_next share this language model
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    ) | over
 
 
-def _clip_vision() -> dict:
+def _clip_vision(**over) -> dict:
     return dict(
         model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32, initializer_range=0.2,
-    )
+    ) | over
 
 
-def _build_mllama(tokenizer, vocab):
+def _build_mllama(tokenizer, vocab, text=None, vision=None):
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+        image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64,
+        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+        initializer_range=0.2,
+    ) | (vision or {})
     config = MllamaConfig(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-            image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64,
-            supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-            initializer_range=0.2,
-        ),
+        vision_config=vision,
         text_config=dict(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_TEXT_LAYERS["mllama"],
             num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=2048,
             initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-        ),
+        ) | (text or {}),
         image_token_index=image_token_id,
     )
     model = MllamaForConditionalGeneration(config).eval()
@@ -168,46 +183,51 @@ def _build_mllama(tokenizer, vocab):
             if hasattr(layer, "cross_attn_attn_gate"):
                 layer.cross_attn_attn_gate.fill_(1.0)
                 layer.cross_attn_mlp_gate.fill_(1.0)
-    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4)
+    size = vision["image_size"]
+    image_processor = MllamaImageProcessorPil(size={"height": size, "width": size}, max_image_tiles=vision["max_num_tiles"])
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_MLLAMA_TEMPLATE)
     return model, processor
 
 
-def _build_llava(tokenizer, vocab):
+def _build_llava(tokenizer, vocab, text=None, vision=None):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = _clip_vision(**(vision or {}))
+    size, patch = vision["image_size"], vision["patch_size"]
     config = LlavaConfig(
-        vision_config=_clip_vision(), text_config=_llama_text(vocab, tokenizer), image_token_index=image_token_id,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16,
+        vision_config=vision, text_config=_llama_text(vocab, tokenizer, **(text or {})), image_token_index=image_token_id,
+        vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=(size // patch) ** 2,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = LlavaImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
     )
     return model, processor
 
 
-def _build_llava_next(tokenizer, vocab):
+def _build_llava_next(tokenizer, vocab, text=None, vision=None):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    vision = _clip_vision(**(vision or {}))
+    size, patch = vision["image_size"], vision["patch_size"]
+    pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]  # crops of one base image
     config = LlavaNextConfig(
-        vision_config=_clip_vision(), text_config=_llama_text(vocab, tokenizer), image_token_index=image_token_id,
+        vision_config=vision, text_config=_llama_text(vocab, tokenizer, **(text or {})), image_token_index=image_token_id,
         vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
-        image_seq_length=16,
+        image_seq_length=(size // patch) ** 2,
     )
     model = LlavaNextForConditionalGeneration(config).eval()
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         chat_template=_LLAVA_TEMPLATE, num_additional_image_tokens=1,
     )
     return model, processor

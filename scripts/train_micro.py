@@ -1,0 +1,273 @@
+"""Train a micro model of one family from scratch on the synthetic visual-QA distribution, on a CPU.
+
+The shipped checkpoints (``vtprune/models/micro/<family>``) were made in two stages, each about 8 minutes on 2 cores:
+
+    python scripts/train_micro.py --family F --steps 1500 --batch 32 --lr 1e-3 --train-samples 12000 --threads 2
+    python scripts/train_micro.py --family F --init vtprune/models/micro/F --steps 1500 --batch 32 --lr 1e-3 \
+        --train-samples 12000 --threads 2 --seed 1 --kinds colour,shape,position,colour,shape,position,count,word
+
+The second stage goes on from the first with more of the kinds that bind a question to one object (which the first
+stage learns last). The micro model is the tiny model's architecture (``vtprune.models.tiny.build_model``: same
+classes, tokenizer recipe and processor), larger, with a BPE corpus that covers the prompts and answers. Training
+samples come from ``vtprune.eval.synth`` with ``TRAIN_SEED`` only; accuracy (teacher-forced, per kind) is printed on
+a validation seed that is neither the mini tasks' nor the tests'. Each prompt is built exactly as vtprune builds it
+at eval time: the lmms-eval task's prompt (question + the official post prompt) through the processor's chat
+template (``Adapter.prepare``); the loss is on the answer tokens and EOS, plus an auxiliary per-patch probe on the
+vision features (see ``main``). The checkpoint is saved in float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vtprune.eval import synth
+from vtprune.models.tiny import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+POST_PROMPT = "\nAnswer the question using a single word or phrase."  # the mini tasks' (official) post prompt
+VAL_SEED = 500
+
+# Per family: sizes over the tiny recipe, and whether the answer follows the generation prompt after a space
+# (LLaVA's "ASSISTANT:") or directly (a header that ends in a newline).
+FAMILIES = {
+    "llava": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=synth.IMAGE_SIZE, patch_size=8, projection_dim=64, initializer_range=0.02),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.02),
+        space=True,
+    ),
+    # 64 px images as 2x2 tiles of 32 px (the tiny geometry): 4 x (16 patches + CLS) cross-attended tokens
+    "mllama": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_global_layers=1,
+                    attention_heads=4, intermediate_layers_indices=[2], vision_output_dim=128,
+                    initializer_range=0.02),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=2, cross_attention_layers=[1, 3], initializer_range=0.02),
+        space=False,
+    ),
+}
+
+
+def patch_features(family, model, output) -> torch.Tensor:
+    """[B, G*G, D] the vision features the language model reads, per patch of the image, row-major."""
+    if family == "llava":
+        return output.hidden_states[model.config.vision_feature_layer][:, 1:]
+    # mllama: [B, 1 image, tiles, CLS + patches, D] with 2x2 tiles in row-major order
+    x = output.last_hidden_state[:, 0, :, 1:]
+    b, _, n, d = x.shape
+    side = int(n**0.5)
+    x = x.reshape(b, 2, 2, side, side, d).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, 4 * n, d)
+
+
+def vision_module(family, model):
+    return model.model.vision_tower if family == "llava" else model.model.vision_model
+# Training mixture: the word kind twice, since reading is the slower skill to learn.
+TRAIN_KINDS = synth.SHAPE_KINDS + ("word", "word")
+
+
+def prompt(s: synth.Sample) -> str:
+    """The text the mini task's doc_to_text gives the model (textvqa capitalises its question)."""
+    question = s.question.capitalize() if s.kind == "word" else s.question
+    return question + POST_PROMPT
+
+
+def corpus(space: bool = True) -> list[str]:
+    """Every question, the post prompt and every answer (so that each is a few BPE tokens), plus chat words; answers
+    also start a line where they follow the generation prompt without a space."""
+    lines = ["USER: ASSISTANT: user assistant", POST_PROMPT.strip()]
+    lines += [f"What color is the {s}? What shape is the {c} object?" for s in synth.SHAPES for c in synth.COLOURS]
+    lines += [f"Is the {c} shape on the left or the right? Is the {c} shape at the top or the bottom?"
+              for c in synth.COLOURS]
+    lines += ["How many shapes are there? What word is written? what word is written?"]
+    answers = [*synth.COLOURS, *synth.SHAPES, "1", "2", "3", "left", "right", "top", "bottom", *synth.WORDS]
+    lines += [" ".join(answers), " ".join(" " + a for a in answers)]
+    if not space:
+        lines += answers
+    return lines
+
+
+# Auxiliary patch labels: background, each (shape, colour), each word.
+_PATCH_CLASSES = ["background"] + [f"{c} {s}" for s in synth.SHAPES for c in synth.COLOURS] + list(synth.WORDS)
+
+
+def patch_labels(s: synth.Sample, patch: int) -> torch.Tensor:
+    """[G*G] class of each patch (row-major): the drawn thing that covers most of it (at least 12 px²)."""
+    grid = synth.IMAGE_SIZE // patch
+    labels = torch.zeros(grid * grid, dtype=torch.long)
+    for r in range(grid):
+        for c in range(grid):
+            best = 12
+            for o in s.objects:
+                x0, y0, x1, y1 = o["box"]
+                area = max(0, min(x1, (c + 1) * patch) - max(x0, c * patch)) * max(
+                    0, min(y1, (r + 1) * patch) - max(y0, r * patch))
+                if area >= best:
+                    best = area
+                    name = o["word"] if "word" in o else f"{o['colour']} {o['shape']}"
+                    labels[r * grid + c] = _PATCH_CLASSES.index(name)
+    return labels
+
+
+def encode(processor, samples, space: bool):
+    """Per sample: the processor's inputs for its prompt (as ``Adapter.prepare`` builds them) and the answer ids."""
+    tok = processor.tokenizer
+    patch = 8  # every micro model's patch size (synth.GRID)
+    rows = []
+    for s in samples:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt(s)}]}],
+            add_generation_prompt=True,
+        )
+        inputs = processor(text=[text], images=[s.image], return_tensors="pt")
+        answer = tok((" " if space else "") + s.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+        rows.append((inputs["input_ids"][0], inputs["pixel_values"], torch.tensor(answer), patch_labels(s, patch), extra))
+    return rows
+
+
+def collate(rows, pad_id: int):
+    """Right-padded prompt + answer (positions then count from 0 as under left padding at eval), answer labels."""
+    seqs = [torch.cat([ids, ans]) for ids, _, ans, _, _ in rows]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, ((ids, _, ans, _, _), seq) in enumerate(zip(rows, seqs)):
+        input_ids[b, : len(seq)] = seq
+        mask[b, : len(seq)] = 1
+        # logits at position t predict token t+1: the model's own shift, labels at the answer positions
+        labels[b, len(ids) : len(seq)] = ans
+    out = dict(input_ids=input_ids, attention_mask=mask, pixel_values=torch.cat([r[1] for r in rows]), labels=labels)
+    for key in rows[0][4]:
+        if key == "cross_attention_mask":  # [1, S, images, tiles]: answer tokens see the image as the last prompt token
+            cam = torch.zeros((len(rows), length, *rows[0][4][key].shape[2:]), dtype=rows[0][4][key].dtype)
+            for b, (ids, _, ans, _, extra) in enumerate(rows):
+                cam[b, : len(ids)] = extra[key][0]
+                cam[b, len(ids) : len(ids) + len(ans)] = extra[key][0, -1]
+            out[key] = cam
+        else:
+            out[key] = torch.cat([r[4][key] for r in rows])
+    return out
+
+
+@torch.no_grad()
+def accuracy(model, rows, samples, pad_id: int, batch: int = 64) -> dict[str, float]:
+    """Teacher-forced exact answer (every answer token and EOS argmax-right), per kind: a cheap greedy proxy."""
+    model.eval()
+    hits: dict[str, list[int]] = {}
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        inputs = collate(chunk, pad_id)
+        labels = inputs.pop("labels")
+        logits = model(**inputs).logits[:, :-1]
+        target = labels[:, 1:]
+        ok = ((logits.argmax(-1) == target) | (target == -100)).all(-1)
+        for s, o in zip(samples[start : start + batch], ok.tolist()):
+            hits.setdefault(s.kind, []).append(int(o))
+    model.train()
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--init", type=Path, default=None, help="start from this saved micro checkpoint")
+    parser.add_argument("--kinds", default=",".join(TRAIN_KINDS), help="training mixture (for experiments)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = FAMILIES[args.family]
+    out = args.out or ROOT / "vtprune" / "models" / "micro" / args.family
+    start = time.perf_counter()
+
+    if args.init:  # a second stage: go on training a saved micro checkpoint (weights, tokenizer and processor)
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
+
+        cls = getattr(transformers, AutoConfig.from_pretrained(args.init).architectures[0])
+        model, processor = cls.from_pretrained(args.init, dtype=torch.float32), AutoProcessor.from_pretrained(args.init)
+    else:
+        model, processor = build_model(
+            args.family, corpus=corpus(spec["space"]), vocab_size=512, seed=args.seed, text=spec["text"],
+            vision=spec["vision"],
+        )
+    pad_id = processor.tokenizer.pad_token_id
+    print(f"{args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
+
+    train = synth.draw_split(synth.TRAIN_SEED, args.train_samples, tuple(args.kinds.split(",")))
+    val = synth.draw_split(VAL_SEED, 300, synth.KINDS)
+    train_rows, val_rows = encode(processor, train, spec["space"]), encode(processor, val, spec["space"])
+    print(f"data: {len(train_rows)} training / {len(val_rows)} validation samples, "
+          f"prompt {len(train_rows[0][0])} tokens, {time.perf_counter() - start:.0f}s", flush=True)
+
+    torch.manual_seed(args.seed)
+    order = random.Random(args.seed)
+    # The vision tower is trained from scratch: an auxiliary linear probe on the features LLaVA reads
+    # (vision_feature_layer) learns what each patch shows, so that the features are useful before the language
+    # model has learnt where to look (a stand-in for CLIP's pretraining; the probe is not saved).
+    vision = model.config.vision_config
+    probe = torch.nn.Linear(getattr(vision, "vision_output_dim", vision.hidden_size), len(_PATCH_CLASSES))
+    captured = {}
+
+    def grab(module, inputs, output):
+        captured["patches"] = patch_features(args.family, model, output)
+
+    vision_module(args.family, model).register_forward_hook(grab)
+    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = min(100, args.steps // 5)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))
+    )
+    model.train()
+    indices: list[int] = []
+    running = None
+    for step in range(1, args.steps + 1):
+        if len(indices) < args.batch:
+            fresh = list(range(len(train_rows)))
+            order.shuffle(fresh)
+            indices += fresh
+        batch = [train_rows[i] for i in indices[: args.batch]]
+        del indices[: args.batch]
+        answer_loss = model(**collate(batch, pad_id)).loss
+        targets = torch.stack([r[3] for r in batch])
+        aux = torch.nn.functional.cross_entropy(probe(captured["patches"]).flatten(0, 1), targets.flatten())
+        loss = answer_loss + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        now = torch.tensor([answer_loss.item(), aux.item()])
+        running = now if running is None else 0.95 * running + 0.05 * now
+        if step % 50 == 0 or step == args.steps:
+            line = f"step {step}: answer loss {running[0]:.3f}, patch loss {running[1]:.3f}, {time.perf_counter() - start:.0f}s"
+            if step % 250 == 0 or step == args.steps:
+                acc = accuracy(model, val_rows, val, pad_id)
+                line += "  val " + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+            print(line, flush=True)
+
+    model.eval()
+    model.half().save_pretrained(out)
+    processor.save_pretrained(out)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"saved {out} ({size:.1f} MB) in {time.perf_counter() - start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
