@@ -292,16 +292,8 @@ def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[
         reference, ref_rows = run_dir, sample_rows
     else:
         reference = find_reference(run_dir.parent, config, tasks, exclude=run_dir)
-        if reference is None:
-            for row in sample_rows:
-                row.update(loyal=None, top1_agree=None, kl=None)
-            for row in metric_rows:
-                row.update(loyalty=None, top1_agreement=None, kl_mean=None, fidelity_n=0)
-            return {"reference": None, "note": (
-                f"no unpruned run (strategy none, keep 1.0) of {config.model.path} on {', '.join(tasks)} with the same "
-                f"generation settings in {run_dir.parent}: loyalty and KL not computed (run strategy none there first; "
-                "`vtprune report` computes them once it exists)")}
-        ref_rows = read_jsonl(reference / "samples.jsonl")
+        ref_rows = read_jsonl(reference / "samples.jsonl") if reference is not None else []
+    # Without a reference nothing matches: every row gets the empty figures below.
     per_sample, by_task = compare(ref_rows, sample_rows)
     for row in sample_rows:
         row.update(per_sample.get((row["task"], row["doc_id"]), {"loyal": None, "top1_agree": None, "kl": None}))
@@ -309,6 +301,11 @@ def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[
     for row in metric_rows:
         summary = by_task.get(row["task"], empty)
         row.update({k: v for k, v in summary.items() if k != "n"}, fidelity_n=summary["n"])
+    if reference is None:
+        return {"reference": None, "note": (
+            f"no unpruned run (strategy none, keep 1.0) of {config.model.path} on {', '.join(tasks)} with the same "
+            f"generation settings in {run_dir.parent}: loyalty and KL not computed (run strategy none there first; "
+            "`vtprune report` computes them once it exists)")}
     return {"reference": os.path.relpath(reference, run_dir.parent), "note": None}
 
 

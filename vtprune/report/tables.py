@@ -77,20 +77,14 @@ def _with_fidelity(m: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFr
         return m
     # Fidelity is per task: the unpruned run of the task, whether or not each of its metrics is scored.
     refs = m[_is_reference(m)].drop_duplicates(["model", "task"]).set_index(["model", "task"])["run_dir"]
-    cache: dict[tuple, dict] = {}
+    by_pair: dict[tuple, dict] = {}  # (reference run, run) -> compare()'s summary per task
 
     def summary(row) -> dict:
-        ref_dir = refs.get((row.model, row.task))
-        key = (ref_dir, row.run_dir, row.task)
-        if key not in cache:
-            ref, own = samples.get(ref_dir), samples.get(row.run_dir)
-            found = {}
-            if ref and own:
-                _, by_task = compare([r for r in ref if r.get("task") == row.task],
-                                     [r for r in own if r.get("task") == row.task])
-                found = by_task.get(row.task, {})
-            cache[key] = found
-        return cache[key]
+        pair = (refs.get((row.model, row.task)), row.run_dir)
+        if pair not in by_pair:
+            ref, own = (samples.get(d) for d in pair)
+            by_pair[pair] = compare(ref, own)[1] if ref and own else {}
+        return by_pair[pair].get(row.task, {})
 
     found = pd.DataFrame([summary(row) for row in m.itertuples()], index=m.index)
     for column in (*FIDELITY_COLUMNS, "n"):
