@@ -36,14 +36,15 @@ VAL_SEED = 500
 
 # Per family: sizes over the tiny recipe, and whether the answer follows the generation prompt after a space
 # (LLaVA's "ASSISTANT:") or directly (a header that ends in a newline).
+_LLAVA = dict(
+    vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                image_size=synth.IMAGE_SIZE, patch_size=8, projection_dim=64, initializer_range=0.02),
+    text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.02),
+    space=True,
+)
 FAMILIES = {
-    "llava": dict(
-        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                    image_size=synth.IMAGE_SIZE, patch_size=8, projection_dim=64, initializer_range=0.02),
-        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, initializer_range=0.02),
-        space=True,
-    ),
+    "llava": _LLAVA,
     # 64 px images as 2x2 tiles of 32 px (the tiny geometry): 4 x (16 patches + CLS) cross-attended tokens
     "mllama": dict(
         vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_global_layers=1,
@@ -53,13 +54,30 @@ FAMILIES = {
                   num_key_value_heads=2, cross_attention_layers=[1, 3], initializer_range=0.02),
         space=False,
     ),
+    # LLaVA-NeXT on the micro LLaVA sizes: a 64 px image takes the 64x128 pinpoint (base image + 2 crops, one of
+    # padding that unpadding drops): 64 base + 64 crop tokens + 8 row newlines
+    "llava_next": _LLAVA,
+    # Qwen2.5-VL: 8 px patches merged 2x2, so a 64 px image gives 16 tokens of 16 px each
+    "qwen2_5_vl": dict(
+        vision=dict(depth=4, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
+                    initializer_range=0.02),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.02,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}),
+        space=False,
+    ),
 }
+# Pixels per visual token the auxiliary patch probe labels (a merged token for Qwen2.5-VL).
+LABEL_PATCH = {"llava": 8, "mllama": 8, "llava_next": 8, "qwen2_5_vl": 16}
 
 
-def patch_features(family, model, output) -> torch.Tensor:
+def patch_features(family, model, output, batch: int) -> torch.Tensor:
     """[B, G*G, D] the vision features the language model reads, per patch of the image, row-major."""
-    if family == "llava":
-        return output.hidden_states[model.config.vision_feature_layer][:, 1:]
+    if family in ("llava", "llava_next"):
+        x = output.hidden_states[model.config.vision_feature_layer][:, 1:]
+        return x.reshape(batch, -1, *x.shape[1:])[:, 0]  # LLaVA-NeXT: the base image, the first of each sample's crops
+    if family == "qwen2_5_vl":  # merged tokens, row-major over the merged grid
+        return output.pooler_output.reshape(batch, -1, output.pooler_output.shape[-1])
     # mllama: [B, 1 image, tiles, CLS + patches, D] with 2x2 tiles in row-major order
     x = output.last_hidden_state[:, 0, :, 1:]
     b, _, n, d = x.shape
@@ -69,7 +87,14 @@ def patch_features(family, model, output) -> torch.Tensor:
 
 
 def vision_module(family, model):
-    return model.model.vision_tower if family == "llava" else model.model.vision_model
+    name = {"mllama": "vision_model", "qwen2_5_vl": "visual"}.get(family, "vision_tower")
+    return getattr(model.model, name)
+
+
+def feature_dim(family, model) -> int:
+    vision = model.config.vision_config
+    name = {"mllama": "vision_output_dim", "qwen2_5_vl": "out_hidden_size"}.get(family, "hidden_size")
+    return getattr(vision, name)
 # Training mixture: the word kind twice, since reading is the slower skill to learn.
 TRAIN_KINDS = synth.SHAPE_KINDS + ("word", "word")
 
@@ -95,32 +120,35 @@ def corpus(space: bool = True) -> list[str]:
     return lines
 
 
-# Auxiliary patch labels: background, each (shape, colour), each word.
-_PATCH_CLASSES = ["background"] + [f"{c} {s}" for s in synth.SHAPES for c in synth.COLOURS] + list(synth.WORDS)
+# Auxiliary patch labels: background, each (shape, colour), each letter of the words (the pairs of words differ in
+# one letter, so a per-word label would teach the tower nothing about the letter that tells them apart).
+_LETTERS = sorted({ch for w in synth.WORDS for ch in w})
+_PATCH_CLASSES = ["background"] + [f"{c} {s}" for s in synth.SHAPES for c in synth.COLOURS] + _LETTERS
 
 
 def patch_labels(s: synth.Sample, patch: int) -> torch.Tensor:
-    """[G*G] class of each patch (row-major): the drawn thing that covers most of it (at least 12 px²)."""
+    """[G*G] class of each patch (row-major): the shape or letter that covers most of it (at least 12 px²)."""
     grid = synth.IMAGE_SIZE // patch
     labels = torch.zeros(grid * grid, dtype=torch.long)
+    parts = []
+    for o in s.objects:
+        parts += o["letters"] if "word" in o else [(f"{o['colour']} {o['shape']}", o["box"])]
     for r in range(grid):
         for c in range(grid):
             best = 12
-            for o in s.objects:
-                x0, y0, x1, y1 = o["box"]
+            for name, (x0, y0, x1, y1) in parts:
                 area = max(0, min(x1, (c + 1) * patch) - max(x0, c * patch)) * max(
                     0, min(y1, (r + 1) * patch) - max(y0, r * patch))
                 if area >= best:
                     best = area
-                    name = o["word"] if "word" in o else f"{o['colour']} {o['shape']}"
                     labels[r * grid + c] = _PATCH_CLASSES.index(name)
     return labels
 
 
-def encode(processor, samples, space: bool):
-    """Per sample: the processor's inputs for its prompt (as ``Adapter.prepare`` builds them) and the answer ids."""
+def encode(processor, samples, space: bool, patch: int):
+    """Per sample: the processor's inputs for its prompt (as ``Adapter.prepare`` builds them), the answer ids and the
+    probe's labels of ``patch``-px cells."""
     tok = processor.tokenizer
-    patch = 8  # every micro model's patch size (synth.GRID)
     rows = []
     for s in samples:
         text = processor.apply_chat_template(
@@ -154,6 +182,11 @@ def collate(rows, pad_id: int):
                 cam[b, : len(ids)] = extra[key][0]
                 cam[b, len(ids) : len(ids) + len(ans)] = extra[key][0, -1]
             out[key] = cam
+        elif rows[0][4][key].dim() == 2 and rows[0][4][key].shape[1] == len(rows[0][0]):  # per token (Qwen's types)
+            per_token = torch.zeros((len(rows), length), dtype=rows[0][4][key].dtype)
+            for b, (ids, _, _, _, extra) in enumerate(rows):
+                per_token[b, : len(ids)] = extra[key][0]
+            out[key] = per_token
         else:
             out[key] = torch.cat([r[4][key] for r in rows])
     return out
@@ -197,10 +230,15 @@ def main(argv=None) -> int:
 
     if args.init:  # a second stage: go on training a saved micro checkpoint (weights, tokenizer and processor)
         import transformers
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        cls = getattr(transformers, AutoConfig.from_pretrained(args.init).architectures[0])
-        model, processor = cls.from_pretrained(args.init, dtype=torch.float32), AutoProcessor.from_pretrained(args.init)
+        from vtprune.models import resolve_family
+
+        config = AutoConfig.from_pretrained(args.init)
+        cls = getattr(transformers, config.architectures[0])
+        # the family's own processor loader (Qwen2.5-VL's drops the video processor, which needs torchvision)
+        processor = resolve_family(config.model_type, args.family).load_processor(args.init)
+        model = cls.from_pretrained(args.init, dtype=torch.float32)
     else:
         model, processor = build_model(
             args.family, corpus=corpus(spec["space"]), vocab_size=512, seed=args.seed, text=spec["text"],
@@ -211,7 +249,8 @@ def main(argv=None) -> int:
 
     train = synth.draw_split(synth.TRAIN_SEED, args.train_samples, tuple(args.kinds.split(",")))
     val = synth.draw_split(VAL_SEED, 300, synth.KINDS)
-    train_rows, val_rows = encode(processor, train, spec["space"]), encode(processor, val, spec["space"])
+    patch = LABEL_PATCH[args.family]
+    train_rows, val_rows = encode(processor, train, spec["space"], patch), encode(processor, val, spec["space"], patch)
     print(f"data: {len(train_rows)} training / {len(val_rows)} validation samples, "
           f"prompt {len(train_rows[0][0])} tokens, {time.perf_counter() - start:.0f}s", flush=True)
 
@@ -220,16 +259,16 @@ def main(argv=None) -> int:
     # The vision tower is trained from scratch: an auxiliary linear probe on the features LLaVA reads
     # (vision_feature_layer) learns what each patch shows, so that the features are useful before the language
     # model has learnt where to look (a stand-in for CLIP's pretraining; the probe is not saved).
-    vision = model.config.vision_config
-    probe = torch.nn.Linear(getattr(vision, "vision_output_dim", vision.hidden_size), len(_PATCH_CLASSES))
+    probe = torch.nn.Linear(feature_dim(args.family, model), len(_PATCH_CLASSES))
     captured = {}
 
     def grab(module, inputs, output):
-        captured["patches"] = patch_features(args.family, model, output)
+        if model.training:  # not in the validation passes
+            captured["patches"] = patch_features(args.family, model, output, captured["batch"])
 
     vision_module(args.family, model).register_forward_hook(grab)
     opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = min(100, args.steps // 5)
+    warmup = max(1, min(100, args.steps // 5))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))
     )
@@ -243,6 +282,7 @@ def main(argv=None) -> int:
             indices += fresh
         batch = [train_rows[i] for i in indices[: args.batch]]
         del indices[: args.batch]
+        captured["batch"] = len(batch)
         answer_loss = model(**collate(batch, pad_id)).loss
         targets = torch.stack([r[3] for r in batch])
         aux = torch.nn.functional.cross_entropy(probe(captured["patches"]).flatten(0, 1), targets.flatten())

@@ -1,7 +1,8 @@
 """Offline mirrors of textvqa_val, vqav2_val and llava_in_the_wild: generated images, official columns.
 
 The textvqa and vqav2 mirrors are held-out draws of the synthetic visual-QA distribution the micro models are
-trained on (``vtprune.eval.synth``, seeds ``MINI_SEED`` and ``MINI_SEED + 1``; training uses ``TRAIN_SEED``):
+trained on (``vtprune.eval.synth``, seeds ``MINI_SEED`` and ``MINI_SEED + 1``, held-out images only; training uses
+``TRAIN_SEED`` and never draws them):
 word questions for textvqa, colour / shape / count / position questions for vqav2. The llava_in_the_wild mirror
 is drawn from a fixed table. Everything is drawn with PIL in code (no binaries in git), saved once with
 ``datasets`` under ``$VTPRUNE_CACHE/mini/`` and read by the task YAMLs in ``vtprune/eval/tasks/`` through
@@ -14,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-MINI_VERSION = "v2"  # bump when the tables or the drawing change, so stale caches are not reused
+MINI_VERSION = "v3"  # bump when the tables or the drawing change, so stale caches are not reused
 
 # name of the task -> (dataset folder, split the official task reads)
 MINI_TASKS = {

@@ -7,7 +7,14 @@ Images are 64x64 px (the micro models' input size, so no resampling blurs small 
   or 20 px wide, on a plain white or light-grey background. Questions: the colour of the named shape, the shape of
   the named colour, left/right or top/bottom of the named colour (asked only of objects at least 8 px off the
   midline), and the count; all but the count depend on one object, often a small part of the image.
-- *word*: one upper-case word from ``WORDS`` in PIL's default font at 16 px, in a random place and colour.
+- *word*: one upper-case word from ``WORDS`` in PIL's default font at 16 px, in a random place and colour. The words
+  come in pairs that differ in one letter (STOP / SHOP, HOTEL / MOTEL, ...), so reading one needs the patches of that
+  letter, not any patch of the word.
+
+Training and held-out draws never share an image: an image is *held out* when its pixels hash into one quarter
+(``is_held_out``); the training split (``TRAIN_SEED``) draws only the other images, every other seed only held-out
+ones. (The word images are few enough that independent draws overlapped: 36 of 40 textvqa-mini images of the first
+version were also training images.)
 
 Shapes and words start on the 8-px grid of the micro models' patches (``GRID``): at arbitrary sub-patch offsets a
 from-scratch ViT did not learn to read the words at all within a CPU budget of minutes (measured: chance after 350
@@ -20,6 +27,7 @@ The distribution is fixed independently of any pruning strategy's results.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -27,7 +35,8 @@ IMAGE_SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ((250, 250, 250), (205, 205, 205))
-WORDS = ("stop", "open", "cafe", "exit", "taxi", "bus", "hotel", "bank", "park", "sale")
+WORDS = ("stop", "shop", "open", "oven", "cafe", "cave", "exit", "edit", "bus", "bug", "hotel", "motel", "bank", "band",
+         "park", "bark", "sale", "safe")
 _INKS = ((10, 10, 10), (30, 60, 200), (190, 20, 20), (20, 110, 40))
 _WORD_BACKGROUNDS = ((250, 250, 250), (205, 205, 205), (250, 230, 120))
 
@@ -55,16 +64,27 @@ class Sample:
     kind: str
     #: (x0, y0, x1, y1) pixel boxes of what the answer depends on (the named object, every object, the word)
     boxes: list = field(default_factory=list)
-    #: everything drawn: dicts with ``box`` and ``shape`` + ``colour``, or ``word``
+    #: everything drawn: dicts with ``box`` and ``shape`` + ``colour``, or ``word`` + ``letters`` ((letter, box) each)
     objects: list = field(default_factory=list)
 
 
-def sample(rng: random.Random, kind: str) -> Sample:
-    """One sample of ``kind`` (one of ``KINDS``) drawn from ``rng``."""
-    if kind == "word":
-        return _word(rng)
-    if kind not in SHAPE_KINDS:
+def is_held_out(image) -> bool:
+    """Whether ``image`` belongs to the held-out quarter of the distribution (never drawn for training)."""
+    return hashlib.sha256(image.tobytes()).digest()[0] % 4 == 0
+
+
+def sample(rng: random.Random, kind: str, held_out: bool | None = None) -> Sample:
+    """One sample of ``kind`` (one of ``KINDS``) drawn from ``rng``: of the held-out images (``True``), of the
+    training images (``False``) or of either (``None``)."""
+    if kind not in KINDS:
         raise ValueError(f"unknown kind '{kind}' (allowed: {', '.join(KINDS)})")
+    while True:
+        s = _word(rng) if kind == "word" else _shapes(rng, kind)
+        if held_out is None or is_held_out(s.image) == held_out:
+            return s
+
+
+def _shapes(rng: random.Random, kind: str) -> Sample:
     while True:
         objects = _layout(rng, rng.randint(1, 3))
         if kind != "position":
@@ -94,9 +114,10 @@ def sample(rng: random.Random, kind: str) -> Sample:
 
 
 def draw_split(seed: int, n: int, kinds=KINDS) -> list[Sample]:
-    """``n`` samples from ``seed``, kinds taken in turn (balanced); the same seed always gives the same samples."""
+    """``n`` samples from ``seed``, kinds taken in turn (balanced); the same seed always gives the same samples.
+    ``TRAIN_SEED`` draws training images only, any other seed held-out images only."""
     rng = random.Random(seed)
-    return [sample(rng, kinds[i % len(kinds)]) for i in range(n)]
+    return [sample(rng, kinds[i % len(kinds)], held_out=seed != TRAIN_SEED) for i in range(n)]
 
 
 def _centre(box):
@@ -163,4 +184,9 @@ def _word(rng: random.Random) -> Sample:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), rng.choice(_WORD_BACKGROUNDS))
     ImageDraw.Draw(image).text((x, y), text, fill=rng.choice(_INKS), font=f)
     box = (x + left, y + top, x + right, y + bottom)
-    return Sample(image, "what word is written?", word, "word", [box], [dict(word=word, box=box)])
+    letters = []
+    for i, ch in enumerate(text):
+        cl, ct, cr, cb = f.getbbox(ch)
+        dx = x + round(f.getlength(text[:i]))
+        letters.append((ch.lower(), (dx + cl, y + ct, dx + cr, y + cb)))
+    return Sample(image, "what word is written?", word, "word", [box], [dict(word=word, box=box, letters=letters)])

@@ -20,7 +20,7 @@ TINY_SEED = 1234
 TINY_TEXT_LAYERS = {"mllama": 5, "llava": 4, "llava_next": 4, "qwen2_5_vl": 4, "llava_onevision": 4, "internvl": 4}
 
 # Families whose builder takes size overrides (``build_model``): those with a micro model.
-_SIZED = ("llava", "mllama", "llava_next")
+_SIZED = ("llava", "mllama", "llava_next", "qwen2_5_vl")
 
 # Byte-level BPE is trained on this little corpus: enough merges that prompts tokenize to sensible lengths.
 _CORPUS = """
@@ -233,7 +233,7 @@ def _build_llava_next(tokenizer, vocab, text=None, vision=None):
     return model, processor
 
 
-def _build_qwen2_5_vl(tokenizer, vocab):
+def _build_qwen2_5_vl(tokenizer, vocab, text=None, vision=None):
     """Qwen2.5-VL: dynamic resolution (8-px patches, 2x2 merge), window attention with full-attention blocks, M-RoPE.
 
     Images are resized to multiples of 16 px with an area between 32x32 and 96x96 pixels, so a picture gives 4 to 36
@@ -255,13 +255,13 @@ def _build_qwen2_5_vl(tokenizer, vocab):
             depth=4, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=patch,
             spatial_merge_size=merge, temporal_patch_size=temporal, window_size=32, out_hidden_size=64,
             fullatt_block_indexes=[1, 3], tokens_per_second=2, initializer_range=0.2,
-        ),
+        ) | (vision or {}),
         text_config=dict(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_TEXT_LAYERS["qwen2_5_vl"],
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ),
+        ) | (text or {}),
         **ids,
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
