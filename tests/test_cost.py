@@ -231,6 +231,32 @@ def test_vision_flops_by_hand():
     assert [round(f / 1e12, 3) for f in (llava, 5 * llava, mllama, qwen)] == [0.390, 1.951, 19.002, 1.347]
 
 
+def test_an_input_resizing_strategy_shrinks_the_vision_flops_in_the_ideal():
+    """Qwen2.5-VL's downsample at 0.25 resizes the 16 × 16 merged grid to 8 × 8: the tower runs on 16 × 16 patches
+    (4 windows of 64 patches), so the ideal TTFT counts that tower, not the full one; LLaVA's tower is unchanged."""
+    from vtprune.bench import cost_rows
+    from vtprune.bench.kv import vision_flops
+    from vtprune.strategies import STRATEGIES
+
+    def layer(tokens, h, inter, pairs):
+        return 2 * (4 * tokens * h * h + 2 * pairs * h + 3 * tokens * h * inter)
+
+    qwen = _arch("qwen2.5-vl-7b")
+    small = (2 * 256 * (3 * 2 * 14 * 14) * 1280 + 4 * layer(256, 1280, 3420, 256 * 256)
+             + 28 * layer(256, 1280, 3420, 4 * 64 * 64) + 2 * 64 * 5120 * (5120 + 3584))
+    assert vision_flops(qwen, resized_to=0.25) == small
+    assert vision_flops(_arch("llava-1.5-7b"), resized_to=0.25) == vision_flops(_arch("llava-1.5-7b"))
+    rows = cost_rows(qwen, strategies=[(STRATEGIES.get("downsample"), {}), (STRATEGIES.get("uniform"), {})],
+                     ratios=[0.25], batch_sizes=[2], prompt_tokens=64, dtype="bfloat16")
+    down, uniform = rows
+    assert down["num_kept"] == uniform["num_kept"] == 64
+    assert down["vision_flops"] == 2 * small and uniform["vision_flops"] == 2 * vision_flops(qwen)
+    assert down["prefill_flops"] == uniform["prefill_flops"]
+    full = uniform["total_prefill_flops"] * uniform["ideal_ttft_speedup"]  # none's, the same for both
+    assert down["ideal_ttft_speedup"] == pytest.approx(full / (2 * small + down["prefill_flops"]), rel=1e-12)
+    assert down["ideal_ttft_speedup"] > uniform["ideal_ttft_speedup"]
+
+
 def _llava_rows(names, ratios, batch_sizes):
     from vtprune.bench import cost_rows
     from vtprune.strategies import STRATEGIES

@@ -70,13 +70,14 @@ def decoder_weight_bytes(config, element_size: int) -> int:
 
 
 def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement,
-                  element_size: int) -> dict:
+                  element_size: int, resized_to: float | None = None) -> dict:
     """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.
 
     ``total_prefill_flops`` (vision + LLM prefill) bounds the time to first token; ``decode_bytes_per_step``
     (weights + the cache after prefill) bounds a decode step, which is memory-bound at these batch sizes.
+    ``resized_to``: the keep ratio of a strategy that shrinks the input image (the vision tower then runs on less).
     """
-    def figures(kept, where):
+    def figures(kept, where, vision):
         kv = analytic_kv_bytes(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
                                num_kept=kept, placement=where, element_size=element_size)
         llm = prefill_flops(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
@@ -85,9 +86,10 @@ def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int,
                 "prefill_flops": llm, "vision_flops": vision, "total_prefill_flops": vision + llm,
                 "decode_bytes_per_step": weights + kv["self"] + kv["cross"]}
 
-    vision = batch_size * vision_flops(config)
+    full = batch_size * vision_flops(config)
+    resized = full if resized_to is None else batch_size * vision_flops(config, resized_to)
     weights = decoder_weight_bytes(config, element_size)
-    point, none = figures(num_kept, placement), figures(num_visual, Placement())
+    point, none = figures(num_kept, placement, resized), figures(num_visual, Placement(), full)
     return {**point, "ideal_ttft_speedup": none["total_prefill_flops"] / point["total_prefill_flops"],
             "ideal_decode_speedup": none["decode_bytes_per_step"] / point["decode_bytes_per_step"]}
 
@@ -108,7 +110,8 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
                     "num_kept": kept[-1] if isinstance(kept, list) else kept,
                     **({"stage_kept": kept} if isinstance(kept, list) else {}),
                     **ideal_figures(hf_config, batch_size=batch, text_tokens=prompt_tokens, num_visual=n, num_kept=kept,
-                                    placement=placement, element_size=DTYPE_BYTES[dtype]),
+                                    placement=placement, element_size=DTYPE_BYTES[dtype],
+                                    resized_to=resized_ratio(strategy, ratio)),
                 })
     return rows
 
@@ -134,6 +137,11 @@ def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -
     return cost_rows(hf_config, strategies=pairs, ratios=check_ratios(ratios or [1.0, 0.75, 0.5, 0.25]),
                      batch_sizes=batch_sizes or config.bench.batch_sizes, prompt_tokens=config.bench.prompt_tokens,
                      dtype=dtype, model=config.model.path)
+
+
+def resized_ratio(strategy, ratio: float) -> float | None:
+    """The keep ratio the input image is resized to, for a strategy that merges in the input space; else None."""
+    return ratio if strategy.merge_space == "input" and ratio < 1 else None
 
 
 def stage_budgets(n: int, ratio: float, placement):

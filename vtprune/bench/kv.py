@@ -86,11 +86,13 @@ def num_visual_tokens(config) -> int:
     return resolve_family(config.model_type, "auto").max_visual_tokens(config)
 
 
-def vision_flops(config) -> int:
-    """Multiply-adds × 2 of the vision tower and projector for one image at the model's largest input (its family's)."""
+def vision_flops(config, resized_to: float | None = None) -> int:
+    """Multiply-adds × 2 of the vision tower and projector for one image at the model's largest input (its family's);
+    with ``resized_to``, of that image as an input-space strategy (``downsample``) resizes it at that keep ratio."""
     from vtprune.models import resolve_family
 
-    return resolve_family(config.model_type, "auto").vision_flops(config)
+    family = resolve_family(config.model_type, "auto")
+    return family.vision_flops(config) if resized_to is None else family.resized_vision_flops(config, resized_to)
 
 
 def tile_tokens(config) -> int:

@@ -237,6 +237,12 @@ class Adapter:
         the config alone: the same at every keep ratio, the part of the time to first token pruning cannot save."""
         raise NotImplementedError
 
+    @classmethod
+    def resized_vision_flops(cls, hf_config, keep_ratio: float) -> int:
+        """``vision_flops`` when a strategy that merges in the input space (``downsample``) runs at ``keep_ratio``:
+        the same as unpruned on a fixed-resolution tower, which sees the whole image whatever follows it."""
+        return cls.vision_flops(hf_config)
+
     # -- signals -------------------------------------------------------------------------------------------
 
     #: self-attention families: the signals only an in-LLM strategy gets (computed inside the LLM); the others

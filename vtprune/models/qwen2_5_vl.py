@@ -284,13 +284,31 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         the merger MLP over the merged tokens. Windows are ``window_size`` px squares of merged patches, the last
         one per row / column cut short (16 windows of 64 patches on the 7B model): exact as transformers splits
         them, whose non-flash path runs each window on its own."""
+        return cls._tower_flops(hf_config, cls.SYNTHETIC_PATCHES, cls.SYNTHETIC_PATCHES)
+
+    @classmethod
+    def resized_vision_flops(cls, hf_config, keep_ratio: float) -> int:
+        """The tower on the synthetic image resized as ``downsampled`` resizes it (``fitted_grid`` within budget)."""
+        from vtprune.strategies.base import budget
+
+        merge = hf_config.vision_config.spatial_merge_size
+        grid = cls.SYNTHETIC_PATCHES // merge
+        rows, cols = fitted_grid(grid, grid, budget(grid * grid, keep_ratio))
+        return cls._tower_flops(hf_config, rows * merge, cols * merge)
+
+    @classmethod
+    def _tower_flops(cls, hf_config, rows: int, cols: int) -> int:
+        """``vision_flops`` of an image of ``rows × cols`` patches."""
         from vtprune.bench.cost import encoder_layer_flops
 
-        vision, side = hf_config.vision_config, cls.SYNTHETIC_PATCHES
-        merge, hidden, patches = vision.spatial_merge_size, vision.hidden_size, side * side
-        window, grid = vision.window_size // merge // vision.patch_size, side // merge  # in merged patches
-        spans = [window] * (grid // window) + ([grid % window] if grid % window else [])
-        window_pairs = sum((a * b * merge * merge) ** 2 for a in spans for b in spans)
+        vision = hf_config.vision_config
+        merge, hidden, patches = vision.spatial_merge_size, vision.hidden_size, rows * cols
+        window = vision.window_size // merge // vision.patch_size  # in merged patches
+
+        def spans(side):  # window extents along one axis, in merged patches
+            return [window] * (side // window) + ([side % window] if side % window else [])
+
+        window_pairs = sum((a * b * merge * merge) ** 2 for a in spans(rows // merge) for b in spans(cols // merge))
         full = len(vision.fullatt_block_indexes)
         embed = 2 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * hidden
         blocks = full * encoder_layer_flops(patches, hidden, vision.intermediate_size, mlp_matrices=3) + (
