@@ -203,30 +203,32 @@ def _arch(name):
     return AutoConfig.from_pretrained(REPO / "configs/architectures" / name)
 
 
+def encoder_layer(tokens, h, inter, mlp=2, pairs=None):
+    """One encoder layer by hand: q/k/v/o, QKᵀ + AV over ``pairs``, an MLP of ``mlp`` matrices (× 2 multiply-adds)."""
+    pairs = tokens * tokens if pairs is None else pairs
+    return 2 * (4 * tokens * h * h + 2 * pairs * h + mlp * tokens * h * inter)
+
+
 def test_vision_flops_by_hand():
     """Vision tower + projector of one image, 2 × multiply-adds, written out per architecture."""
     from vtprune.bench.kv import vision_flops
 
-    def layer(tokens, h, inter, mlp=2, pairs=None):  # q/k/v/o, QKᵀ + AV, MLP
-        pairs = tokens * tokens if pairs is None else pairs
-        return 2 * (4 * tokens * h * h + 2 * pairs * h + mlp * tokens * h * inter)
-
     # LLaVA-1.5-7B, CLIP ViT-L/14-336: 576 patches + CLS, layers 1..23 of 24 feed hidden_states[-2]; the
     # projector 1024 → 4096 → 4096 over the 576 patch tokens (the CLS is dropped: select strategy "default").
-    clip = 2 * 576 * (3 * 14 * 14) * 1024 + 23 * layer(577, 1024, 4096)
+    clip = 2 * 576 * (3 * 14 * 14) * 1024 + 23 * encoder_layer(577, 1024, 4096)
     llava = clip + 2 * 576 * (1024 * 4096 + 4096 * 4096)
     assert vision_flops(_arch("llava-1.5-7b")) == llava == 390_193_049_600
     # LLaVA-NeXT-7B at its largest pinpoint, 672 × 672: the base view + 2 × 2 crops, each as LLaVA-1.5.
     assert vision_flops(_arch("llava-next-7b")) == 5 * llava
     # LLaMA-3.2-11B-Vision: 4 tiles of 1600 patches + CLS, each padded to 1608 (a multiple of 8); 32 local + 8
     # global layers over the 4 · 1608 tokens together; the projector 7680 → 4096 over the 4 · 1601 real tokens.
-    mllama = 2 * 4 * 1600 * (3 * 14 * 14) * 1280 + 40 * layer(4 * 1608, 1280, 5120) + 2 * 6404 * 7680 * 4096
+    mllama = 2 * 4 * 1600 * (3 * 14 * 14) * 1280 + 40 * encoder_layer(4 * 1608, 1280, 5120) + 2 * 6404 * 7680 * 4096
     assert vision_flops(_arch("llama-3.2-11b-vision")) == mllama
     # Qwen2.5-VL-7B, the synthetic 32 × 32-patch image: Conv3d over 2 frames of 14 × 14 px; 4 full-attention
     # blocks (1024²  pairs), 28 window blocks: 112 px windows = 4 × 4 merged = 8 × 8 patches, 16 windows of 64
     # patches; gated MLP 1280 → 3420; merger 4 · 1280 = 5120 → 5120 → 3584 over the 256 merged tokens.
-    qwen = (2 * 1024 * (3 * 2 * 14 * 14) * 1280 + 4 * layer(1024, 1280, 3420, mlp=3)
-            + 28 * layer(1024, 1280, 3420, mlp=3, pairs=16 * 64 * 64) + 2 * 256 * 5120 * (5120 + 3584))
+    qwen = (2 * 1024 * (3 * 2 * 14 * 14) * 1280 + 4 * encoder_layer(1024, 1280, 3420, mlp=3)
+            + 28 * encoder_layer(1024, 1280, 3420, mlp=3, pairs=16 * 64 * 64) + 2 * 256 * 5120 * (5120 + 3584))
     assert vision_flops(_arch("qwen2.5-vl-7b")) == qwen
     assert [round(f / 1e12, 3) for f in (llava, 5 * llava, mllama, qwen)] == [0.390, 1.951, 19.002, 1.347]
 
@@ -238,12 +240,9 @@ def test_an_input_resizing_strategy_shrinks_the_vision_flops_in_the_ideal():
     from vtprune.bench.kv import vision_flops
     from vtprune.strategies import STRATEGIES
 
-    def layer(tokens, h, inter, pairs):
-        return 2 * (4 * tokens * h * h + 2 * pairs * h + 3 * tokens * h * inter)
-
     qwen = _arch("qwen2.5-vl-7b")
-    small = (2 * 256 * (3 * 2 * 14 * 14) * 1280 + 4 * layer(256, 1280, 3420, 256 * 256)
-             + 28 * layer(256, 1280, 3420, 4 * 64 * 64) + 2 * 64 * 5120 * (5120 + 3584))
+    small = (2 * 256 * (3 * 2 * 14 * 14) * 1280 + 4 * encoder_layer(256, 1280, 3420, mlp=3)
+             + 28 * encoder_layer(256, 1280, 3420, mlp=3, pairs=4 * 64 * 64) + 2 * 64 * 5120 * (5120 + 3584))
     assert vision_flops(qwen, resized_to=0.25) == small
     assert vision_flops(_arch("llava-1.5-7b"), resized_to=0.25) == vision_flops(_arch("llava-1.5-7b"))
     rows = cost_rows(qwen, strategies=[(STRATEGIES.get("downsample"), {}), (STRATEGIES.get("uniform"), {})],
