@@ -1,7 +1,7 @@
 """Train a micro model of one family from scratch on the synthetic visual-QA distribution, on a CPU.
 
-The shipped checkpoints (``vtprune/models/micro/<family>``) were made in two stages, 7 (llava, mllama) to 14
-(qwen2_5_vl) minutes each on 2 cores:
+The shipped checkpoints (``vtprune/models/micro/<family>``) were made in two stages, 7 (llava, mllama) to 14-19
+(qwen2_5_vl, llava_next) minutes each on 2 cores:
 
     python scripts/train_micro.py --family F --steps 1500 --batch 32 --lr 1e-3 --train-samples 12000 --threads 2
     python scripts/train_micro.py --family F --init vtprune/models/micro/F --steps 1500 --batch 32 --lr 1e-3 \
