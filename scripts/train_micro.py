@@ -68,8 +68,6 @@ FAMILIES = {
         space=False,
     ),
 }
-# Pixels per visual token the auxiliary patch probe labels (a merged token for Qwen2.5-VL).
-LABEL_PATCH = {"llava": 8, "mllama": 8, "llava_next": 8, "qwen2_5_vl": 16}
 
 
 def patch_features(family, model, output, batch: int) -> torch.Tensor:
@@ -90,6 +88,12 @@ def patch_features(family, model, output, batch: int) -> torch.Tensor:
 def vision_module(family, model):
     name = {"mllama": "vision_model", "qwen2_5_vl": "visual"}.get(family, "vision_tower")
     return getattr(model.model, name)
+
+
+def label_patch(model) -> int:
+    """Pixels per visual token the auxiliary patch probe labels: a patch, or a merged token (Qwen2.5-VL's 2x2)."""
+    vision = model.config.vision_config
+    return vision.patch_size * getattr(vision, "spatial_merge_size", 1)
 
 
 def feature_dim(family, model) -> int:
@@ -235,11 +239,10 @@ def main(argv=None) -> int:
 
         from vtprune.models import resolve_family
 
-        config = AutoConfig.from_pretrained(args.init)
-        cls = getattr(transformers, config.architectures[0])
-        # the family's own processor loader (Qwen2.5-VL's drops the video processor, which needs torchvision)
-        processor = resolve_family(config.model_type, args.family).load_processor(args.init)
-        model = cls.from_pretrained(args.init, dtype=torch.float32)
+        # the family's own class and processor loader (Qwen2.5-VL's drops the video processor, which needs torchvision)
+        adapter = resolve_family(AutoConfig.from_pretrained(args.init).model_type, args.family)
+        processor = adapter.load_processor(args.init)
+        model = getattr(transformers, adapter.model_class).from_pretrained(args.init, dtype=torch.float32)
     else:
         model, processor = build_model(
             args.family, corpus=corpus(spec["space"]), vocab_size=512, seed=args.seed, text=spec["text"],
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
 
     train = synth.draw_split(synth.TRAIN_SEED, args.train_samples, tuple(args.kinds.split(",")))
     val = synth.draw_split(VAL_SEED, 300, synth.KINDS)
-    patch = LABEL_PATCH[args.family]
+    patch = label_patch(model)
     train_rows, val_rows = encode(processor, train, spec["space"], patch), encode(processor, val, spec["space"], patch)
     print(f"data: {len(train_rows)} training / {len(val_rows)} validation samples, "
           f"prompt {len(train_rows[0][0])} tokens, {time.perf_counter() - start:.0f}s", flush=True)
