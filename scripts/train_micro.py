@@ -1,6 +1,6 @@
 """Train a micro model of one family from scratch on the synthetic visual-QA distribution, on a CPU.
 
-The shipped checkpoints (``vtprune/models/micro/<family>``) were made in two stages, 7 (llava, mllama) to 14-19
+The shipped checkpoints (``vtprune/models/micro/<family>``) were made in two stages, 7 (llava), 12 (mllama) to 14-19
 (qwen2_5_vl, llava_next) minutes each on 2 cores:
 
     python scripts/train_micro.py --family F --steps 1500 --batch 32 --lr 1e-3 --train-samples 12000 --threads 2
@@ -46,8 +46,10 @@ _LLAVA = dict(
 )
 FAMILIES = {
     "llava": _LLAVA,
-    # 64 px images as 2x2 tiles of 32 px (the tiny geometry): 4 x (16 patches + CLS) cross-attended tokens
+    # 64 px images as 2x2 tiles of 32 px (the tiny geometry): 4 x (16 patches + CLS) cross-attended tokens. The
+    # vision tower is patch-local (see ``make_patch_local``).
     "mllama": dict(
+        patch_local=True,
         vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_global_layers=1,
                     attention_heads=4, intermediate_layers_indices=[2], vision_output_dim=128,
                     initializer_range=0.02),
@@ -83,6 +85,23 @@ def patch_features(family, model, output, batch: int) -> torch.Tensor:
     side = int(n**0.5)
     x = x.reshape(b, 2, 2, side, side, d).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, 4 * n, d)
+
+
+def make_patch_local(model) -> None:
+    """Zero and freeze every self-attention output projection of the Mllama vision tower (local and global layers).
+
+    Mllama's tower attends across all tiles of an image in every layer, so a tower trained from scratch on 64 px
+    images spreads the whole image into every token: a first micro model answered as well from the 4 CLS tokens
+    alone, or from the complement of Trimmed Llama's kept set, as from all 68 (25/32 small-object questions each).
+    Such a model cannot show a pruning mistake. Without the attention each token is its patch (or, for CLS, its
+    tile's position) through the layers' MLPs, and finding the object is left to the language model's
+    cross-attention, which is what Trimmed Llama scores. A deliberate difference from LLaMA-3.2-Vision, listed in
+    the README (Micro models: known limits)."""
+    vision = model.model.vision_model
+    for layer in [*vision.transformer.layers, *vision.global_transformer.layers]:
+        layer.self_attn.o_proj.weight.data.zero_()
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+            proj.weight.requires_grad_(False)
 
 
 def vision_module(family, model):
@@ -248,6 +267,8 @@ def main(argv=None) -> int:
             args.family, corpus=corpus(spec["space"]), vocab_size=512, seed=args.seed, text=spec["text"],
             vision=spec["vision"],
         )
+    if spec.get("patch_local"):
+        make_patch_local(model)
     pad_id = processor.tokenizer.pad_token_id
     print(f"{args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
 
@@ -271,7 +292,8 @@ def main(argv=None) -> int:
             captured["patches"] = patch_features(args.family, model, output, captured["batch"])
 
     vision_module(args.family, model).register_forward_hook(grab)
-    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([*trained, *probe.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, min(100, args.steps // 5))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))
@@ -293,7 +315,7 @@ def main(argv=None) -> int:
         loss = answer_loss + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         now = torch.tensor([answer_loss.item(), aux.item()])
