@@ -22,7 +22,7 @@ ROW_KEYS = [
     "prompt_tokens", "new_tokens", "repeats", "num_visual", "num_kept_mean", "kept_fraction_mean",
     "ttft_ms", "ttft_ms_spread", "decode_ms_per_token", "decode_ms_per_token_spread", "e2e_ms", "e2e_ms_spread",
     "tokens_per_s", "peak_memory_bytes", "kv_self_bytes", "kv_cross_bytes", "kv_self_bytes_analytic",
-    "kv_cross_bytes_analytic", "select_ms", "rounds", "interleaved",
+    "kv_cross_bytes_analytic", "select_ms", "rounds", "interleaved", "threads",
     "ttft_ms_ratio", "ttft_ms_ratio_lo", "ttft_ms_ratio_hi", "decode_ms_per_token_ratio", "decode_ms_per_token_ratio_lo",
     "decode_ms_per_token_ratio_hi", "e2e_ms_ratio", "e2e_ms_ratio_lo", "e2e_ms_ratio_hi", "noisy",
     "ideal_ttft_speedup", "ideal_decode_speedup", "ttft_efficiency", "decode_efficiency",
@@ -93,6 +93,22 @@ def test_rows_fields_and_units(llava, tmp_path):
     assert run["kind"] == "bench" and run["smoke"] is True and run["finished"]
     assert run["weights"] == "pretrained" and run["dtype"] == "float32" and run["device"].startswith("cpu")
     assert (tmp_path / "run.json").stat().st_mtime_ns >= (tmp_path / "bench.jsonl").stat().st_mtime_ns
+
+
+def test_threads_hold_for_the_measurement_and_are_restored(monkeypatch):
+    import torch
+
+    seen = []
+    measure = runner.measure_visit
+    monkeypatch.setattr(runner, "measure_visit", lambda pipe, inputs: seen.append(torch.get_num_threads()) or measure(pipe, inputs))
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2  # not the current count, or the test could not fail
+    pipe = _pipeline("tiny:llava", threads=want, batch_sizes=[1], repeats=1, warmup=0)
+    rows = run_bench(pipe, strategies=["uniform"], ratios=[0.5], progress=False)
+    assert seen == [want, want] and [r["threads"] for r in rows] == [want, want]
+    assert torch.get_num_threads() == before
+    default = run_bench(_pipeline("tiny:llava", batch_sizes=[1], repeats=1, warmup=0), progress=False)
+    assert [r["threads"] for r in default] == [before]
 
 
 def test_kv_measured_equals_analytic_in_llm(llava):

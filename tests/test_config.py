@@ -31,6 +31,8 @@ def with_(section, **values):
 BAD = [
     ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key (allowed: name, model, pruning, eval, bench, output_dir, seed)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),
+    ("bench threads zero", with_("bench", threads=0), "bench.threads: 0 must be a positive integer or null"),
+    ("bench threads not a number", with_("bench", threads="all"), "bench.threads: expected an integer or null, got 'all'"),
     ("unknown strategy", with_("pruning", strategy="magic"), "pruning.strategy: unknown strategy 'magic' (allowed: "),
     ("unknown family", with_("model", family="gpt"), "model.family: 'gpt' is not allowed (allowed: auto, internvl, llava, llava_next, llava_onevision, mllama, qwen2_5_vl)"),
     ("unknown task", with_("eval", tasks=["no_such_task"]), "eval.tasks: unknown task 'no_such_task' ("),

@@ -305,3 +305,15 @@ def test_micro_models_are_labelled_micro_model_figures(tmp_path):
     assert "smoke figures" not in text
     assert text.count("micro-model figures") == 2  # the banner and the model's table
     assert "### micro:llava — micro-model figures" in text
+
+
+def test_speed_tables_name_the_measurements_cpu_threads():
+    import pandas as pd
+
+    from vtprune.report.tables import _threads
+
+    assert _threads(pd.DataFrame({"threads": [2, 2]})) == " (2 CPU threads)"
+    assert _threads(pd.DataFrame({"threads": [1.0]})) == " (1 CPU thread)"
+    assert _threads(pd.DataFrame({"threads": [1, 2]})) == " (1/2 CPU threads)"
+    assert _threads(pd.DataFrame({"ttft_ms": [3.0]})) == ""  # rows from before bench.threads
+    assert _threads(pd.DataFrame({"threads": [None]})) == ""

@@ -96,6 +96,7 @@ class BenchConfig:
     new_tokens: int = 32
     warmup: int = 2
     repeats: int = 5
+    threads: int | None = None  # torch CPU threads while measuring; None leaves torch's default (one per core)
 
 
 @dataclass
@@ -265,6 +266,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"bench.{key}: {getattr(b, key)} must be a positive integer")
     if b.warmup < 0:
         raise ConfigError(f"bench.warmup: {b.warmup} must be zero or a positive integer")
+    if b.threads is not None and b.threads < 1:
+        raise ConfigError(f"bench.threads: {b.threads!r} must be a positive integer or null")
 
 
 def _check_option(key: str, value, option) -> None:

@@ -245,6 +245,7 @@ def test_config_that_is_a_folder(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["bench", "--batch-sizes", "0,4"], "--batch-sizes: [0, 4] must be a list of positive integers"),
     (["bench", "--ratios", "0,0.5"], "--ratios: 0.0 is outside the allowed range (0, 1]"),
+    (["bench", "--threads", "0"], "--threads: 0 must be a positive integer or null"),
     (["eval", "--dry-run", "--limit", "0"], "--limit: 0 must be a positive integer"),
     (["eval", "--dry-run", "--tasks", ","], "--tasks: [] must be a non-empty list of task names"),
     (["generate", "--keep-ratio", "2", "-q", "?"], "--keep-ratio: 2.0 is outside the allowed range (0, 1]"),

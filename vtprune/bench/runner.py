@@ -12,6 +12,7 @@ the time to first token, bytes read for a decode step) and their ratio, the effi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -64,10 +65,11 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
         def tick(pipe, batch, what):
             bar.update(task, advance=1, description=f"{pipe.plan.strategy.name} @ {pipe.plan.keep_ratio:g}, batch {batch}, {what}")
 
-        for batch in batch_sizes:
-            inputs, visits = measure_rounds(pipes, batch, tick)
-            for i, pipe in enumerate(pipes):
-                rows[i, batch] = bench_point(pipe, batch, inputs, visits[i], visits[reference])
+        with torch_threads(settings.threads):
+            for batch in batch_sizes:
+                inputs, visits = measure_rounds(pipes, batch, tick)
+                for i, pipe in enumerate(pipes):
+                    rows[i, batch] = bench_point(pipe, batch, inputs, visits[i], visits[reference])
     rows = [rows[i, batch] for i in range(len(pipes)) for batch in batch_sizes]
     if output_dir is not None:
         out = Path(output_dir)
@@ -82,6 +84,24 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
                 meta = {**previous, **meta, "kind": "eval+bench", "started": previous["started"]}
         write_json(out / RUN_FILE, meta)  # last: marks the folder complete
     return rows
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` for the measurement (None: left as it is), then restored.
+
+    Beside other jobs, torch's default (one thread per core) oversubscribes the cores and its threads wait for each
+    other at every parallel region; fewer threads than cores leave room for the other jobs (README: CPU proxies,
+    busy machines). Every row records the count it ran with."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _is_none(pipe) -> bool:
@@ -158,6 +178,8 @@ def measure_visit(pipe, inputs) -> Visit:
 def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: list[Visit]) -> dict:
     """One bench row: ``pipe``'s visits on ``inputs`` (a synthetic batch of ``batch_size``), paired round by round
     with the ``reference`` (none) visits."""
+    import torch
+
     from vtprune.results import device_name, is_micro, is_smoke
 
     cfg, adapter, plan = pipe.config, pipe.adapter, pipe.plan
@@ -206,7 +228,7 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
         "kv_self_bytes": measured["self"], "kv_cross_bytes": measured["cross"],
         "kv_self_bytes_analytic": analytic["self"], "kv_cross_bytes_analytic": analytic["cross"],
         "select_ms": ms(statistics.median(v.select for v in visits)),
-        "rounds": len(visits), "interleaved": True,
+        "rounds": len(visits), "interleaved": True, "threads": torch.get_num_threads(),
         **ratios, "noisy": noisy,
         "ideal_ttft_speedup": ideal["ideal_ttft_speedup"], "ideal_decode_speedup": ideal["ideal_decode_speedup"],
         "ttft_efficiency": efficiency(ratios["ttft_ms_ratio"], ideal["ideal_ttft_speedup"]),

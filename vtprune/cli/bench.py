@@ -32,12 +32,15 @@ def bench(
     ratios: Annotated[str | None, _ratios_opt("pruning.keep_ratio")] = None,
     strategies: StrategiesOpt = None,
     output_dir: OutputDirOpt = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads while measuring (overrides bench.threads; fewer than the cores on a busy machine).",
+    )] = None,
 ) -> None:
     """Measure TTFT, decode time, peak memory and KV cache per (strategy, keep ratio, batch size); writes <output_dir>/<name>/bench.jsonl."""
     cfg = load_cli_config(
         config,
         **{"output_dir": str(output_dir) if output_dir else None,
-           "bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes")},
+           "bench.batch_sizes": parse_list(batch_sizes, int, "--batch-sizes"), "bench.threads": threads},
     )
     ratio_list = parse_list(ratios, float, "--ratios")
     strategy_list = parse_list(strategies, name="--strategies")

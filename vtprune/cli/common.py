@@ -25,6 +25,7 @@ OVERRIDE_OPTIONS = {
     "eval.limit": "--limit",
     "eval.tasks": "--tasks",
     "bench.batch_sizes": "--batch-sizes",
+    "bench.threads": "--threads",
     "output_dir": "--output-dir",
 }
 INTERRUPTED = "interrupted — run the same command again to resume"

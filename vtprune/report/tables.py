@@ -278,6 +278,14 @@ def _noisy_note(row) -> str:
             "or on a quieter machine")
 
 
+def _threads(batch: pd.DataFrame) -> str:
+    """`` (2 CPU threads)``: the measurement's torch threads (rows before ``bench.threads`` have none)."""
+    counts = sorted({int(t) for t in batch.get("threads", pd.Series(dtype=float)).dropna()})
+    if not counts:
+        return ""
+    return f" ({'/'.join(map(str, counts))} CPU thread{'s' if counts != [1] else ''})"
+
+
 def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
     out = ["## Speed, memory, KV cache", ""]
     if speed.empty:
@@ -296,7 +304,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                      *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row.noisy)
                        for c, (_, ideal) in IDEAL_COLUMNS.items())] for row in _order(batch).itertuples()]
             notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
-            out += [f"Batch size {batch_size}:", "", markdown_table(header, rows), ""]
+            out += [f"Batch size {batch_size}{_threads(batch)}:", "", markdown_table(header, rows), ""]
         out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
                 if (m, d, t) == (model, device, dtype)]
         out.append("")
