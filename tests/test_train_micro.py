@@ -23,7 +23,9 @@ def _script():
 def test_two_stages_train_and_save_a_loadable_mllama(tmp_path, capsys):
     train = _script()
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--family", "mllama", "--steps", "2", "--batch", "4", "--train-samples", "8", "--threads", "1"]
+    # the script sets torch's thread count for the whole process: keep the session's own
+    threads = str(torch.get_num_threads())
+    common = ["--family", "mllama", "--steps", "2", "--batch", "4", "--train-samples", "8", "--threads", threads]
     assert train.main([*common, "--out", str(first)]) == 0
     assert train.main([*common, "--init", str(first), "--seed", "1", "--out", str(second)]) == 0
     assert "val colour" in capsys.readouterr().out

@@ -90,9 +90,9 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
 def torch_threads(threads: int | None):
     """torch's CPU thread count set to ``threads`` for the measurement (None: left as it is), then restored.
 
-    Beside other jobs, torch's default (one thread per core) oversubscribes the cores and its threads wait for each
-    other at every parallel region; fewer threads than cores leave room for the other jobs (README: CPU proxies,
-    busy machines). Every row records the count it ran with."""
+    Beside other jobs, torch's default (one thread per core) oversubscribes the cores (a busy 2-core run was 12 times
+    slower, not two; README: CPU proxies); fewer threads than cores leave room for the other jobs. Every row records
+    the count it ran with."""
     import torch
 
     before = torch.get_num_threads()
