@@ -111,6 +111,17 @@ def test_threads_hold_for_the_measurement_and_are_restored(monkeypatch):
     assert [r["threads"] for r in default] == [before]
 
 
+def test_progress_off_a_terminal_is_one_line_per_visit(capsys):
+    # capsys' stderr is not a terminal, where rich draws no bar: a bench in a log must still say where it is
+    pipe = _pipeline("tiny:llava", batch_sizes=[1], repeats=2, warmup=0)
+    run_bench(pipe, strategies=["uniform"], ratios=[0.5], progress=True)
+    lines = [line.split(" (")[0] for line in capsys.readouterr().err.splitlines() if line.startswith("bench ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    points = [line.split(" ", 2)[2] for line in lines]
+    assert sorted(points[:2]) == ["none @ 1, batch 1, round 1", "uniform @ 0.5, batch 1, round 1"]
+    assert sorted(points[2:]) == ["none @ 1, batch 1, round 2", "uniform @ 0.5, batch 1, round 2"]
+
+
 def test_kv_measured_equals_analytic_in_llm(llava):
     # fastv: layers[:K] cache the full prompt, layers[K:] only the kept tokens
     rows = run_bench(llava, strategies=["fastv"], ratios=[0.25], batch_sizes=[2], progress=False)

@@ -63,7 +63,12 @@ def run_bench(pipeline, batch_sizes=None, output_dir=None, ratios=None, strategi
         task = bar.add_task("bench", total=len(batch_sizes) * len(pipes) * (settings.warmup + settings.repeats))
 
         def tick(pipe, batch, what):
-            bar.update(task, advance=1, description=f"{pipe.plan.strategy.name} @ {pipe.plan.keep_ratio:g}, batch {batch}, {what}")
+            description = f"{pipe.plan.strategy.name} @ {pipe.plan.keep_ratio:g}, batch {batch}, {what}"
+            bar.update(task, advance=1, description=description)
+            if progress and not bar.console.is_terminal:
+                # A bar is only drawn on a terminal: a bench in a log (nohup, CI) would be silent for an hour.
+                t = bar.tasks[task]
+                bar.console.print(f"bench {t.completed:g}/{t.total:g} {description} ({t.elapsed:.0f} s)", highlight=False)
 
         with torch_threads(settings.threads):
             for batch in batch_sizes:
