@@ -265,6 +265,17 @@ def test_synthetic_inputs_and_analytic_kv_bytes(adapter):
         assert measured_kv(adapter, out.cache) == expected_kv(adapter, p, batch_size=2, text_tokens=8, num_visual=4 * PER_TILE, num_kept=kept)
 
 
+def test_synthetic_words_skip_every_special_id_when_a_config_lists_several_eos(adapter, monkeypatch):
+    # LLaMA-3.2-Vision's config lists three EOS ids; a bench on its proxy failed on the unhashable list.
+    text = adapter.model.config.text_config
+    monkeypatch.setattr(text, "eos_token_id", [7, 20, 33])
+    inputs = adapter.synthetic_inputs(2, 7, torch.Generator().manual_seed(0))
+    assert inputs["input_ids"].shape == (2, 8)
+    words = adapter.synthetic_words(8, 2000, torch.Generator().manual_seed(0), 8)
+    special = {7, 20, 33, text.bos_token_id, text.pad_token_id, 8}
+    assert set(words.flatten().tolist()) == set(range(text.vocab_size)) - special
+
+
 # -- baselines, padding, hooks -----------------------------------------------------------------------------
 
 

@@ -231,6 +231,21 @@ class Adapter:
         """Random pixels + a fixed-length prompt for benchmarks: no tokenizer or processor needed."""
         raise NotImplementedError
 
+    def synthetic_words(self, batch_size: int, count: int, generator, *specials: int) -> torch.Tensor:
+        """``count`` random text token ids per sample, none of them ``specials`` or the pad, BOS and EOS ids: a
+        config may hold several EOS ids (LLaMA-3.2-Vision lists three)."""
+        text = self.model.config.get_text_config(decoder=True)
+        skip: set[int] = set()
+        for ids in (*specials, text.pad_token_id, text.bos_token_id, text.eos_token_id):
+            skip.update(ids if isinstance(ids, (list, tuple)) else [ids])
+        vocab = [t for t in range(min(text.vocab_size, 32000)) if t not in skip]
+        return torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, count), generator=generator)]
+
+    def on_model(self, inputs: dict) -> dict:
+        """``inputs`` on the model's device, floating tensors in its dtype."""
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+
     @classmethod
     def vision_flops(cls, hf_config) -> int:
         """Multiply-adds × 2 of the vision tower and projector for one synthetic image (``synthetic_inputs``), from

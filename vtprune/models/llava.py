@@ -469,14 +469,11 @@ class LlavaAdapter(Adapter):
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
         """Random pixels, then the image tokens followed by ``prompt_tokens`` random text tokens (no tokenizer)."""
         cfg = self.model.config
-        specials = {cfg.image_token_id, self.text_config.pad_token_id, self.text_config.bos_token_id, self.text_config.eos_token_id}
-        vocab = [t for t in range(min(self.text_config.vocab_size, 32000)) if t not in specials]
-        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        text = self.synthetic_words(batch_size, prompt_tokens, generator, cfg.image_token_id)
         image = torch.full((batch_size, self.num_synthetic_visual()), cfg.image_token_id)
         input_ids = torch.cat([image, text], dim=1)
         inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **self.synthetic_pixels(batch_size, generator)}
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        return self.on_model(inputs)
 
     @classmethod
     def vision_flops(cls, hf_config) -> int:

@@ -269,10 +269,7 @@ class MllamaAdapter(Adapter):
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
         """Random pixels on every tile, then the image token followed by ``prompt_tokens`` random text tokens."""
         cfg, vision = self.model.config, self.model.config.vision_config
-        text = self.text_config
-        specials = {cfg.image_token_id, text.pad_token_id, text.bos_token_id, text.eos_token_id}
-        vocab = [t for t in range(min(text.vocab_size, 32000)) if t not in specials]
-        words = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, prompt_tokens), generator=generator)]
+        words = self.synthetic_words(batch_size, prompt_tokens, generator, cfg.image_token_id)
         input_ids = torch.cat([torch.full((batch_size, 1), cfg.image_token_id), words], dim=1)
         tiles, size = vision.max_num_tiles, vision.image_size
         ratios = [list(r) for r in vision.supported_aspect_ratios]
@@ -285,8 +282,7 @@ class MllamaAdapter(Adapter):
             "aspect_ratio_mask": torch.ones(batch_size, 1, tiles, dtype=torch.long),
             "cross_attention_mask": torch.ones(batch_size, input_ids.shape[1], 1, tiles, dtype=torch.long),
         }
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        return self.on_model(inputs)
 
     @classmethod
     def vision_flops(cls, hf_config) -> int:

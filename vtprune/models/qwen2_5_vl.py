@@ -260,11 +260,9 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         text tokens in all (no tokenizer)."""
         cfg, vision = self.model.config, self.model.config.vision_config
         side, n = self.SYNTHETIC_PATCHES, self.num_synthetic_visual()
-        specials = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
-                    self.text_config.pad_token_id, self.text_config.bos_token_id, self.text_config.eos_token_id}
-        vocab = [t for t in range(min(self.text_config.vocab_size, 32000)) if t not in specials]
         # The vision start / end markers count among the prompt's text tokens, as `cost` counts them.
-        text = torch.tensor(vocab)[torch.randint(len(vocab), (batch_size, max(prompt_tokens - 2, 0)), generator=generator)]
+        text = self.synthetic_words(batch_size, max(prompt_tokens - 2, 0), generator, cfg.image_token_id,
+                                    cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
         image = torch.tensor([cfg.vision_start_token_id, *[cfg.image_token_id] * n, cfg.vision_end_token_id])
         input_ids = torch.cat([image.expand(batch_size, -1), text], dim=1)
         patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
@@ -274,8 +272,7 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
             "mm_token_type_ids": (input_ids == cfg.image_token_id).long(), "pixel_values": pixels,
             "image_grid_thw": torch.tensor([[1, side, side]] * batch_size),
         }
-        dtype = next(self.model.parameters()).dtype
-        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
+        return self.on_model(inputs)
 
     @classmethod
     def vision_flops(cls, hf_config) -> int:
