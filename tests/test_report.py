@@ -317,3 +317,30 @@ def test_speed_tables_name_the_measurements_cpu_threads():
     assert _threads(pd.DataFrame({"threads": [1, 2]})) == " (1/2 CPU threads)"
     assert _threads(pd.DataFrame({"ttft_ms": [3.0]})) == ""  # rows from before bench.threads
     assert _threads(pd.DataFrame({"threads": [None]})) == ""
+
+
+def test_a_later_bench_does_not_rebase_an_earlier_runs_memory_ratios(tmp_path):
+    # Bench uniform @ 0.5 one day, uniform @ 0.25 another: each run measured its own `none`, the newer `none` is the
+    # table's reference row, and each row's memory and KV ratios stay against its own run's `none`.
+    root = tmp_path / "results"
+    gib = 2**30
+    runs = {
+        "old": ("2025-01-01T00:01:00+00:00", [("none", 1.0, 4), ("uniform", 0.5, 3)]),
+        "new": ("2025-01-02T00:01:00+00:00", [("none", 1.0, 8), ("uniform", 0.25, 6)]),
+        "lone": ("2025-01-03T00:01:00+00:00", [("uniform", 0.25, 2)]),  # no `none` of its own: the newest one
+    }
+    for name, (finished, points) in runs.items():
+        batch = 2 if name == "lone" else 1
+        rows = [_bench(s, r, batch) | {"peak_memory_bytes": peak * gib} for s, r, peak in points]
+        if name == "new":
+            rows.append(_bench("none", 1.0, 2) | {"peak_memory_bytes": 8 * gib})
+        write_jsonl(root / name / "bench.jsonl", rows)
+        write_json(root / name / "run.json", _run_json(name, "bench") | {"finished": finished})
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    none, half, quarter = (_table_rows(text, f"{s} | {r}") for s, r in (("none", 1), ("uniform", 0.5), ("uniform", 0.25)))
+    assert [r.count("| 8.00 GiB (1.00×) |") for r in none] == [1, 1]  # batch 1: the newer run's `none` only
+    assert "| 3.00 GiB (0.75×) |" in half[0]  # against 4 GiB, its own run's, not 8 GiB (0.38×)
+    assert "| 6.00 GiB (0.75×) |" in quarter[0]
+    assert "| 2.00 GiB (0.25×) |" in quarter[1]  # batch 2 from "lone": against the newest `none`

@@ -25,6 +25,7 @@ class Results:
     bench: pd.DataFrame  # bench.jsonl rows of every run
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[dict]] = field(default_factory=dict)  # run_dir -> its samples.jsonl rows (fidelity)
+    bench_rows: pd.DataFrame | None = None  # every bench row, also those a newer run of the same point replaced
 
 
 def load_results(root: str | Path) -> Results:
@@ -62,7 +63,7 @@ def load_results(root: str | Path) -> Results:
         raise VtpruneError(f"RESULTS_DIR: no complete runs (run.json) below {root}{skipped}")
     return Results(pd.DataFrame(runs), _latest(pd.DataFrame(metrics), ["model", "strategy", "keep_ratio", "task", "metric"]),
                    _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size"]), notes,
-                   samples)
+                   samples, pd.DataFrame(bench))
 
 
 def _run_dirs(root: Path) -> list[Path]:

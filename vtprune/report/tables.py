@@ -93,22 +93,27 @@ def _with_fidelity(m: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFr
     return m
 
 
-def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
+def speed_frame(bench: pd.DataFrame, every_row: pd.DataFrame | None = None) -> pd.DataFrame:
     """bench rows + ``kv_bytes`` and, per figure, ``<figure>_ref`` and ``<figure>_ratio`` to unpruned.
 
-    A timing's ratio is the row's own paired ratio (with ``_lo`` / ``_hi``) where the bench measured one, else the
-    ratio of the medians; ``noisy`` is False for rows that do not say."""
+    The unpruned reference of a row is the one its own run measured, looked up in ``every_row`` (the bench rows
+    before a rerun's rows replaced older ones), so that a later bench of other strategies does not re-base an
+    earlier run's memory and KV ratios; else the newest unpruned row of the same model, device, dtype and batch
+    size. A timing's ratio is the row's own paired ratio (with ``_lo`` / ``_hi``) where the bench measured one,
+    else the ratio of the medians; ``noisy`` is False for rows that do not say."""
     if bench.empty:
         return bench
-    b = bench.copy()
-    kv_self, kv_cross = _numeric(b, "kv_self_bytes"), _numeric(b, "kv_cross_bytes")
-    b["kv_bytes"] = kv_self.fillna(0) + kv_cross.fillna(0)
-    b.loc[kv_self.isna() & kv_cross.isna(), "kv_bytes"] = float("nan")
-    for column in SPEED_COLUMNS:
-        b[column] = _numeric(b, column)
-    b["kept_fraction_mean"] = _numeric(b, "kept_fraction_mean")
+    b = _with_figures(bench)
     ref = b[_is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
     b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
+    rows = b if every_row is None or every_row.empty else _with_figures(every_row)
+    if "run_dir" in b.columns and "run_dir" in rows.columns:
+        key = [*_SPEED_KEY, "run_dir"]
+        own = rows[_is_reference(rows)][[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
+        b = b.merge(own.rename(columns={c: f"{c}_own" for c in SPEED_COLUMNS}).assign(_own=True), on=key, how="left")
+        has_own = b.pop("_own").eq(True)
+        for column in SPEED_COLUMNS:
+            b[f"{column}_ref"] = b.pop(f"{column}_own").where(has_own, b[f"{column}_ref"])
     for column in SPEED_COLUMNS:
         ref_value = b[f"{column}_ref"]
         paired = _numeric(b, f"{column}_ratio")
@@ -122,10 +127,22 @@ def speed_frame(bench: pd.DataFrame) -> pd.DataFrame:
     return b
 
 
+def _with_figures(bench: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``bench`` with ``kv_bytes`` and every speed figure numeric."""
+    b = bench.copy()
+    kv_self, kv_cross = _numeric(b, "kv_self_bytes"), _numeric(b, "kv_cross_bytes")
+    b["kv_bytes"] = kv_self.fillna(0) + kv_cross.fillna(0)
+    b.loc[kv_self.isna() & kv_cross.isna(), "kv_bytes"] = float("nan")
+    for column in SPEED_COLUMNS:
+        b[column] = _numeric(b, column)
+    b["kept_fraction_mean"] = _numeric(b, "kept_fraction_mean")
+    return b
+
+
 def merged_frame(results: Results) -> pd.DataFrame:
     """The accuracy and speed rows in one long table (``kind`` says which), for ``--format csv|json``."""
     parts = [frame.assign(kind=kind) for kind, frame in
-             (("accuracy", accuracy_frame(results.metrics, results.samples)), ("speed", speed_frame(results.bench))) if not frame.empty]
+             (("accuracy", accuracy_frame(results.metrics, results.samples)), ("speed", speed_frame(results.bench, results.bench_rows))) if not frame.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["kind"])
 
 
@@ -308,7 +325,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
         out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
                 if (m, d, t) == (model, device, dtype)]
         out.append("")
-    out.append("Each figure is a median; (n×) is its ratio to the unpruned run of the same model and batch size "
+    out.append("Each figure is a median; (n×) is its ratio to the unpruned point of its own bench (else the newest one of the same model and batch size) "
                "(below 1 is faster / smaller). Timings measured in interleaved rounds: (n×, lo–hi) is the median of "
                "the per-round ratios to the unpruned run of the same round, with its 95 % bootstrap interval; "
                "'noisy' marks a row whose TTFT or decode interval is wider than ±10 % (see Notes). "
@@ -355,7 +372,7 @@ def write_report(results: Results, root: Path, output: Path | None, plots_dir: P
     from vtprune.report.plots import accuracy_plots, fidelity_plots, speed_plots
 
     notes = list(results.notes)
-    acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench)
+    acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench, results.bench_rows)
     base = output.parent if output is not None else Path.cwd()
 
     def relative(path: Path) -> str:
