@@ -106,10 +106,10 @@ def speed_frame(bench: pd.DataFrame, every_row: pd.DataFrame | None = None) -> p
     b = _with_figures(bench)
     ref = b[_is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
     b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
-    rows = b if every_row is None or every_row.empty else _with_figures(every_row)
+    rows = b if every_row is None or every_row.empty else every_row
     if "run_dir" in b.columns and "run_dir" in rows.columns:
         key = [*_SPEED_KEY, "run_dir"]
-        own = rows[_is_reference(rows)][[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
+        own = _with_figures(rows[_is_reference(rows)])[[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
         b = b.merge(own.rename(columns={c: f"{c}_own" for c in SPEED_COLUMNS}).assign(_own=True), on=key, how="left")
         has_own = b.pop("_own").eq(True)
         for column in SPEED_COLUMNS:
