@@ -114,13 +114,14 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """HEAD of the checkout, else ``VTPRUNE_GIT_COMMIT`` (scripts/bench_gpu.sh: a GPU machine gets no .git)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return os.environ.get("VTPRUNE_GIT_COMMIT")
+    return out.stdout.strip() or os.environ.get("VTPRUNE_GIT_COMMIT")
 
 
 def device_name(device) -> str:
