@@ -19,7 +19,7 @@ SHORT = {"batch_sizes": [1, 2], "prompt_tokens": 8, "new_tokens": 9, "warmup": 1
 
 ROW_KEYS = [
     "run", "model", "family", "strategy", "keep_ratio", "batch_size", "device", "dtype", "weights", "smoke", "micro",
-    "prompt_tokens", "new_tokens", "repeats", "num_visual", "num_kept_mean", "kept_fraction_mean",
+    "prompt_tokens", "new_tokens", "repeats", "num_visual", "num_kept_mean", "kept_fraction_mean", "kept_padding",
     "ttft_ms", "ttft_ms_spread", "decode_ms_per_token", "decode_ms_per_token_spread", "e2e_ms", "e2e_ms_spread",
     "tokens_per_s", "peak_memory_bytes", "kv_self_bytes", "kv_cross_bytes", "kv_self_bytes_analytic",
     "kv_cross_bytes_analytic", "select_ms", "rounds", "interleaved", "threads",
@@ -179,6 +179,9 @@ def test_mllama_kv():
     for row in rows:
         _check_kv(row)
         assert row["kv_cross_bytes"] > 0
+    # a fixed budget on like-sized images pads nothing; trimmed_llama's adaptive union varies per sample
+    assert [r["kept_padding"] for r in rows if r["strategy"] != "trimmed_llama"] == [0, 0, 0, 0]
+    assert all(0 <= r["kept_padding"] < 0.5 for r in rows)
     none, trimmed = rows[1], rows[-1]
     assert trimmed["kv_cross_bytes"] < none["kv_cross_bytes"]
     assert trimmed["ideal_ttft_speedup"] > 1 and trimmed["ideal_decode_speedup"] > 1

@@ -23,6 +23,7 @@ class GenerationResult(SampleRecord):
     text: str = ""
     input_tokens: int = 0  # prompt tokens as the processor built them, image tokens included, before pruning
     output_tokens: int = 0  # tokens generated, up to the end-of-sequence token
+    kept_slots: int = 0  # the slots this sample's kept set took in its batch: the batch's largest kept set (padded)
     # the first generated token's top-k log-probabilities, most likely first: {"ids": [...], "logprobs": [...]}
     first_topk: dict | None = None
 
@@ -84,8 +85,10 @@ class Pipeline:
             prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
             new_lengths = (new_ids != gen["pad_token_id"]).sum(-1).tolist()
         first = first or [None] * len(records)
+        slots = max(r.num_kept for r in records)
         return [
-            GenerationResult(**vars(r), text=t.strip(), input_tokens=int(p), output_tokens=int(n), first_topk=f)
+            GenerationResult(**vars(r), text=t.strip(), input_tokens=int(p), output_tokens=int(n), kept_slots=slots,
+                             first_topk=f)
             for t, r, p, n, f in zip(texts, records, prompt_lengths, new_lengths, first)
         ]
 

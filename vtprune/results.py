@@ -5,18 +5,21 @@
   Keys: name, kind ("eval" | "bench" | "eval+bench" for a sweep point benchmarked after its eval), config (resolved), versions {vtprune, torch, transformers, lmms_eval,
   python}, device, dtype, git_commit, started, finished, smoke (True for tiny models: smoke figures only), micro
   (True for the trained micro models: micro-model figures), eval runs: tasks, limit, judge, fidelity {reference:
-  the unpruned run's folder relative to this one's parent, or None with a note saying why}.
+  the unpruned run's folder relative to this one's parent, or None with a note saying why}, kept_padding (the
+  fraction of the batches' kept-token slots that were padding).
 - ``metrics.jsonl`` — one row per (task, metric): run, model, family, strategy, keep_ratio, task, metric,
   value (None when unscored), stderr, n, scored (bool), kept_fraction_mean, num_visual_mean, num_kept_mean,
   equivalent_tokens_mean (None for pre-LLM strategies), smoke, micro, loyalty, top1_agreement, kl_mean, fidelity_n
   (None / 0 without an unpruned run to compare with; ``vtprune.fidelity``).
 - ``samples.jsonl`` — one row per sample: task, doc_id, output, target, num_visual, num_kept (merged tokens
-  included), num_merged, kept_fraction, select_ms, first_topk {ids, logprobs: the first generated token's top-20},
+  included), num_merged, kept_fraction, kept_slots (the largest kept set of its batch: the slots it took), select_ms,
+  first_topk {ids, logprobs: the first generated token's top-20},
   loyal, top1_agree, kl (fidelity to the unpruned run's sample of the same task and doc_id; None without one).
 - ``bench.jsonl``   — one row per (strategy, keep_ratio, batch_size): run, model, family, strategy, keep_ratio,
   batch_size, device, dtype, weights, smoke, micro, prompt_tokens, new_tokens, repeats, num_visual, num_kept_mean,
-  kept_fraction_mean, ttft_ms, decode_ms_per_token, e2e_ms (medians over rounds; each with a ``_spread`` column =
-  IQR; decode is the median of the timed decode steps per round), tokens_per_s, peak_memory_bytes, kv_self_bytes,
+  kept_fraction_mean, kept_padding (of the batch's kept-token slots, the padded ones), ttft_ms, decode_ms_per_token,
+  e2e_ms (medians over rounds; each with a ``_spread`` column = IQR; decode is the median of the timed decode steps
+  per round), tokens_per_s, peak_memory_bytes, kv_self_bytes,
   kv_cross_bytes, kv_self_bytes_analytic, kv_cross_bytes_analytic, select_ms, rounds, interleaved (True: the
   points of a batch size were measured in shuffled rounds), then per timing ``<figure>_ratio``, ``_ratio_lo``,
   ``_ratio_hi`` (median of the per-round ratios to the ``none`` row of the same round and its bootstrap 95 %

@@ -15,8 +15,8 @@ METRIC_KEYS = {
     "kept_fraction_mean", "num_visual_mean", "num_kept_mean", "equivalent_tokens_mean", "smoke", "micro",
     "loyalty", "top1_agreement", "kl_mean", "fidelity_n",
 }
-SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "num_merged", "select_ms",
-               "first_topk", "loyal", "top1_agree", "kl"}
+SAMPLE_KEYS = {"task", "doc_id", "output", "target", "num_visual", "num_kept", "kept_fraction", "num_merged", "kept_slots",
+               "select_ms", "first_topk", "loyal", "top1_agree", "kl"}
 
 
 def write_config(tmp_path, path="tiny:llava", strategy="uniform", keep_ratio=0.5, tasks=MINI, name="run1"):
@@ -52,12 +52,13 @@ def test_eval_llava_on_the_mini_tasks(tmp_path, no_judge):
     assert is_complete(run)
     meta = json.loads((run / "run.json").read_text())
     assert meta["kind"] == "eval" and meta["smoke"] is True and meta["versions"]["lmms_eval"]
+    assert meta["kept_padding"] == 0  # one image size: every batch's kept sets are alike
 
     samples = read_jsonl(run / "samples.jsonl")
     assert [s["task"] for s in samples] == [t for t in MINI for _ in range(2)]
     for s in samples:
         assert set(s) == SAMPLE_KEYS
-        assert (s["num_visual"], s["num_kept"], s["kept_fraction"], s["num_merged"]) == (16, 8, 0.5, 0)
+        assert (s["num_visual"], s["num_kept"], s["kept_fraction"], s["num_merged"], s["kept_slots"]) == (16, 8, 0.5, 0, 8)
         assert s["select_ms"] >= 0 and isinstance(s["output"], str)
     # Targets come from the generated docs in the official schema.
     assert samples[0]["target"] == mini_answers("vtprune_textvqa_mini", 0)

@@ -184,6 +184,10 @@ class VtpruneLMM(lmms):
         # One task/split/gen_kwargs per batch: doc_to_visual and the generation settings belong to a task.
         for _, group in itertools.groupby(args, key=_batch_key):
             group = list(group)
+            if self.batch_size > 1:
+                # Most visual tokens first (lmms-eval's own models sort by length alike): a batch of like-sized
+                # images pads few tokens, and one that does not fit in memory fails at the start.
+                group.sort(key=lambda indexed: self._visual_tokens(*indexed[1][2:6]), reverse=True)
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
                 for (i, _), out in zip(chunk, self._generate_chunk([a for _, a in chunk])):
@@ -191,6 +195,17 @@ class VtpruneLMM(lmms):
                 if self.progress is not None:
                     self.progress(advance=len(chunk))
         return outputs
+
+    def _visual_tokens(self, doc_to_visual, doc_id, task, split) -> int:
+        """The visual tokens a document's image will make, from its size alone."""
+        from PIL import Image
+
+        docs = self.task_dict[task][split]
+        visual = _doc_visual(doc_to_visual, docs, task, doc_id)
+        if not isinstance(visual, Image.Image):  # a PIL image knows its size before its pixels are decoded
+            visual = _doc_image(doc_to_visual, docs, task, doc_id)
+        width, height = visual.size
+        return self.pipeline.adapter.visual_tokens_for_size(height, width)
 
     def _generate_chunk(self, chunk) -> list[GenerationResult]:
         contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
@@ -224,9 +239,8 @@ class VtpruneLMM(lmms):
         raise NotImplementedError("vtprune model: multi-round tasks are not supported")
 
 
-def _doc_image(doc_to_visual, docs, task: str, doc_id: int):
-    """The one image of a document, decoded whole; a broken one is an error naming the task and document."""
-    from vtprune.api import read_image
+def _doc_visual(doc_to_visual, docs, task: str, doc_id: int):
+    """The one visual of a document as the task gives it (a PIL image, a path, bytes)."""
     from vtprune.errors import VtpruneError
 
     try:
@@ -235,8 +249,17 @@ def _doc_image(doc_to_visual, docs, task: str, doc_id: int):
         raise VtpruneError(f"eval data: task {task} doc {doc_id}: image is not readable ({exc})") from None
     if len(visuals) != 1:
         raise ValueError(f"vtprune model: task {task} doc {doc_id} has {len(visuals)} images; one is supported")
+    return visuals[0]
+
+
+def _doc_image(doc_to_visual, docs, task: str, doc_id: int):
+    """The one image of a document, decoded whole; a broken one is an error naming the task and document."""
+    from vtprune.api import read_image
+    from vtprune.errors import VtpruneError
+
+    visual = _doc_visual(doc_to_visual, docs, task, doc_id)
     try:
-        return read_image(visuals[0])
+        return read_image(visual)
     except VtpruneError as exc:
         raise VtpruneError(f"eval data: task {task} doc {doc_id}: {exc}") from None
 
@@ -257,8 +280,15 @@ def _log_throughput(results, seconds: float, pruning) -> None:
         additional_metrics={
             "num_visual": mean(r.num_visual for r in results), "num_kept": mean(r.num_kept for r in results),
             "kept_fraction": mean(r.kept_fraction for r in results), "keep_ratio": pruning.keep_ratio,
+            "kept_padding": kept_padding(results),
         },
     )
+
+
+def kept_padding(samples) -> float:
+    """The fraction of the kept-token slots that were padding: a batch's kept sets are padded to its largest."""
+    slots = sum(s.kept_slots for s in samples)
+    return 1 - sum(s.num_kept for s in samples) / slots if slots else 0.0
 
 
 def _batch_size(value, default: int) -> int:

@@ -86,7 +86,7 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vtprune.eval.lmms_model import VtpruneLMM
+    from vtprune.eval.lmms_model import VtpruneLMM, kept_padding
     from vtprune.results import RUN_FILE, now, run_metadata, write_json, write_jsonl
 
     config = pipeline.config
@@ -151,7 +151,8 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     write_jsonl(run_dir / "metrics.jsonl", metric_rows)
     adapter = pipeline.adapter
     meta = run_metadata(config, "eval", adapter.device, adapter.model.dtype, started)
-    meta.update(tasks=tasks, limit=limit, judge=judge_available(), fidelity=fidelity, finished=now())
+    meta.update(tasks=tasks, limit=limit, judge=judge_available(), fidelity=fidelity,
+                kept_padding=kept_padding(stats.values()), finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
 
@@ -236,7 +237,8 @@ def _sample_row(task: str, sample: dict, s) -> dict:
     return {
         "task": task, "doc_id": sample["doc_id"], "output": s.text, "target": _target(sample),
         "num_visual": s.num_visual, "num_kept": s.num_kept, "kept_fraction": s.kept_fraction,
-        "num_merged": len(s.merged), "select_ms": s.select_seconds * 1000, "first_topk": s.first_topk,
+        "num_merged": len(s.merged), "kept_slots": s.kept_slots, "select_ms": s.select_seconds * 1000,
+        "first_topk": s.first_topk,
     }
 
 

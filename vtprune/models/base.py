@@ -227,6 +227,19 @@ class Adapter:
         """Visual tokens of one image at the model's largest input, from its config alone (``cost``, ``kv``)."""
         raise NotImplementedError
 
+    def visual_tokens_for_size(self, height: int, width: int) -> int:
+        """Visual tokens the processor makes of one ``height × width`` image, without processing it: what the eval
+        sorts requests by, so that a batch holds like-sized images and pads few tokens. The processor's own count
+        (transformers' ``_get_num_multimodal_tokens``, which vLLM also relies on), else the pixel count, which
+        orders images alike wherever the count grows with the image."""
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is not None:
+            try:
+                return int(count(image_sizes=[[height, width]])["num_image_tokens"][0])
+            except (AttributeError, KeyError, TypeError, ValueError):  # a private API: its shape may move
+                pass
+        return height * width
+
     def synthetic_inputs(self, batch_size: int, prompt_tokens: int, generator: torch.Generator | None = None):
         """Random pixels + a fixed-length prompt for benchmarks: no tokenizer or processor needed."""
         raise NotImplementedError

@@ -260,6 +260,10 @@ class InternVLAdapter(LlavaAdapter):
     def max_visual_tokens(cls, hf_config) -> int:
         return cls.max_tiles(hf_config) * cls.tokens_per_tile(hf_config)
 
+    def visual_tokens_for_size(self, height: int, width: int) -> int:
+        """The processor's count less ``<img>`` and ``</img>``, which are text tokens to vtprune."""
+        return super().visual_tokens_for_size(height, width) - 2
+
     def num_synthetic_visual(self) -> int:
         """The synthetic image: the most grid tiles and the thumbnail."""
         return self.max_visual_tokens(self.model.config)

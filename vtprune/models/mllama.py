@@ -82,6 +82,16 @@ class MllamaAdapter(Adapter):
     def _images_arg(self, images):
         return [[image] for image in images]  # one image per sample
 
+    def visual_tokens_for_size(self, height: int, width: int) -> int:
+        """Real tiles × tokens per tile: the tiled canvas transformers' processor picks for this size (its processor
+        has no token count of its own)."""
+        from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
+
+        processor = self.processor.image_processor
+        tile = processor.size["height"]
+        canvas_h, canvas_w = get_optimal_tiled_canvas(height, width, processor.max_image_tiles, tile)
+        return (canvas_h // tile) * (canvas_w // tile) * self.tokens_per_tile
+
     # -- signals -------------------------------------------------------------------------------------------
 
     def visual_valid(self, inputs) -> torch.Tensor:
