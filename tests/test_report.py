@@ -241,7 +241,8 @@ def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
     for strategy, ratio in SCORES:
         run = root / f"bench-{strategy}-{ratio}"
         # batch 2 is a bench from before the ideal was recorded
-        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, 1) | extra[strategy, ratio],
+        padding = {"kept_padding": 0.125 if strategy != "none" else 0.0}
+        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, 1) | extra[strategy, ratio] | padding,
                                           _bench(strategy, ratio, 2) | _paired(one, one, one)])
         write_json(run / "run.json", _run_json(run.name, "bench"))
     result = _invoke(root, "-o", tmp_path / "r.md")
@@ -254,6 +255,10 @@ def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
     assert uniform[0].endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
     assert uniform[1].endswith("| noisy / 2.05× | noisy / 1.25× |")  # noisy: no measured figure, the ideal stands
     assert none[1].endswith("| — | — |") and uniform[2].endswith("| — | — |")
+    # padded kept sets are named under Notes; none pads nothing, and batch 2 predates the column
+    assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 1, uniform @ 0.5: kept counts differ per sample; "
+            "12 % of the batch's kept-token slots were padding, which its timings and ideal include") in text
+    assert text.count("slots were padding") == 2
 
 
 def _topk(probs):

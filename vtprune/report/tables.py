@@ -281,8 +281,17 @@ def speedup_cell(ratio, ideal, noisy: bool) -> str:
     return f"{speedup:.2f}× / {ideal:.2f}× ({100 * speedup / ideal:.0f} %)"
 
 
+def _where(row) -> str:
+    return f"{row.model} ({row.device}, {row.dtype}), batch size {row.batch_size}, {row.strategy} @ {row.keep_ratio:g}"
+
+
+def _padding_note(row) -> str:
+    return (f"{_where(row)}: kept counts differ per sample; {100 * row.kept_padding:.0f} % of the batch's kept-token "
+            "slots were padding, which its timings and ideal include")
+
+
 def _noisy_note(row) -> str:
-    where = f"{row.model} ({row.device}, {row.dtype}), batch size {row.batch_size}, {row.strategy} @ {row.keep_ratio:g}"
+    where = _where(row)
     rounds = getattr(row, "rounds", math.nan)
     if rounds < 2:
         why = "one timed round gives no interval"
@@ -321,6 +330,8 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                      *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row.noisy)
                        for c, (_, ideal) in IDEAL_COLUMNS.items())] for row in _order(batch).itertuples()]
             notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
+            # rows from before the column read NaN, which is not > 0
+            notes += [_padding_note(row) for row in _order(batch).itertuples() if getattr(row, "kept_padding", 0) > 0]
             out += [f"Batch size {batch_size}{_threads(batch)}:", "", markdown_table(header, rows), ""]
         out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
                 if (m, d, t) == (model, device, dtype)]
