@@ -84,6 +84,7 @@ YAML
 }
 
 batches() { if [ -n "$rehearse" ]; then echo "1,2"; else echo "$1"; fi; }
+pack_results() { if [ -n "$pack" ]; then tar czf "$pack/gpu-results.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"; fi; }
 
 part() {  # config, strategies, ratios, batch sizes: cost first (it fails in seconds on a bad name), then bench
   local name start
@@ -91,7 +92,7 @@ part() {  # config, strategies, ratios, batch sizes: cost first (it fails in sec
   vtprune cost --config "$1" --strategies "$2" --ratios "$3" --batch-sizes "$(batches "$4")" --json > "$out/$name-cost.json"
   vtprune bench --config "$1" --strategies "$2" --ratios "$3" --batch-sizes "$(batches "$4")" --output-dir "$out"
   echo "== part $name: $((SECONDS - start)) s"
-  if [ -n "$pack" ]; then tar czf "$pack/gpu-results.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"; fi
+  pack_results
 }
 
 # The field's methods at the budget most papers report (keep 0.25: 144 of LLaVA-1.5's 576 tokens), with the
@@ -113,5 +114,5 @@ for p in "${parts[@]}"; do
 done
 
 vtprune report "$out" -o "$out/REPORT.md" || echo "report failed: the benches are done; run vtprune report here"
-if [ -n "$pack" ]; then tar czf "$pack/gpu-results.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"; fi
+pack_results
 echo "results in $out"

@@ -93,6 +93,13 @@ class Pipeline:
         ]
 
 
+def kept_padding(kept: list[int], slots: list[int]) -> float:
+    """The fraction of the kept-token slots that were padding: each sample's kept set (``kept`` tokens) took the
+    ``slots`` of its batch's largest."""
+    total = sum(slots)
+    return 1 - sum(kept) / total if total else 0.0
+
+
 @contextlib.contextmanager
 def _seeded_rng(device, seed: int):
     """torch's global RNG seeded from ``seed`` for one call (on ``device`` too if CUDA), then restored."""

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import vtprune
-from vtprune.eval.lmms_model import VtpruneLMM, kept_padding
+from vtprune.api import kept_padding
+from vtprune.eval.lmms_model import VtpruneLMM
 
 SIZES = [(64, 48), (48, 64), (100, 40), (200, 200), (37, 90)]  # width, height
 
@@ -48,7 +49,7 @@ def test_eval_batches_like_sized_images_and_answers_in_request_order():
     assert [s.num_kept for s in stats] == [8, 18, 8, 18, 18]
     # biggest first: (big, big), (big, small), (small): only the mixed batch pads, one small sample's 10 slots
     assert [s.kept_slots for s in stats] == [18, 18, 8, 18, 18]
-    assert kept_padding(stats) == pytest.approx(10 / 80)
+    assert kept_padding([s.num_kept for s in stats], [s.kept_slots for s in stats]) == pytest.approx(10 / 80)
 
     # in request order the batches would be (small, big), (small, big), (big): both small samples padded
     unsorted = pipe.generate(images[:2], ["What is shown?"] * 2, max_new_tokens=1)

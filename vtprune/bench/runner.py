@@ -185,12 +185,14 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
     with the ``reference`` (none) visits."""
     import torch
 
+    from vtprune.api import kept_padding
     from vtprune.results import device_name, is_micro, is_smoke
 
     cfg, adapter, plan = pipe.config, pipe.adapter, pipe.plan
     settings, model = cfg.bench, adapter.model
     n = settings.new_tokens
     records, measured = visits[-1].records, visits[-1].kv  # the same in every visit
+    kept = [r.num_kept for r in records]
     num_visual = max(r.num_visual for r in records)
     ids = inputs["input_ids"]
     if cross_layer_indices(model.config):
@@ -225,10 +227,10 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
         "dtype": str(model.dtype).replace("torch.", ""), "weights": cfg.model.weights, "smoke": is_smoke(cfg), "micro": is_micro(cfg),
         "prompt_tokens": settings.prompt_tokens, "new_tokens": n, "repeats": settings.repeats,
         "num_visual": num_visual,
-        "num_kept_mean": statistics.fmean(r.num_kept for r in records),
+        "num_kept_mean": statistics.fmean(kept),
         "kept_fraction_mean": statistics.fmean(r.kept_fraction for r in records),
-        # the kept sets are padded to the batch's largest: 0 for a fixed budget on the bench's like-sized images
-        "kept_padding": 1 - sum(r.num_kept for r in records) / (len(records) * max(r.num_kept for r in records)),
+        # 0 for a fixed budget on the bench's like-sized images
+        "kept_padding": kept_padding(kept, [max(kept)] * len(kept)),
         **figures,
         "tokens_per_s": batch_size * n / e2e_s,
         "peak_memory_bytes": max(v.peak for v in visits),

@@ -30,6 +30,7 @@ from statistics import mean
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
+from vtprune.api import kept_padding
 from vtprune.eval.runner import data_parallel_device
 
 # model_args that override the YAML (lmms-eval's tracker takes results.json's model_name from `model=`).
@@ -280,15 +281,9 @@ def _log_throughput(results, seconds: float, pruning) -> None:
         additional_metrics={
             "num_visual": mean(r.num_visual for r in results), "num_kept": mean(r.num_kept for r in results),
             "kept_fraction": mean(r.kept_fraction for r in results), "keep_ratio": pruning.keep_ratio,
-            "kept_padding": kept_padding(results),
+            "kept_padding": kept_padding([r.num_kept for r in results], [r.kept_slots for r in results]),
         },
     )
-
-
-def kept_padding(samples) -> float:
-    """The fraction of the kept-token slots that were padding: a batch's kept sets are padded to its largest."""
-    slots = sum(s.kept_slots for s in samples)
-    return 1 - sum(s.num_kept for s in samples) / slots if slots else 0.0
 
 
 def _batch_size(value, default: int) -> int:

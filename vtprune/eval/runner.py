@@ -86,7 +86,8 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vtprune.eval.lmms_model import VtpruneLMM, kept_padding
+    from vtprune.api import kept_padding
+    from vtprune.eval.lmms_model import VtpruneLMM
     from vtprune.results import RUN_FILE, now, run_metadata, write_json, write_jsonl
 
     config = pipeline.config
@@ -152,7 +153,8 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     adapter = pipeline.adapter
     meta = run_metadata(config, "eval", adapter.device, adapter.model.dtype, started)
     meta.update(tasks=tasks, limit=limit, judge=judge_available(), fidelity=fidelity,
-                kept_padding=kept_padding(stats.values()), finished=now())
+                kept_padding=kept_padding([s.num_kept for s in stats.values()], [s.kept_slots for s in stats.values()]),
+                finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
 
