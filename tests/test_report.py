@@ -213,13 +213,15 @@ def test_paired_ratios_show_their_interval_and_noisy_rows_are_no_results(tmp_pat
     assert all("| 25 ms (1.00×) |" in r or "| 50 ms (1.00×) |" in r for r in none)  # the reference: no interval
     # The measured paired ratio (0.62), not the ratio of the medians (20 / 25 = 0.80), with its interval.
     assert "| 0.5 | 0.500 | 20 ms (0.62×, 0.60–0.64) | 10 ms (0.90×, 0.88–0.93) | 80 ms (0.85×, 0.80–0.90) |" in uniform[0]
-    # Noisy rows: intervals only (or nothing with one round), no figure; memory and KV cache are still shown.
-    assert "| noisy (0.50–0.95×) | noisy (0.88–0.93×) | noisy (0.70–0.90×) | 3.00 GiB (1.00×) | 4.00 MiB (0.80×) |" \
+    # Noisy rows: a timing whose own interval is too wide shows only that interval (nothing with one round); the
+    # decode step, within ±10 % in the same row, is a result; memory and KV cache are shown either way.
+    assert "| noisy (0.50–0.95×) | 20 ms (0.90×, 0.88–0.93) | noisy (0.70–0.90×) | 3.00 GiB (1.00×) | 4.00 MiB (0.80×) |" \
         in uniform[2]
     assert "| noisy | noisy | noisy | 3.00 GiB (1.00×) | 1.75 MiB (0.70×) |" in uniform[1]
     assert "160 ms" not in text and "| 100 ms (0.50×) |" in uniform[3]
     assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 2, uniform @ 0.5: timings noisy, ratio interval "
-            "wider than ±10 % (TTFT 0.50–0.95×); shown as 'noisy', not as results") in text
+            "wider than ±10 % (TTFT 0.50–0.95×); each timing with so wide an interval is shown as 'noisy', not as a "
+            "result") in text
     assert "batch size 1, uniform @ 0.25: timings noisy, one timed round gives no interval" in text
     assert text.count("timings noisy") == 2
 
@@ -253,7 +255,8 @@ def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
     assert none[0].endswith("| 1.00× / 1.00× (100 %) | 1.00× / 1.00× (100 %) |")
     # 1 / 0.625 = 1.60× of an ideal 2.05×: 78 %; decode 1 / 0.9 = 1.11× of 1.25×: 89 %
     assert uniform[0].endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
-    assert uniform[1].endswith("| noisy / 2.05× | noisy / 1.25× |")  # noisy: no measured figure, the ideal stands
+    # TTFT noisy: no measured figure, the ideal stands; the decode step's interval (0.88–0.93) holds: 1 / 0.9 = 1.11×
+    assert uniform[1].endswith("| noisy / 2.05× | 1.11× / 1.25× (89 %) |")
     assert none[1].endswith("| — | — |") and uniform[2].endswith("| — | — |")
     # padded kept sets are named under Notes; none pads nothing, and batch 2 predates the column
     assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 1, uniform @ 0.5: kept counts differ per sample; "
@@ -349,3 +352,17 @@ def test_a_later_bench_does_not_rebase_an_earlier_runs_memory_ratios(tmp_path):
     assert "| 3.00 GiB (0.75×) |" in half[0]  # against 4 GiB, its own run's, not 8 GiB (0.38×)
     assert "| 6.00 GiB (0.75×) |" in quarter[0]
     assert "| 2.00 GiB (0.25×) |" in quarter[1]  # batch 2 from "lone": against the newest `none`
+
+
+def test_a_noisy_rows_timing_is_judged_by_its_own_interval():
+    from vtprune.report.tables import timing_noisy
+
+    nan = float("nan")
+    assert timing_noisy(False, 5, 0.7, 0.5, 0.95) is False  # a row not flagged shows every timing
+    assert timing_noisy(True, 5, 0.7, 0.5, 0.95) is True  # 0.45 wide > ±10 % of 0.7
+    # the run of llava-next-7b-proxy-b8-llm-r5: TTFT 0.742 (0.719–0.863) holds, its decode (0.64–1.01) does not
+    assert timing_noisy(True, 5, 0.742, 0.719, 0.863) is False
+    assert timing_noisy(True, 5, 0.788, 0.639, 1.005) is True
+    assert timing_noisy(True, 1, 0.5, 0.5, 0.5) is True  # one round: no interval at all
+    assert timing_noisy(True, 5, nan, nan, nan) is True and timing_noisy(True, 5, None, None, None) is True
+    assert timing_noisy(True, nan, 0.5, 0.49, 0.51) is True  # a row that does not say how many rounds

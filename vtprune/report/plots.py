@@ -69,7 +69,7 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
 
     The unpruned reference is drawn in every strategy's figure so each reads on its own.
     """
-    from vtprune.report.tables import _is_reference
+    from vtprune.report.tables import _is_reference, row_timing_noisy
 
     plt = _pyplot()
     out = {}
@@ -83,8 +83,8 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
                 line = line.sort_values("batch_size")
                 if line.empty:
                     continue
-                # A noisy row's latency is no result (its interval is too wide): no point on the latency plot.
-                timed = line[~line["noisy"].fillna(False).astype(bool)] if "noisy" in line else line
+                # A noisy latency is no result (its interval is too wide): no point on the latency plot.
+                timed = line[~line.apply(lambda row: row_timing_noisy(row, latency), axis=1).astype(bool)]
                 left.plot(timed["batch_size"], timed[latency], marker="o", label=name)
                 right.plot(line["batch_size"], line["kv_bytes"] / 2**20, marker="o", label=name)
             left.set(xlabel="batch size", ylabel=f"{'end-to-end' if latency == 'e2e_ms' else 'TTFT'} (ms)",

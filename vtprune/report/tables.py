@@ -258,12 +258,29 @@ def _speed_cell(row, column: str) -> str:
         return "—"
     lo, hi = (getattr(row, f"{column}_ratio{end}", math.nan) for end in ("_lo", "_hi"))
     interval = f"{lo:.2f}–{hi:.2f}" if not (math.isnan(lo) or lo == hi) else ""
-    if column in TIMED and row.noisy:  # its interval is all that can be said
+    if column in TIMED and row_timing_noisy(row, column):  # its interval is all that can be said
         return f"noisy ({interval}×)" if interval else "noisy"
     text = human_bytes(value) if SPEED_COLUMNS[column][1] == "bytes" else f"{value:.4g} ms"
     if math.isnan(ratio):
         return text
     return f"{text} ({ratio:.2f}×, {interval})" if interval else f"{text} ({ratio:.2f}×)"
+
+
+def timing_noisy(noisy: bool, rounds, ratio, lo, hi) -> bool:
+    """Whether one timing of a bench row is no result: the row is flagged ``noisy`` (its TTFT or its decode interval
+    is wider than ±10 %, or it had one round) and this timing's own interval is too wide or missing too. A row
+    flagged for its decode step alone still has a TTFT result, and the other way round."""
+    if not noisy:
+        return False
+    values = (rounds, ratio, lo, hi)
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values) or rounds < 2:
+        return True
+    return too_wide(ratio, lo, hi)
+
+
+def row_timing_noisy(row, column: str) -> bool:
+    return timing_noisy(row.noisy, getattr(row, "rounds", math.nan),
+                        *(getattr(row, f"{column}_ratio{end}", math.nan) for end in ("", "_lo", "_hi")))
 
 
 def speedup_cell(ratio, ideal, noisy: bool) -> str:
@@ -300,7 +317,8 @@ def _noisy_note(row) -> str:
                      for c in ("ttft_ms", "decode_ms_per_token")}  # the two that decide ``noisy``
         wide = [f"{name} {lo:.2f}–{hi:.2f}×" for name, (ratio, lo, hi) in intervals.items() if too_wide(ratio, lo, hi)]
         why = "ratio interval wider than ±10 % (" + ", ".join(wide) + ")"
-    return (f"{where}: timings noisy, {why}; shown as 'noisy', not as results — rerun with more `bench.repeats` "
+    return (f"{where}: timings noisy, {why}; each timing with so wide an interval is shown as 'noisy', not as a "
+            "result — rerun with more `bench.repeats` "
             "or on a quieter machine")
 
 
@@ -327,7 +345,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                              "(strategy none, keep 1.0): figures shown without ratios")
             rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
                      *(_speed_cell(row, c) for c in SPEED_COLUMNS),
-                     *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row.noisy)
+                     *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row_timing_noisy(row, c))
                        for c, (_, ideal) in IDEAL_COLUMNS.items())] for row in _order(batch).itertuples()]
             notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
             # rows from before the column read NaN, which is not > 0
@@ -339,7 +357,8 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
     out.append("Each figure is a median; (n×) is its ratio to the unpruned point of its own bench (else the newest one of the same model and batch size) "
                "(below 1 is faster / smaller). Timings measured in interleaved rounds: (n×, lo–hi) is the median of "
                "the per-round ratios to the unpruned run of the same round, with its 95 % bootstrap interval; "
-               "'noisy' marks a row whose TTFT or decode interval is wider than ±10 % (see Notes). "
+               "'noisy': in a row whose TTFT or decode interval is wider than ±10 % (see Notes), each timing whose own "
+               "interval is that wide too. "
                "KV cache: self- plus cross-attention cache measured after generation. ×ideal: measured speed-up "
                "(1 / the time ratio) / the ideal speed-up for the same work (efficiency): FLOPs of the vision tower, "
                "projector and prefill for TTFT, bytes read per step (language-model weights + KV cache after "
