@@ -1,6 +1,7 @@
 """``vtprune bench`` (measured speed, memory, KV cache) and ``vtprune cost`` (analytic KV cache and FLOPs)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -51,11 +52,7 @@ def bench(
     quiet_libraries()
     import vtprune
     from vtprune.bench import run_bench
-    from vtprune.report.tables import speedup_cell, timing_noisy
-
-    def versus_ideal(row, column, ideal):
-        ends = (row[f"{column}_ratio{end}"] for end in ("", "_lo", "_hi"))
-        return speedup_cell(row[f"{column}_ratio"], row[ideal], timing_noisy(row["noisy"], row["rounds"], *ends))
+    from vtprune.report.tables import ideal_cell
 
     pipeline = vtprune.load(cfg)
     out = Path(cfg.output_dir) / cfg.name
@@ -66,8 +63,9 @@ def bench(
         ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
         ("TTFT ×", "ttft_ms_ratio", "{:.2f}"), ("decode ×", "decode_ms_per_token_ratio", "{:.2f}"),
         ("noisy", "noisy", lambda v: "noisy" if v else ""),
-        ("TTFT ×ideal", None, lambda r: versus_ideal(r, "ttft_ms", "ideal_ttft_speedup")),
-        ("decode ×ideal", None, lambda r: versus_ideal(r, "decode_ms_per_token", "ideal_decode_speedup")),
+        ("TTFT ×ideal", None, lambda r: ideal_cell(SimpleNamespace(**r), "ttft_ms", "ideal_ttft_speedup")),
+        ("decode ×ideal", None,
+         lambda r: ideal_cell(SimpleNamespace(**r), "decode_ms_per_token", "ideal_decode_speedup")),
         ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
         ("select ms", "select_ms", "{:.2f}"),
     ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else "") + (" (micro-model figures)" if rows[0].get("micro") else ""))

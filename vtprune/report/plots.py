@@ -84,7 +84,7 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
                 if line.empty:
                     continue
                 # A noisy latency is no result (its interval is too wide): no point on the latency plot.
-                timed = line[~line.apply(lambda row: row_timing_noisy(row, latency), axis=1).astype(bool)]
+                timed = line[~line.apply(lambda row: row_timing_noisy(row, latency), axis=1)]
                 left.plot(timed["batch_size"], timed[latency], marker="o", label=name)
                 right.plot(line["batch_size"], line["kv_bytes"] / 2**20, marker="o", label=name)
             left.set(xlabel="batch size", ylabel=f"{'end-to-end' if latency == 'e2e_ms' else 'TTFT'} (ms)",

@@ -283,6 +283,12 @@ def row_timing_noisy(row, column: str) -> bool:
                         *(getattr(row, f"{column}_ratio{end}", math.nan) for end in ("", "_lo", "_hi")))
 
 
+def ideal_cell(row, column: str, ideal: str) -> str:
+    """``column``'s measured / ideal speed-up cell of a bench row (attributes: a report row, or a bench.jsonl row as
+    a namespace)."""
+    return speedup_cell(getattr(row, f"{column}_ratio"), getattr(row, ideal), row_timing_noisy(row, column))
+
+
 def speedup_cell(ratio, ideal, noisy: bool) -> str:
     """Measured speed-up (1 / time ratio) / ideal speed-up (efficiency), e.g. ``1.60× / 2.05× (78 %)``."""
     def missing(value):
@@ -345,8 +351,8 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
                              "(strategy none, keep 1.0): figures shown without ratios")
             rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
                      *(_speed_cell(row, c) for c in SPEED_COLUMNS),
-                     *(speedup_cell(getattr(row, f"{c}_ratio"), getattr(row, ideal), row_timing_noisy(row, c))
-                       for c, (_, ideal) in IDEAL_COLUMNS.items())] for row in _order(batch).itertuples()]
+                     *(ideal_cell(row, c, ideal) for c, (_, ideal) in IDEAL_COLUMNS.items())]
+                    for row in _order(batch).itertuples()]
             notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
             # rows from before the column read NaN, which is not > 0
             notes += [_padding_note(row) for row in _order(batch).itertuples() if getattr(row, "kept_padding", 0) > 0]
