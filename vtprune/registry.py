@@ -29,6 +29,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def in_order(self) -> list[str]:
+        """The names in the order they were registered."""
+        return list(self._items)
+
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
 

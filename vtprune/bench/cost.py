@@ -45,15 +45,6 @@ def prefill_flops(config, *, batch_size: int, text_tokens: int, num_visual: int,
     return batch_size * total
 
 
-def encoder_layer_flops(tokens: int, hidden: int, intermediate: int, *, mlp_matrices: int = 2,
-                        pairs: int | None = None) -> int:
-    """Multiply-adds × 2 of one vision-encoder layer over ``tokens`` tokens: q/k/v/o projections (hidden → hidden),
-    QKᵀ and AV over ``pairs`` query-key pairs (default every pair, ``tokens²``) and an MLP of ``mlp_matrices``
-    hidden × intermediate matrices (2: fc1, fc2; 3: gated). Norms, biases and activations are left out (< 0.1 %)."""
-    pairs = tokens * tokens if pairs is None else pairs
-    return 2 * (4 * tokens * hidden * hidden + 2 * pairs * hidden + mlp_matrices * tokens * hidden * intermediate)
-
-
 def decoder_weight_bytes(config, element_size: int) -> int:
     """Bytes of the language model's weight matrices that every decode step reads: each decoder layer's q/k/v/o
     projections and gated MLP, and the LM head. A cross-attention layer's k/v projections are left out: they run

@@ -94,8 +94,3 @@ def vision_flops(config, resized_to: float | None = None) -> int:
     family = resolve_family(config.model_type, "auto")
     return family.vision_flops(config) if resized_to is None else family.resized_vision_flops(config, resized_to)
 
-
-def tile_tokens(config) -> int:
-    """Mllama: visual tokens of one tile, its patches and a CLS token."""
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    return side * side + 1

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.bench.cost import check_ratios, ideal_figures, resized_ratio
-from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, measured_kv_bytes, tile_tokens
+from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, measured_kv_bytes
 from vtprune.bench.memory import memory_kind, peak_bytes, reset_peak
 from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed, too_wide
+from vtprune.models.mllama import tile_tokens
 
 
 def bench_pipelines(pipeline, strategies=None, ratios=None) -> list:

@@ -64,7 +64,8 @@ def eval_(
         typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
         return
     import vtprune
-    from vtprune.eval.runner import data_parallel_device, run_eval
+    from vtprune.eval.lmms_model import data_parallel_device
+    from vtprune.eval.runner import run_eval
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = data_parallel_device(cfg.model.device, world, int(os.environ.get("LOCAL_RANK", "0")))

@@ -31,7 +31,6 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 
 from vtprune.api import kept_padding
-from vtprune.eval.runner import data_parallel_device
 
 # model_args that override the YAML (lmms-eval's tracker takes results.json's model_name from `model=`).
 OVERRIDES = ("model", "strategy", "keep_ratio", "seed")
@@ -79,6 +78,15 @@ class PrunedTokenCounts(TokenCounts):
         for f in ("num_visual", "num_kept", "kept_fraction", "strategy", "keep_ratio"):
             out[f] = getattr(self, f)
         return out
+
+
+def data_parallel_device(device: str, num_processes: int, local_rank: int) -> str:
+    """Under data parallelism each process takes the GPU of its local rank; a CPU config stays on the CPU."""
+    import torch
+
+    if num_processes > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
 
 
 def request_generation(gen_kwargs: dict, override: dict | None = None) -> tuple[dict, list[str]]:

@@ -58,15 +58,6 @@ def check_tasks(names, include_paths=()) -> None:
             raise ConfigError(f"eval.tasks: unknown task '{name}' ({hint})")
 
 
-def data_parallel_device(device: str, num_processes: int, local_rank: int) -> str:
-    """Under data parallelism each process takes the GPU of its local rank; a CPU config stays on the CPU."""
-    import torch
-
-    if num_processes > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return device
-
-
 def task_spec(name: str):
     """What ``simple_evaluate`` gets for one task: a mini task points at its generated dataset."""
     from vtprune.eval.mini import MINI_TASKS, mini_dataset_path

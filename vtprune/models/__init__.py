@@ -9,7 +9,8 @@ from pathlib import Path
 from vtprune.errors import ConfigError
 from vtprune.models.base import FAMILIES, Adapter, PrunePlan, SampleRecord
 
-for _name in ("llava", "llava_next", "mllama", "qwen2_5_vl", "llava_onevision", "internvl"):
+# Registration order is the order families are listed in (the tiny models' included).
+for _name in ("mllama", "llava", "llava_next", "qwen2_5_vl", "llava_onevision", "internvl"):
     importlib.import_module(f"vtprune.models.{_name}")
 
 

@@ -116,6 +116,12 @@ class Adapter:
     #: the language model reads the image through cross-attention layers (mllama), not as tokens in its sequence
     cross_attention: ClassVar[bool] = False
 
+    #: the tiny model's recipe (``build_tiny``, see ``vtprune.models.tiny``): its language model's decoder layers,
+    #: its tokenizer's named tokens and the special tokens it adds to the shared ones
+    tiny_text_layers: ClassVar[int | None] = None
+    tiny_token_names: ClassVar[dict] = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    tiny_specials: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
@@ -148,6 +154,13 @@ class Adapter:
 
     def _images_arg(self, images):
         return images
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab: int, text=None, vision=None):
+        """(model, processor) of the family's ``tiny:`` model, from the seeded tokenizer ``vtprune.models.tiny`` trained;
+        ``text`` / ``vision`` (families that take them) override entries of the language and vision configs. A family
+        has a tiny model when its own class defines this."""
+        raise NotImplementedError
 
     # -- holding the model ---------------------------------------------------------------------------------
 

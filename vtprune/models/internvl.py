@@ -58,6 +58,7 @@ import torch
 from PIL import Image
 
 from vtprune.errors import ConfigError
+from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import register_family
 from vtprune.models.layout import GAP, TokenLayout, to_image
 from vtprune.models.llava import LlavaAdapter, VisualTokens
@@ -278,8 +279,6 @@ class InternVLAdapter(LlavaAdapter):
         """Every tile of the synthetic image through InternViT (patch embedding; patches + CLS through every encoder
         layer up to the one whose features are used: all 24 with ``vision_feature_layer`` −1), then the projector MLP
         over the pixel-shuffled tokens (``merge² · D_vision → D_text → D_text``). The shuffle computes nothing."""
-        from vtprune.bench.cost import encoder_layer_flops
-
         vision, hidden = hf_config.vision_config, hf_config.text_config.hidden_size
         size, side, merge = cls.geometry(hf_config)
         patch, patches, tokens = size // side, side * side, cls.tokens_per_tile(hf_config)
@@ -288,6 +287,63 @@ class InternVLAdapter(LlavaAdapter):
         tower = embed + layers * encoder_layer_flops(patches + 1, vision.hidden_size, vision.intermediate_size)
         projector = 2 * tokens * (merge**2 * vision.hidden_size * hidden + hidden * hidden)
         return cls.max_tiles(hf_config) * (tower + projector)
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab):
+        """InternVL3: an InternViT tower (CLS token, features of the last layer, ``default`` strategy: CLS dropped) on
+        64 px tiles of 8 px patches, pixel shuffle 0.5 (8x8 patches -> 4x4 = 16 tokens per tile), a Qwen2 language model,
+        and the processor's dynamic tiling with at most 4 tiles plus a thumbnail tile after them (none for one tile).
+
+        Width x height -> tiles -> visual tokens: 40x40 -> 1x1 (no thumbnail) -> 16, 30x70 -> 1 column x 2 rows + thumbnail
+        -> 48, 90x40 -> 2 columns x 1 row + thumbnail -> 48, 100x100 -> 2x2 + thumbnail -> 80.
+        The tokenizer is LLaVA's BPE plus InternVL's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` (the image token), ``<video>``
+        and Qwen's ``<|im_start|>`` / ``<|im_end|>`` turn markers, added here only (so the other families' tokenizers stay
+        as they are), named like InternVL3's: no BOS, the turn ends with ``<|im_end|>``, the image tokens' names for the
+        processor. The CLS token and the position embeddings, zeros in a fresh init, are drawn at random so that the CLS
+        attention is not uniform (trained checkpoints have both).
+        """
+        from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        tokenizer.add_tokens([*INTERNVL_TOKENS.values(), "<|im_start|>", "<|im_end|>"], special_tokens=True)
+        # The named tokens the InternVL processor reads (tokenizer.start_image_token, .context_image_token_id, ...).
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer, padding_side="left", eos_token="<|im_end|>", pad_token="<pad>",
+            unk_token="<unk>", extra_special_tokens=dict(INTERNVL_TOKENS),
+        )
+        vocab = len(tokenizer)
+        max_tiles = 4
+        config = InternVLConfig(
+            vision_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=64,
+                patch_size=8, attention_bias=True, use_mean_pooling=True, initializer_range=0.2,
+            ),
+            text_config=dict(
+                model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=cls.tiny_text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            image_token_id=tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+            image_seq_length=16, downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+        config.max_dynamic_patch = max_tiles  # the processor's max_patches, for config-only counts (vtprune.models.internvl)
+        model = InternVLForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            embeddings = model.model.vision_tower.embeddings
+            embeddings.cls_token.normal_(std=0.5)
+            embeddings.position_embeddings.normal_(std=0.5)
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": 64, "width": 64}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        )
+        processor = image_only_processor()(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_length=16, chat_template=_INTERNVL_TEMPLATE,
+        )
+        return model, processor
 
 
 def image_only_processor():
@@ -318,3 +374,12 @@ def image_only_processor():
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     return InternVLProcessor
+
+
+# InternVL3's chat format (Qwen2.5's turns, the image as <IMG_CONTEXT> on its own line), no system prompt.
+_INTERNVL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<IMG_CONTEXT>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

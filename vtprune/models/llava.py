@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtprune.errors import ConfigError
+from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.strategies.base import Signals, sample_generators
@@ -97,6 +98,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_class = "LlavaForConditionalGeneration"
     model_types = ("llava",)
+    tiny_text_layers = 4
     in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states")
 
     @property
@@ -480,8 +482,6 @@ class LlavaAdapter(Adapter):
         """One crop through the CLIP ViT (patch embedding; patches + CLS through every encoder layer up to the one
         whose features are used: 23 of 24 with ``vision_feature_layer`` −2), then the projector MLP over the used
         tokens. transformers also runs the layers after that one, whose output nobody reads: the ideal skips them."""
-        from vtprune.bench.cost import encoder_layer_flops
-
         vision, hidden = hf_config.vision_config, hf_config.text_config.hidden_size
         patches = (vision.image_size // vision.patch_size) ** 2
         feature_layers = hf_config.vision_feature_layer
@@ -492,6 +492,31 @@ class LlavaAdapter(Adapter):
         used = patches + (hf_config.vision_feature_select_strategy == "full")
         projector = 2 * used * (len(feature_layers) * vision.hidden_size * hidden + hidden * hidden)
         return tower + projector
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab, text=None, vision=None):
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+        from vtprune.models.tiny import LLAVA_TEMPLATE, clip_vision, llama_text
+
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        vision = clip_vision(**(vision or {}))
+        size, patch = vision["image_size"], vision["patch_size"]
+        config = LlavaConfig(
+            vision_config=vision, text_config=llama_text(vocab, tokenizer, cls.tiny_text_layers, **(text or {})),
+            image_token_index=image_token_id,
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=(size // patch) ** 2,
+        )
+        model = LlavaForConditionalGeneration(config).eval()
+        image_processor = LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+            chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+        )
+        return model, processor
 
 
 def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,

@@ -155,3 +155,32 @@ class LlavaNextAdapter(LlavaAdapter):
         size = hf_config.vision_config.image_size
         h, w = max(hf_config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
         return (1 + (h // size) * (w // size)) * super().vision_flops(hf_config)
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab, text=None, vision=None):
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        from vtprune.models.tiny import LLAVA_TEMPLATE, clip_vision, llama_text
+
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        vision = clip_vision(**(vision or {}))
+        size, patch = vision["image_size"], vision["patch_size"]
+        pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]  # crops of one base image
+        config = LlavaNextConfig(
+            vision_config=vision, text_config=llama_text(vocab, tokenizer, cls.tiny_text_layers, **(text or {})),
+            image_token_index=image_token_id,
+            vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+            image_seq_length=(size // patch) ** 2,
+        )
+        model = LlavaNextForConditionalGeneration(config).eval()
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+            chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
+        )
+        return model, processor

@@ -40,6 +40,7 @@ import math
 import torch
 from PIL import Image
 
+from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import register_family
 from vtprune.models.layout import GAP, TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import VisualTokens, _vision_layers
@@ -255,8 +256,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """The synthetic image's crops (base view + grid) through the SigLIP tower (patch embedding; every encoder
         layer up to the one whose output is used, patches only: no CLS) and the projector MLP over every patch.
         The downsampling and the newline tokens compute next to nothing."""
-        from vtprune.bench.cost import encoder_layer_flops
-
         vision, hidden = hf_config.vision_config, hf_config.text_config.hidden_size
         patches = (vision.image_size // vision.patch_size) ** 2
         feature_layers = hf_config.vision_feature_layer
@@ -268,6 +267,50 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         h, w = cls.synthetic_pinpoint(hf_config)
         crops = 1 + (h // vision.image_size) * (w // vision.image_size)
         return crops * (tower + projector)
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab):
+        """LLaVA-OneVision: a SigLIP tower (no CLS token, features of the last layer, strategy ``full``), a Qwen2 language
+        model, anyres crops of 32 px with a newline per grid row, and the grid downsampled beyond two crops' worth of
+        patches (``anyres_max_2``, the 7B model's ``anyres_max_9`` scaled to 2x2 grids).
+
+        Width x height -> visual tokens: 30x70 -> 56 (2x1 crops, 8x4 patches, not downsampled), 90x40 -> 52 (1x2 crops,
+        unpadded), 80x50 -> 44 (2x2 crops unpadded to 6x8 patches, downsampled to 4x6), 40x40 -> 46 (8x8 to 5x5).
+        The tokenizer is LLaVA's plus a ``<video>`` token (the model's video token id), added here only.
+        """
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+        from vtprune.models.tiny import LLAVA_TEMPLATE
+
+        tokenizer.add_tokens(["<video>"], special_tokens=True)
+        vocab = len(tokenizer)
+        pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+        config = LlavaOnevisionConfig(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False,
+            ),
+            text_config=dict(
+                model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=cls.tiny_text_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            ),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio="anyres_max_2",
+        )
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+        processor = image_only_processor()(
+            image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
+            chat_template=LLAVA_TEMPLATE, vision_aspect_ratio="anyres_max_2",
+        )
+        return model, processor
 
 
 def _step(values: list[float]) -> float:

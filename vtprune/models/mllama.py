@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.models.layout import Box, TokenLayout, grid_boxes, to_image
 from vtprune.strategies.base import Signals, sample_generators
@@ -60,6 +61,8 @@ class MllamaAdapter(Adapter):
     family = "mllama"
     model_class = "MllamaForConditionalGeneration"
     model_types = ("mllama",)
+    tiny_text_layers = 5
+    tiny_token_names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"}
     cross_attention = True
     prunes_at = "after the 1st cross-attention layer"
 
@@ -268,8 +271,6 @@ class MllamaAdapter(Adapter):
     @classmethod
     def max_visual_tokens(cls, hf_config) -> int:
         """Every tile of the largest canvas, each its patches and a CLS token."""
-        from vtprune.bench.kv import tile_tokens
-
         return hf_config.vision_config.max_num_tiles * tile_tokens(hf_config)
 
     def num_synthetic_visual(self) -> int:
@@ -300,8 +301,6 @@ class MllamaAdapter(Adapter):
         transformer layers over the tiles' tokens together, each tile's patches + CLS padded to a multiple of 8 as
         transformers pads them (masked, but computed: every query-key pair counts), then the projector
         (``vision_output_dim`` → text hidden) over the unpadded tokens. Tile embeddings and gates are left out."""
-        from vtprune.bench.cost import encoder_layer_flops
-
         vision, tiles = hf_config.vision_config, hf_config.vision_config.max_num_tiles
         patches = (vision.image_size // vision.patch_size) ** 2
         padded = patches + 1 + (-(patches + 1)) % 8
@@ -309,6 +308,49 @@ class MllamaAdapter(Adapter):
         layer = encoder_layer_flops(tiles * padded, vision.hidden_size, vision.intermediate_size)
         projector = 2 * tiles * (patches + 1) * vision.vision_output_dim * hf_config.text_config.hidden_size
         return embed + (vision.num_hidden_layers + vision.num_global_layers) * layer + projector
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab, text=None, vision=None):
+        from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+        image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
+        vision = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+            image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64,
+            supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+            initializer_range=0.2,
+        ) | (vision or {})
+        config = MllamaConfig(
+            vision_config=vision,
+            text_config=dict(
+                vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=cls.tiny_text_layers,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=2048,
+                initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ) | (text or {}),
+            image_token_index=image_token_id,
+        )
+        model = MllamaForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            # Real checkpoints have trained, non-zero tanh gates; a fresh init has zero gates, which would make
+            # the image (and hence any visual-token pruning) invisible in the output.
+            for layer in model.model.language_model.layers:
+                if hasattr(layer, "cross_attn_attn_gate"):
+                    layer.cross_attn_attn_gate.fill_(1.0)
+                    layer.cross_attn_mlp_gate.fill_(1.0)
+        size = vision["image_size"]
+        image_processor = MllamaImageProcessorPil(size={"height": size, "width": size}, max_image_tiles=vision["max_num_tiles"])
+        processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_MLLAMA_TEMPLATE)
+        return model, processor
+
+
+def tile_tokens(config) -> int:
+    """Mllama: visual tokens of one tile, its patches and a CLS token."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side * side + 1
 
 
 def cross_attention_scores(layer, hidden, states, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
@@ -363,3 +405,11 @@ def _take_columns(mask: torch.Tensor, state: _TrimState) -> torch.Tensor:
     index = state.gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1).to(mask.device)
     taken = torch.gather(mask, 3, index)
     return taken.masked_fill(~state.gather_valid[:, None, None, :].to(mask.device), torch.finfo(mask.dtype).min)
+
+
+_MLLAMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|image|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)

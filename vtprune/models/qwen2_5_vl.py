@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import PrunePlan, SampleRecord, register_family
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.models.llava import LlavaAdapter, VisualTokens
@@ -48,6 +49,11 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     model_types = ("qwen2_5_vl",)
+    # Like Qwen: no BOS, the turn ends with <|im_end|>; Qwen's specials come after the shared ones, so that the other
+    # families' tokenizers (and weights) stay as they are.
+    tiny_token_names = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+    tiny_specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                     "<|video_pad|>")
 
     @classmethod
     def load_processor(cls, path):
@@ -296,8 +302,6 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
     @classmethod
     def _tower_flops(cls, hf_config, rows: int, cols: int) -> int:
         """``vision_flops`` of an image of ``rows × cols`` patches."""
-        from vtprune.bench.cost import encoder_layer_flops
-
         vision = hf_config.vision_config
         merge, hidden, patches = vision.spatial_merge_size, vision.hidden_size, rows * cols
         window = vision.window_size // merge // vision.patch_size  # in merged patches
@@ -314,6 +318,50 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         merged = merge * merge * hidden
         merger = 2 * (patches // merge**2) * merged * (merged + vision.out_hidden_size)
         return embed + blocks + merger
+
+    # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, tokenizer, vocab, text=None, vision=None):
+        """Qwen2.5-VL: dynamic resolution (8-px patches, 2x2 merge), window attention with full-attention blocks, M-RoPE.
+
+        Images are resized to multiples of 16 px with an area between 32x32 and 96x96 pixels, so a picture gives 4 to 36
+        visual tokens and different sizes give different counts (width x height: 40x30 -> 4, 30x70 -> 8, 56x56 -> 16,
+        112x56 -> 28, 112x112 -> 36).
+        Windows are 32 px (2x2 merged tokens): images larger than one window really use window attention in
+        blocks 0 and 2, while blocks 1 and 3 attend over the whole image.
+        """
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+        )}
+        patch, merge, temporal = 8, 2, 2
+        config = Qwen2_5_VLConfig(
+            vision_config=dict(
+                depth=4, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3, patch_size=patch,
+                spatial_merge_size=merge, temporal_patch_size=temporal, window_size=32, out_hidden_size=64,
+                fullatt_block_indexes=[1, 3], tokens_per_second=2, initializer_range=0.2,
+            ) | (vision or {}),
+            text_config=dict(
+                vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=cls.tiny_text_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            ) | (text or {}),
+            **ids,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96}, patch_size=patch, merge_size=merge,
+            temporal_patch_size=temporal,
+        )
+        processor = image_only_processor()(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_TEMPLATE
+        )
+        return model, processor
 
 
 def image_only_processor():
@@ -352,3 +400,11 @@ def fitted_grid(height: int, width: int, cells: int) -> tuple[int, int]:
             if error <= tolerance and key > best_key:
                 best, best_key = (h, w), key
     return best
+
+
+_QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

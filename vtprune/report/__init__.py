@@ -4,6 +4,7 @@
 """
 
 from vtprune.report.load import Results, load_results
-from vtprune.report.tables import accuracy_frame, merged_frame, speed_frame, write_report
+from vtprune.report.document import write_report
+from vtprune.report.tables import accuracy_frame, merged_frame, speed_frame
 
 __all__ = ["Results", "accuracy_frame", "load_results", "merged_frame", "speed_frame", "write_report"]

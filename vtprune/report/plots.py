@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vtprune.report.tables import is_reference, row_timing_noisy, task_columns
+
 
 def _pyplot():
     import matplotlib
@@ -24,11 +26,9 @@ def _slug(*parts) -> str:
 
 def accuracy_plots(acc: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[tuple[str, str], Path]:
     """One PNG per (model, task column): % of unpruned vs achieved keep fraction, one line per strategy."""
-    from vtprune.report.tables import _task_columns
-
     out = {}
     for model, group in acc.groupby("model", sort=True):
-        for task, metric, label in _task_columns(group):
+        for task, metric, label in task_columns(group):
             points = group[(group["task"] == task) & (group["metric"] == metric)]
             points = points.dropna(subset=["pct_of_unpruned", "kept_fraction_mean"])
             if points.empty:
@@ -69,14 +69,12 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
 
     The unpruned reference is drawn in every strategy's figure so each reads on its own.
     """
-    from vtprune.report.tables import _is_reference, row_timing_noisy
-
     plt = _pyplot()
     out = {}
     for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
         latency = "e2e_ms" if group["e2e_ms"].notna().any() else "ttft_ms"
-        reference = group[_is_reference(group)]
-        for strategy, rows in group[~_is_reference(group)].groupby("strategy", sort=True):
+        reference = group[is_reference(group)]
+        for strategy, rows in group[~is_reference(group)].groupby("strategy", sort=True):
             fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
             lines = [("none @ 1", reference)] + [(f"keep {r:g}", g) for r, g in rows.groupby("keep_ratio", sort=True)]
             for name, line in lines:
@@ -98,7 +96,7 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[
             path = plots_dir / f"speed_{_slug(model, device, dtype, strategy)}.png"
             _save(fig, path)
             out[(model, device, dtype, strategy)] = path
-        if group[~_is_reference(group)].empty:
+        if group[~is_reference(group)].empty:
             notes.append(f"{model} ({device}, {dtype}): only unpruned bench rows, no speed plot")
     return out
 

@@ -4,9 +4,6 @@ format the result as markdown, CSV or JSON."""
 from __future__ import annotations
 
 import math
-import os
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pandas as pd
 
@@ -33,7 +30,7 @@ _ACC_KEY = ["model", "task", "metric"]
 _SPEED_KEY = ["model", "device", "dtype", "batch_size"]
 
 
-def _is_reference(frame: pd.DataFrame) -> pd.Series:
+def is_reference(frame: pd.DataFrame) -> pd.Series:
     return (frame["strategy"] == "none") & ((pd.to_numeric(frame["keep_ratio"]) - 1.0).abs() < 1e-9)
 
 
@@ -54,7 +51,7 @@ def accuracy_frame(metrics: pd.DataFrame, samples: dict[str, list[dict]] | None 
     scored = m["scored"].fillna(True).astype(bool) if "scored" in m.columns else True
     # A value without a score (e.g. no judge API key) must never be shown as a number.
     m["scored"] = scored & m["value"].notna()
-    ref = m[_is_reference(m) & m["scored"]][[*_ACC_KEY, "value"]].rename(columns={"value": "ref_value"})
+    ref = m[is_reference(m) & m["scored"]][[*_ACC_KEY, "value"]].rename(columns={"value": "ref_value"})
     m = m.merge(ref.drop_duplicates(_ACC_KEY), on=_ACC_KEY, how="left")
     usable = m["scored"] & m["ref_value"].notna() & (m["ref_value"] != 0)
     m["pct_of_unpruned"] = (100 * m["value"] / m["ref_value"]).where(usable)
@@ -76,7 +73,7 @@ def _with_fidelity(m: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFr
             m[column] = float("nan")
         return m
     # Fidelity is per task: the unpruned run of the task, whether or not each of its metrics is scored.
-    refs = m[_is_reference(m)].drop_duplicates(["model", "task"]).set_index(["model", "task"])["run_dir"]
+    refs = m[is_reference(m)].drop_duplicates(["model", "task"]).set_index(["model", "task"])["run_dir"]
     by_pair: dict[tuple, dict] = {}  # (reference run, run) -> compare()'s summary per task
 
     def summary(row) -> dict:
@@ -104,12 +101,12 @@ def speed_frame(bench: pd.DataFrame, every_row: pd.DataFrame | None = None) -> p
     if bench.empty:
         return bench
     b = _with_figures(bench)
-    ref = b[_is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
+    ref = b[is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
     b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
     rows = b if every_row is None or every_row.empty else every_row
     if "run_dir" in b.columns and "run_dir" in rows.columns:
         key = [*_SPEED_KEY, "run_dir"]
-        own = _with_figures(rows[_is_reference(rows)])[[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
+        own = _with_figures(rows[is_reference(rows)])[[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
         b = b.merge(own.rename(columns={c: f"{c}_own" for c in SPEED_COLUMNS}).assign(_own=True), on=key, how="left")
         has_own = b.pop("_own").eq(True)
         for column in SPEED_COLUMNS:
@@ -179,11 +176,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _order(frame: pd.DataFrame) -> pd.DataFrame:
     """The reference row first, then strategies by name, keep ratios from high to low."""
-    return frame.assign(_ref=~_is_reference(frame)).sort_values(
+    return frame.assign(_ref=~is_reference(frame)).sort_values(
         ["_ref", "strategy", "keep_ratio"], ascending=[True, True, False], kind="stable").drop(columns="_ref")
 
 
-def _task_columns(acc: pd.DataFrame) -> list[tuple[str, str, str]]:
+def task_columns(acc: pd.DataFrame) -> list[tuple[str, str, str]]:
     """(task, metric, header) per column; the metric is named only where a task has several."""
     pairs = acc[["task", "metric"]].drop_duplicates().sort_values(["task", "metric"]).itertuples(index=False)
     pairs = list(pairs)
@@ -214,12 +211,12 @@ def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str])
         return out + ["No accuracy results.", ""]
     for model, group in acc.groupby("model", sort=True):
         out += [f"### {model}{_mark(group)}", ""]
-        columns = _task_columns(group)
+        columns = task_columns(group)
         for task, metric, _ in columns:
             cell = group[(group["task"] == task) & (group["metric"] == metric)]
             if not cell["scored"].any():
                 notes.append(f"{model}, {task} ({metric}): unscored in every run")
-            elif not (_is_reference(cell) & cell["scored"]).any():
+            elif not (is_reference(cell) & cell["scored"]).any():
                 notes.append(f"{model}, {task} ({metric}): no scored unpruned row (strategy none, keep 1.0): "
                              "scores shown without % of unpruned")
             elif (cell["ref_value"] == 0).all():
@@ -346,7 +343,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
         header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS] + [
             name for name, _ in IDEAL_COLUMNS.values()]
         for batch_size, batch in group.groupby("batch_size", sort=True):
-            if not _is_reference(batch).any():
+            if not is_reference(batch).any():
                 notes.append(f"{model} ({device}, {dtype}), batch size {batch_size}: no unpruned row "
                              "(strategy none, keep 1.0): figures shown without ratios")
             rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
@@ -372,53 +369,11 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) 
     return out + [""]
 
 
-def _flagged(frame: pd.DataFrame, column: str) -> bool:
+def flagged(frame: pd.DataFrame, column: str) -> bool:
     return column in frame and frame[column].fillna(False).astype(bool).any()
 
 
 def _mark(group: pd.DataFrame) -> str:
     """The label a model's tables carry: tiny random models give smoke figures, micro models micro-model figures."""
     return "".join(f" — {mark}" for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK))
-                   if _flagged(group, column))
-
-
-def header_section(results: Results, root: Path) -> list[str]:
-    runs = results.runs
-    out = ["# vtprune report", ""]
-    for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK)):
-        if any(_flagged(frame, column) for frame in (runs, results.metrics, results.bench)):
-            out += [f"> **{mark}**", ""]
-    versions = sorted({", ".join(f"{k} {v}" for k, v in (r or {}).items() if v) for r in runs.get("versions", [])})
-    dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
-    out += [
-        f"- Results: `{root}` ({len(runs)} runs)",
-        f"- Device: {'; '.join(sorted(set(runs.get('device', pd.Series()).dropna().astype(str)))) or 'unknown'}",
-        f"- dtype: {', '.join(sorted(set(runs.get('dtype', pd.Series()).dropna().astype(str)))) or 'unknown'}",
-        f"- Versions: {'; '.join(versions) or 'unknown'}",
-        f"- Runs dated: {dates[0]} … {dates[-1]}" if dates else "- Runs dated: unknown",
-        f"- Report written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- '{UNSCORED}': the run recorded outputs but no score (e.g. a judge-scored task without an API key).",
-        "",
-    ]
-    return out
-
-
-def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path) -> str:
-    """The markdown report; plots are written under ``plots_dir`` and linked relative to ``output``."""
-    from vtprune.report.plots import accuracy_plots, fidelity_plots, speed_plots
-
-    notes = list(results.notes)
-    acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench, results.bench_rows)
-    base = output.parent if output is not None else Path.cwd()
-
-    def relative(path: Path) -> str:
-        return Path(os.path.relpath(path, base)).as_posix()
-
-    acc_plots = {**accuracy_plots(acc, plots_dir, notes), **fidelity_plots(acc, plots_dir)} if not acc.empty else {}
-    speed_plots_ = speed_plots(speed, plots_dir, notes) if not speed.empty else {}
-    lines = header_section(results, root)
-    lines += accuracy_section(acc, acc_plots, relative, notes)
-    lines += speed_section(speed, speed_plots_, relative, notes)
-    if notes:
-        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
-    return "\n".join(lines)
+                   if flagged(group, column))

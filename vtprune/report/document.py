@@ -1,0 +1,63 @@
+"""The markdown report: the header, then the tables of ``vtprune.report.tables`` with the figures that
+``vtprune.report.plots`` draws from the same frames, then the notes both collected."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from vtprune.report.load import Results
+from vtprune.report.plots import accuracy_plots, fidelity_plots, speed_plots
+from vtprune.report.tables import (
+    MICRO_MARK,
+    SMOKE_MARK,
+    UNSCORED,
+    accuracy_frame,
+    accuracy_section,
+    flagged,
+    speed_frame,
+    speed_section,
+)
+
+
+def header_section(results: Results, root: Path) -> list[str]:
+    runs = results.runs
+    out = ["# vtprune report", ""]
+    for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK)):
+        if any(flagged(frame, column) for frame in (runs, results.metrics, results.bench)):
+            out += [f"> **{mark}**", ""]
+    versions = sorted({", ".join(f"{k} {v}" for k, v in (r or {}).items() if v) for r in runs.get("versions", [])})
+    dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
+    out += [
+        f"- Results: `{root}` ({len(runs)} runs)",
+        f"- Device: {'; '.join(sorted(set(runs.get('device', pd.Series()).dropna().astype(str)))) or 'unknown'}",
+        f"- dtype: {', '.join(sorted(set(runs.get('dtype', pd.Series()).dropna().astype(str)))) or 'unknown'}",
+        f"- Versions: {'; '.join(versions) or 'unknown'}",
+        f"- Runs dated: {dates[0]} … {dates[-1]}" if dates else "- Runs dated: unknown",
+        f"- Report written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- '{UNSCORED}': the run recorded outputs but no score (e.g. a judge-scored task without an API key).",
+        "",
+    ]
+    return out
+
+
+def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path) -> str:
+    """The markdown report; plots are written under ``plots_dir`` and linked relative to ``output``."""
+    notes = list(results.notes)
+    acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench, results.bench_rows)
+    base = output.parent if output is not None else Path.cwd()
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path, base)).as_posix()
+
+    acc_plots = {**accuracy_plots(acc, plots_dir, notes), **fidelity_plots(acc, plots_dir)} if not acc.empty else {}
+    speed_plots_ = speed_plots(speed, plots_dir, notes) if not speed.empty else {}
+    lines = header_section(results, root)
+    lines += accuracy_section(acc, acc_plots, relative, notes)
+    lines += speed_section(speed, speed_plots_, relative, notes)
+    if notes:
+        lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
