@@ -130,3 +130,90 @@ def test_strategy_needing_llm_features_is_rejected_on_mllama(tmp_path):
                                           r"family 'mllama' does not provide \(allowed on mllama: cls_saliency, "
                                           r"fastervlm, hired, none, random, trimmed_llama, uniform\)"):
         load_config(write(tmp_path, data))
+
+
+# YAML that is valid but must not be taken: alias bombs and duplicate keys.
+
+
+def laughs(depth, width=9):
+    """A billion-laughs document: each level an anchored list of ``width`` aliases of the one below."""
+    lines = ['l0: &l0 "lol"']
+    lines += [f"l{d}: &l{d} [{', '.join([f'*l{d - 1}'] * width)}]" for d in range(1, depth + 1)]
+    return lines
+
+
+def expanding(field_line):
+    """A config whose ``field_line`` (at the top level) takes the bomb's last level."""
+    return "\n".join(["model: {path: 'tiny:llava'}", "anchors:", *("  " + line for line in laughs(9)), field_line])
+
+
+BOMBS = [
+    ("in a field whose error reprs its value", expanding("eval: {tasks: *l9}")),
+    ("in an unknown key", expanding("extra: *l9")),
+    ("in a strategy option", expanding("pruning: {strategy: adav, options: {budget_thres: *l9}}")),
+    ("in bench sizes", expanding("bench: {batch_sizes: *l9}")),
+    ("wide and shallow", "\n".join(["model: {path: 'tiny:llava'}", "anchors:", *("  " + line for line in laughs(3, 30)),
+                                    "seed: [" + ", ".join(["*l3"] * 30) + "]"])),
+    ("recursive", "model: {path: 'tiny:llava'}\nbench: {batch_sizes: &x [1, *x]}\n"),
+]
+
+
+@pytest.mark.parametrize("label,text", BOMBS, ids=[b[0] for b in BOMBS])
+def test_alias_bomb_is_refused_at_once(tmp_path, label, text):
+    import time
+
+    path = write(tmp_path, text)
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--dry-run", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (f"error: config: {path} expands its YAML aliases into more than 10000 values "
+                                     "(an alias bomb?; allowed: at most 10000 values made by aliases)")
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_few_aliases_are_fine(tmp_path):
+    text = "model: &m {path: 'tiny:llava'}\neval: {tasks: &t [vtprune_textvqa_mini]}\nbench: {batch_sizes: &b [1, 2]}\n"
+    text += "pruning: {keep_ratio: &r 0.5}\nx: [*m, *t, *b, *r]\n"
+    with pytest.raises(ConfigError, match="^x: unknown key"):  # the aliases themselves are taken
+        load_config(write(tmp_path, text))
+    config = load_config(write(tmp_path, text.replace("x:", "seed: 3\n#")))
+    assert config.eval.tasks == ["vtprune_textvqa_mini"] and config.pruning.keep_ratio == 0.5
+
+
+@pytest.mark.parametrize("value,shown", [
+    ("[" + ", ".join(["'" + "x" * 50 + "'"] * 2000) + "]", "seed: expected an integer, got ['xxxxx"),
+    ("{" + ", ".join(f"k{i}: [1, 2, 3]" for i in range(3000)) + "}", "seed: expected an integer, got {'k0': [1, 2, 3], "),
+    ('"' + "line\\n" * 5000 + '"', "seed: expected an integer, got 'line\\nline\\n"),
+])
+def test_a_large_value_is_shown_short_on_one_line(tmp_path, value, shown):
+    """Below the alias bound a value can still be big: an error line shows it cut, on one line."""
+    path = write(tmp_path, f"model: {{path: 'tiny:llava'}}\nseed: {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    line = str(error.value)
+    assert line.startswith(shown) and "\n" not in line and len(line) < 250, line
+
+
+DUPLICATES = [
+    ("top level", "model: {path: 'tiny:llava'}\nseed: 1\nseed: 2\n", "seed: duplicate key at line 3 of {p} (first at line 2; allowed: each key once)"),
+    ("nested block", "model: {path: 'tiny:llava'}\npruning:\n  strategy: uniform\n  keep_ratio: 0.5\n  keep_ratio: 0.25\n",
+     "pruning.keep_ratio: duplicate key at line 5 of {p} (first at line 4; allowed: each key once)"),
+    ("a whole section", "model: {path: 'tiny:llava'}\nmodel: {path: 'tiny:mllama'}\n",
+     "model: duplicate key at line 2 of {p} (first at line 1; allowed: each key once)"),
+    ("flow mapping", "model: {path: 'tiny:llava', path: 'tiny:mllama'}\n",
+     "model.path: duplicate key at line 1 of {p} (first at line 1; allowed: each key once)"),
+    ("inside options", "model: {path: 'tiny:llava'}\npruning:\n  strategy: adav\n  options:\n    budget_thres: 0.1\n    budget_thres: 0.2\n",
+     "pruning.options.budget_thres: duplicate key at line 6 of {p} (first at line 5; allowed: each key once)"),
+    ("generation", "model: {path: 'tiny:llava'}\neval:\n  generation: {max_new_tokens: 4, max_new_tokens: 8}\n",
+     "eval.generation.max_new_tokens: duplicate key at line 3 of {p} (first at line 3; allowed: each key once)"),
+]
+
+
+@pytest.mark.parametrize("label,text,message", DUPLICATES, ids=[d[0] for d in DUPLICATES])
+def test_duplicate_keys_are_refused(tmp_path, label, text, message):
+    path = write(tmp_path, text)
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--dry-run", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == "error: " + message.format(p=path)
+    assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from vtprune.errors import ConfigError
+from vtprune.errors import ConfigError, shown
 
 WEIGHTS = ("pretrained", "random")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -125,7 +125,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path.read_text(), path)
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
         raise ConfigError(f"config: cannot read {path} as a YAML file: {reason}") from None
@@ -151,6 +151,54 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     return config_from_dict(data)
 
 
+# A config is a few dozen values: past this many copies made by YAML aliases, the file is refused before it is built,
+# so that an alias bomb (billion laughs) can neither eat memory nor make an error line endless.
+MAX_VALUES = 10_000
+
+
+def _read_yaml(text: str, path: Path):
+    """The YAML document in ``text``, refusing duplicate keys (YAML keeps the last one silently) and documents that
+    expand past ``MAX_VALUES``; checked on the composed node graph, where an alias is a shared node, not a copy."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}
+        _check_nodes(root, path)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def _check_nodes(root, path: Path) -> None:
+    stack, seen, copies = [(root, "", False)], set(), 0
+    while stack:
+        node, where, copy = stack.pop()
+        copy = copy or id(node) in seen  # reached again through an alias: all below it are copies
+        seen.add(id(node))
+        copies += copy
+        if copies > MAX_VALUES:
+            raise ConfigError(f"config: {path} expands its YAML aliases into more than {MAX_VALUES} "
+                              f"values (an alias bomb?; allowed: at most {MAX_VALUES} values made by aliases)")
+        if isinstance(node, yaml.MappingNode):
+            lines = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                line = key.start_mark.line + 1
+                if name is not None and (key.tag, name) in lines:
+                    raise ConfigError(f"{where}{_key(name)}: duplicate key at line {line} of {path} (first at line "
+                                      f"{lines[key.tag, name]}; allowed: each key once)")
+                lines[key.tag, name] = line
+                stack.append((value, f"{where}{_key(name)}.", copy))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}{i}.", copy) for i, item in enumerate(node.value))
+
+
+def _key(name) -> str:
+    """A key as an error line names it: plain names as they are, anything else (a newline, an int) as a short repr."""
+    return name if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and len(name) <= 60 else shown(name)
+
+
 def merge_sections(data: dict, sections: dict) -> dict:
     """``data`` with each section's keys merged over its own (a mapping) or replacing it (anything else)."""
     merged = dict(data)
@@ -170,11 +218,11 @@ def config_from_dict(data: dict) -> Config:
 
 def _build(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping, got {shown(data)}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (allowed: {', '.join(names)})")
+        raise ConfigError(f"{prefix}{_key(unknown[0])}: unknown key (allowed: {', '.join(names)})")
     hints = get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
@@ -199,13 +247,13 @@ def _coerce(value, hint, key):
     if base is list and isinstance(value, (str, int, float)):
         return [value]
     if not isinstance(value, base) or (base in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {allowed[base]}{' or null' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{key}: expected {allowed[base]}{' or null' if optional else ''}, got {shown(value)}")
     return value
 
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(allowed)})")
+        raise ConfigError(f"{key}: {shown(value)} is not allowed (allowed: {', '.join(allowed)})")
 
 
 def validate(config: Config) -> None:
@@ -213,7 +261,7 @@ def validate(config: Config) -> None:
 
     m, p = config.model, config.pruning
     if not NAME_PATTERN.fullmatch(config.name) or config.name in (".", ".."):
-        raise ConfigError(f"name: '{config.name}' is not allowed (allowed: {NAME_ALLOWED})")
+        raise ConfigError(f"name: {shown(config.name)} is not allowed (allowed: {NAME_ALLOWED})")
     from vtprune.models import FAMILIES
 
     _choice("model.family", m.family, ["auto", *FAMILIES.names()])
@@ -221,7 +269,7 @@ def validate(config: Config) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.attn_implementation", m.attn_implementation, ATTN)
     if not (m.device in ("auto", "cpu", "cuda") or m.device.startswith("cuda:") and m.device[5:].isdigit()):
-        raise ConfigError(f"model.device: '{m.device}' is not allowed (allowed: auto, cpu, cuda, cuda:N)")
+        raise ConfigError(f"model.device: {shown(m.device)} is not allowed (allowed: auto, cpu, cuda, cuda:N)")
     if m.path.startswith("tiny:"):
         from vtprune.models.tiny import TINY_FAMILIES
 
@@ -240,7 +288,7 @@ def validate(config: Config) -> None:
             allowed = ", ".join(strategy.options) or "none"
             moved = any(key in keys for keys in SETTINGS.values())
             hint = f"; where it prunes is set by pruning.placement.{key}" if moved else ""
-            raise ConfigError(f"pruning.options.{key}: strategy '{p.strategy}' has no such option (allowed: {allowed}){hint}")
+            raise ConfigError(f"pruning.options.{_key(key)}: strategy '{p.strategy}' has no such option (allowed: {allowed}){hint}")
         _check_option(f"pruning.options.{key}", value, strategy.options[key])
     family = declared_family(config)
     if family in FAMILIES:
@@ -252,7 +300,7 @@ def validate(config: Config) -> None:
     # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:
     # indexing every lmms-eval task takes seconds, too slow for each config load.
     if not config.eval.tasks or not all(isinstance(t, str) and t for t in config.eval.tasks):
-        raise ConfigError(f"eval.tasks: {config.eval.tasks!r} must be a non-empty list of task names")
+        raise ConfigError(f"eval.tasks: {shown(config.eval.tasks)} must be a non-empty list of task names")
     if config.eval.limit is not None and config.eval.limit < 1:
         raise ConfigError(f"eval.limit: {config.eval.limit} must be a positive integer or null")
     if config.eval.batch_size < 1:
@@ -260,14 +308,14 @@ def validate(config: Config) -> None:
     check_generation(config.eval.generation)
     b = config.bench
     if not b.batch_sizes or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in b.batch_sizes):
-        raise ConfigError(f"bench.batch_sizes: {b.batch_sizes} must be a list of positive integers")
+        raise ConfigError(f"bench.batch_sizes: {shown(b.batch_sizes)} must be a list of positive integers")
     for key in ("prompt_tokens", "new_tokens", "repeats"):
         if getattr(b, key) < 1:
             raise ConfigError(f"bench.{key}: {getattr(b, key)} must be a positive integer")
     if b.warmup < 0:
         raise ConfigError(f"bench.warmup: {b.warmup} must be zero or a positive integer")
     if b.threads is not None and b.threads < 1:
-        raise ConfigError(f"bench.threads: {b.threads!r} must be a positive integer or null")
+        raise ConfigError(f"bench.threads: {shown(b.threads)} must be a positive integer or null")
 
 
 def _check_option(key: str, value, option) -> None:
@@ -276,9 +324,9 @@ def _check_option(key: str, value, option) -> None:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok = True
     if not ok:
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {shown(value)}")
     if option.choices and value not in option.choices:
-        raise ConfigError(f"{key}: '{value}' is not allowed (allowed: {', '.join(map(str, option.choices))})")
+        raise ConfigError(f"{key}: {shown(value)} is not allowed (allowed: {', '.join(map(str, option.choices))})")
     if option.bounds and not option.bounds[0] <= value <= option.bounds[1]:
         raise ConfigError(f"{key}: {value} is outside the allowed range [{option.bounds[0]}, {option.bounds[1]}]")
 
@@ -287,10 +335,10 @@ def check_generation(values: dict, where: str = "eval.generation") -> None:
     """Generation keywords: known keys (GENERATION_KEYS), each value of its type and range; errors say ``where``."""
     for key, value in values.items():
         if key not in GENERATION:
-            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(GENERATION_KEYS)})")
+            raise ConfigError(f"{where}.{_key(key)}: unknown key (allowed: {', '.join(GENERATION_KEYS)})")
         ok, allowed = GENERATION[key]
         if not ok(value):
-            raise ConfigError(f"{where}.{key}: {value!r} is not allowed (allowed: {allowed})")
+            raise ConfigError(f"{where}.{key}: {shown(value)} is not allowed (allowed: {allowed})")
 
 
 def model_facts(model: ModelConfig, family: str | None) -> tuple[bool | None, int | None]:

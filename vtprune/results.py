@@ -35,6 +35,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,18 +47,45 @@ from pathlib import Path
 RUN_FILE = "run.json"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
+def umask() -> int:
+    """The process umask, read from /proc where it can be: ``os.umask`` reads it only by setting it, which another
+    thread creating a file at that moment would feel."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w"):
+    """A file object whose contents appear at ``path`` only once the block ends without an error: a temp file in
+    the same folder, renamed over ``path``; on any error (a full disk included) the temp file is removed and the
+    OSError names ``path``. The file gets the mode a plain ``open`` would (mkstemp's 0600 would hide results from
+    the others sharing a results folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
+            yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

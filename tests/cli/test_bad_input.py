@@ -247,7 +247,7 @@ def test_config_that_is_a_folder(tmp_path):
     (["bench", "--ratios", "0,0.5"], "--ratios: 0.0 is outside the allowed range (0, 1]"),
     (["bench", "--threads", "0"], "--threads: 0 must be a positive integer or null"),
     (["eval", "--dry-run", "--limit", "0"], "--limit: 0 must be a positive integer"),
-    (["eval", "--dry-run", "--tasks", ","], "--tasks: [] must be a non-empty list of task names"),
+    (["eval", "--dry-run", "--tasks", ","], "--tasks: ',' must be a comma-separated list of str values, none empty"),
     (["generate", "--keep-ratio", "2", "-q", "?"], "--keep-ratio: 2.0 is outside the allowed range (0, 1]"),
     (["generate", "--strategy", "magic", "-q", "?"], "--strategy: unknown strategy 'magic' (allowed: adav, "),
 ])
@@ -297,3 +297,78 @@ def test_an_unreadable_image_in_the_eval_data_is_one_line(tmp_path, monkeypatch,
     line = error_line(result)
     assert line.startswith("error: eval data: ") and where in line and "readable" in line
     assert not (out / "c").exists() or not any((out / "c").iterdir())
+
+
+# 10. an empty item in a comma list is a value lost in typing, not one to skip
+
+
+@pytest.mark.parametrize("args,option,text,kind", [
+    (["sweep", "ratios", "--ratios", "0.5,,0.25"], "--ratios", "0.5,,0.25", "float"),
+    (["sweep", "ratios", "--ratios", "0.5,0.25,"], "--ratios", "0.5,0.25,", "float"),
+    (["sweep", "ratios", "--ratios", "0.5", "--strategies", ",uniform"], "--strategies", ",uniform", "str"),
+    (["bench", "--ratios", " , 0.5"], "--ratios", " , 0.5", "float"),
+    (["bench", "--batch-sizes", "1,,4"], "--batch-sizes", "1,,4", "int"),
+    (["bench", "--strategies", "uniform, ,random"], "--strategies", "uniform, ,random", "str"),
+    (["cost", "--ratios", ""], "--ratios", "", "float"),
+    (["eval", "--tasks", "vtprune_textvqa_mini,,vtprune_vqav2_mini"], "--tasks",
+     "vtprune_textvqa_mini,,vtprune_vqav2_mini", "str"),
+    (["show", "--strategies", "uniform,", "--image", "IMAGE", "-q", "?"], "--strategies", "uniform,", "str"),
+])
+def test_an_empty_list_item_is_refused(tmp_path, no_model, args, option, text, kind):
+    args = [image(tmp_path) if a == "IMAGE" else a for a in args]
+    out = tmp_path / ("kept.png" if args[0] == "show" else "out")
+    line = error_line(invoke(*args, "-c", config(tmp_path), *(["-o", out] if args[0] != "cost" else [])))
+    assert line == f"error: {option}: {text!r} must be a comma-separated list of {kind} values, none empty"
+    assert not out.exists()
+
+
+# 11. generate / show options that used to fail inside the model
+
+
+@pytest.mark.parametrize("tokens", ["0", "-1", "-100"])
+def test_max_new_tokens_must_be_positive(tmp_path, no_model, tokens):
+    line = error_line(invoke("generate", "-c", config(tmp_path), "--image", image(tmp_path), "-q", "?",
+                             "--max-new-tokens", tokens))
+    assert line == f"error: --max-new-tokens: {tokens} is not allowed (allowed: a positive integer)"
+
+
+@pytest.mark.parametrize("raw,what,position", [
+    (b"caf\xe9?", "byte 0xe9", 4),  # Latin-1
+    (b"\xff\xfe what", "byte 0xff", 1),
+    (b"ok \xe2\x82", "byte 0xe2", 4),  # a UTF-8 sequence cut short
+])
+@pytest.mark.parametrize("command", ["generate", "show"])
+def test_a_question_that_is_not_utf8(tmp_path, no_model, command, raw, what, position):
+    # What Python makes of such argv bytes: surrogate escapes.
+    question = raw.decode("utf-8", "surrogateescape")
+    out = tmp_path / "kept.png"
+    extra = ["-o", out] if command == "show" else []
+    line = error_line(invoke(command, "-c", config(tmp_path), "--image", image(tmp_path), "-q", question, *extra))
+    assert line == f"error: --question: {what} at position {position} is not UTF-8 text (allowed: UTF-8 text)"
+    assert not out.exists()
+
+
+SHOW_TYPES = ".png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff"
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("kept.xyz", "'.xyz' is not an image type show writes"),
+    ("kept.txt", "'.txt' is not an image type show writes"),
+    ("kept.png.part", "'.part' is not an image type show writes"),
+    ("kept", "no image extension"),
+])
+def test_show_output_of_an_unknown_type(tmp_path, no_model, name, problem):
+    out = tmp_path / "out" / name
+    line = error_line(invoke("show", "-c", config(tmp_path), "--image", image(tmp_path), "-q", "?", "-o", out))
+    assert line == f"error: --output: {name}: {problem} (allowed: {SHOW_TYPES})"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,format", [("kept.JPG", "JPEG"), ("kept.webp", "WEBP"), ("kept.tif", "TIFF")])
+def test_show_writes_the_type_its_extension_names(tmp_path, name, format):
+    out = tmp_path / name
+    result = invoke("show", "-c", config(tmp_path), "--image", image(tmp_path), "-q", "?", "-o", out)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as written:
+        assert written.format == format
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from vtprune.errors import ConfigError, VtpruneError
+from vtprune.errors import ConfigError, VtpruneError, shown
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see README: Config reference).")]
 OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Results folder (overrides output_dir).")]
@@ -31,15 +32,25 @@ OVERRIDE_OPTIONS = {
 INTERRUPTED = "interrupted — run the same command again to resume"
 
 
-def fail(message: str) -> typer.Exit:
-    """Print one line on stderr and return the exit to raise (code 2: bad input)."""
+# OSError numbers that are a fault of the machine, not of the input: one line and exit code 1.
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+ENVIRONMENT_ERRNOS = FULL | {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EIO}
+# The variables that place the folders vtprune and its libraries write into (the caches of vtprune, lmms-eval and
+# Hugging Face datasets), most specific first: a fault in one of them names the variable to change.
+FOLDER_VARIABLES = ("VTPRUNE_CACHE", "LMMS_EVAL_DATASETS_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME",
+                    "TMPDIR", "HOME")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one line on stderr and return the exit to raise (code 2: bad input; 1: a fault of the machine)."""
     typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
+    return typer.Exit(code)
 
 
 def handle_errors(fn):
-    """Turn a VtpruneError into one line and exit code 2, Ctrl-C into one line and exit code 130 (finished
-    results are on disk, so the same command resumes); a traceback only with VTPRUNE_DEBUG=1."""
+    """Turn a VtpruneError into one line and exit code 2, a full disk or a folder that cannot be written into one
+    line and exit code 1, Ctrl-C into one line and exit code 130 (finished results are on disk, so the same command
+    resumes); a traceback only with VTPRUNE_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -54,19 +65,57 @@ def handle_errors(fn):
                 raise
             typer.echo(INTERRUPTED, err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):  # exceptions too, but already the command's chosen ending
+            raise
+        except Exception as exc:
+            line = environment_fault(exc)
+            if line is None or os.environ.get("VTPRUNE_DEBUG"):
+                raise
+            raise fail(line, 1) from None
 
     return wrapper
+
+
+def environment_fault(exc: BaseException) -> str | None:
+    """The error line for a full disk or an unusable folder anywhere in ``exc``'s chain (libraries wrap the OSError:
+    lmms-eval's retries, safetensors' Rust errors), else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return _fault_line(exc.errno, exc.strerror, exc.filename)
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return _fault_line(errno.ENOSPC, "No space left on device", None)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _fault_line(number: int, reason: str, filename) -> str:
+    if number in FULL:
+        where = f" writing {filename}" if filename else ""
+        return f"{reason.lower()}{where} (free some space, then run the same command again)"
+    path = os.path.abspath(os.fsdecode(filename)) if filename else None
+    for variable in FOLDER_VARIABLES:
+        value = os.environ.get(variable, "")
+        folder = os.path.abspath(value) if value else None
+        if path and folder and folder != os.path.dirname(folder) and Path(path).is_relative_to(folder):
+            others = ", or VTPRUNE_CACHE and HF_HOME" if variable == "HOME" else ""
+            return f"{variable}: cannot use {path}: {reason} (set {variable} to a writable folder{others})"
+    return f"cannot use {path or 'a file'}: {reason} (allowed: a folder that exists and is writable)"
 
 
 def parse_list(text: str | None, kind=str, name: str = "list") -> list | None:
     """``"1,4,16"`` → ``[1, 4, 16]``; a bad item is a VtpruneError naming the option."""
     if text is None:
         return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",")]
     try:
+        if "" in items:  # "0.5,,0.25" or a trailing comma: a value lost in typing, not one to skip
+            raise ValueError
         return [kind(t) for t in items]
     except ValueError:
-        raise VtpruneError(f"{name}: '{text}' must be a comma-separated list of {kind.__name__} values") from None
+        raise VtpruneError(f"{name}: {shown(text)} must be a comma-separated list of {kind.__name__} values, none "
+                           "empty") from None
 
 
 def load_cli_config(config: Path, **overrides):
@@ -149,6 +198,17 @@ def check_image(path: Path) -> None:
         read_image(path)
     except VtpruneError as exc:
         raise VtpruneError(f"--image: {exc}") from None
+
+
+def check_text(text: str, option: str) -> None:
+    """Text typed on the command line. The shell hands bytes that are not UTF-8 over as surrogate escapes, which no
+    tokenizer can encode: name the byte instead of failing deep inside the model."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise VtpruneError(f"{option}: {what} at position {exc.start + 1} is not UTF-8 text (allowed: UTF-8 text)") from None
 
 
 def check_strategies(names: list[str] | None) -> None:

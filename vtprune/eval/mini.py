@@ -11,8 +11,6 @@ lmms-eval's ``load_from_disk`` path, with the official tasks' own prompt and sco
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 MINI_VERSION = "v3"  # bump when the tables or the drawing change, so stale caches are not reused
@@ -38,34 +36,23 @@ _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 def mini_dataset_path(task: str) -> Path:
     """Folder of the saved ``DatasetDict`` of a mini task, built on first use."""
-    from vtprune.models.tiny import cache_root
+    from vtprune.models.tiny import cache_root, cached
 
     folder, _ = MINI_TASKS[task]
-    target = cache_root() / "mini" / f"{folder}-{MINI_VERSION}"
-    if not (target / "dataset_dict.json").exists():
-        _build(task, target)
-    return target
+    return cached(cache_root() / "mini" / f"{folder}-{MINI_VERSION}", lambda out: _build(task, out), task)
 
 
-def _build(task: str, target: Path) -> None:
+def _build(task: str, out: Path) -> None:
     import datasets
     from datasets.utils import logging as datasets_logging
 
     folder, split = MINI_TASKS[task]
     rows, features = {"textvqa": _textvqa, "vqav2": _vqav2, "llava_bench": _llava_bench}[folder]()
     data = datasets.DatasetDict({split: datasets.Dataset.from_list(rows, features=datasets.Features(features))})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     bars = datasets_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # for this save only: the user's setting is restored below
     try:
-        data.save_to_disk(str(tmp))
-        if target.exists():  # a half-built folder from a crash
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        data.save_to_disk(str(out))
     finally:
         if bars:
             datasets.enable_progress_bars()

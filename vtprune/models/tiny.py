@@ -2,7 +2,9 @@
 
 `tiny:<family>` resolves to a directory under the cache (``$VTPRUNE_CACHE`` or ``~/.cache/vtprune``)
 holding a normal transformers checkpoint + processor; it is built once, deterministically from a seed,
-and then loaded with ``from_pretrained`` exactly like a real checkpoint.
+and then loaded with ``from_pretrained`` exactly like a real checkpoint. Every cache entry (these and the mini task
+data, ``vtprune.eval.mini``) is made by ``cached``: built aside, a manifest of sizes and sha256 written last, renamed
+into place; checked on use and rebuilt when damaged.
 
 This file holds what the recipes share (the tokenizer, the cache, the LLaMA text and CLIP vision configs, LLaVA's
 chat template); each family's own recipe is its adapter's ``build_tiny``, beside its spec, so a new family is one
@@ -12,10 +14,16 @@ this module runs.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from vtprune.models.base import FAMILIES
@@ -61,20 +69,118 @@ def tiny_path(family: str) -> Path:
         from vtprune.errors import ConfigError
 
         raise ConfigError(f"model.path: unknown tiny model 'tiny:{family}' (allowed: {', '.join('tiny:' + f for f in TINY_FAMILIES)})")
-    target = cache_root() / "tiny" / f"{family}-{TINY_VERSION}"
-    if not (target / "config.json").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=target.parent))
+    return cached(cache_root() / "tiny" / f"{family}-{TINY_VERSION}", lambda out: _build(family, out), f"tiny:{family}")
+
+
+MANIFEST = "manifest.json"
+STALE_SECONDS = 3600  # a build folder this old is a killed build's: a real one takes seconds
+_hashed: set[Path] = set()  # entries whose files were hashed in this process: later uses check sizes only
+
+
+def cached(target: Path, build, what: str) -> Path:
+    """``target``, a cache entry that ``build(folder)`` fills, built when missing and rebuilt (with one note on stderr)
+    when a file differs from the size and sha256 its manifest recorded at build time. The entry is built in a hidden
+    folder beside it, its manifest written last, and renamed into place: a killed build never leaves an entry that
+    looks finished, and its hidden folder is removed by a later build."""
+    if (target / MANIFEST).exists():  # without one, an older vtprune's entry: rebuilt without a note
+        problem = entry_problem(target)
+        if problem is None:
+            return target
+        print(f"note: {what}: the cached copy in {target} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}@{socket.gethostname()}-", dir=target.parent))
+    try:
+        build(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1) + "\n")
+        _honour_umask(tmp)
+        if target.exists() or target.is_symlink():  # the damaged entry: moved aside first, as rename cannot replace it
+            trash = tmp.with_name(tmp.name + "-old")
+            target.rename(trash)
+            _remove(trash)
         try:
-            _build(family, tmp)
-            try:
-                tmp.rename(target)
-            except OSError:  # another process built it first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            tmp.rename(target)
+        except OSError:  # another process built it first
+            _remove(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _hashed.add(target)
     return target
+
+
+def entry_problem(target: Path) -> str | None:
+    """What is wrong with a cache entry, None when nothing is: every file of its manifest present at its size, and
+    (once per process: hashing is cheap but not free) of its sha256."""
+    try:
+        files = json.loads((target / MANIFEST).read_text())["files"]
+        for name, entry in files.items():
+            path = target / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["size"]:
+                return f"{name} has {path.stat().st_size} bytes, {entry['size']} were written"
+        if target not in _hashed:
+            for name, entry in files.items():
+                if _sha256(target / name) != entry["sha256"]:
+                    return f"{name} does not match the sha256 recorded when it was written"
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is not readable"
+    _hashed.add(target)
+    return None
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the hidden build folders of killed builds in ``folder``: older than STALE_SECONDS, or made on this
+    machine by a process that is gone."""
+    host = socket.gethostname()
+    for path in folder.glob(".*"):
+        owner = re.search(r"\.(\d+)@(.+)-[a-z0-9_]{8}(-old)?$", path.name)  # the names cached() gives
+        try:
+            old = time.time() - path.lstat().st_mtime > STALE_SECONDS
+        except OSError:  # removed meanwhile
+            continue
+        if old or owner and owner[2] == host and not _alive(int(owner[1])):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _honour_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and some writers (safetensors) make files 0600: give the entry the modes the
+    umask would, so that a cache shared by a group is readable by it."""
+    from vtprune.results import umask
+
+    mask = umask()
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _tokenizer(family: str, corpus=_CORPUS, vocab_size: int = 384):
