@@ -21,6 +21,7 @@ import torch
 
 from vtprune.errors import ConfigError
 from vtprune.flops import encoder_layer_flops
+from vtprune.merge import slot_features
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
 from vtprune.strategies.base import Signals, sample_generators
@@ -269,14 +270,9 @@ class LlavaAdapter(Adapter):
             feats = visual.features[b]
             if len(image_pos) != len(feats):
                 raise ValueError(f"sample {b}: {len(image_pos)} image tokens in the prompt for {len(feats)} features")
-            if selection.num_merged:
-                # A merged token sits in its anchor's slot (and keeps the anchor's position).
-                feats = feats.clone()
-                if before_projector is None:
-                    feats[selection.anchors] = selection.weights[:, : len(feats)].to(feats) @ feats
-                else:
-                    vectors, project = before_projector[0][b], before_projector[1]
-                    feats[selection.anchors] = project(selection.weights[:, : len(feats)].to(vectors) @ vectors).to(feats)
+            # A merged token sits in its anchor's slot (and keeps the anchor's position).
+            feats = slot_features(selection, feats, None if before_projector is None
+                                  else (before_projector[0][b], before_projector[1]))
             row = embeds[b].clone()
             row[image_pos] = feats.to(row.dtype)
             keep = selection.slots

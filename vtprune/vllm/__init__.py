@@ -1,0 +1,76 @@
+"""vtprune on vLLM: pre-LLM visual-token pruning inside a serving engine.
+
+vLLM fixes an image's placeholder count in its multimodal processor, before the vision tower runs. The plugin
+registers, per supported family, a model subclass whose processor emits ``budget(N, keep_ratio)`` placeholders and
+whose ``embed_multimodal`` fills them with the tokens vtprune's own strategy selects from the vision features: the
+same strategy functions and ``Selection`` contract as the Hugging Face engine, so the kept sets are equal.
+
+Only pre-LLM placements run here: vLLM's paged KV cache gives every decoder layer one sequence length, so an
+in-LLM cut (fastv, pdrop: later layers see fewer tokens) has no place to go. A config that asks for one is refused
+at load.
+
+This module imports no vLLM: it is the plugin's entry point (``vllm.general_plugins``) and the checks that the
+vtprune side runs before starting an engine.
+"""
+
+from __future__ import annotations
+
+from vtprune.errors import ConfigError
+
+#: family → (vLLM architecture vtprune registers, the module and class that implement it)
+ARCHITECTURES = {
+    "llava": ("VtpruneLlavaForConditionalGeneration", "vtprune.vllm.llava:VtpruneLlavaForConditionalGeneration"),
+}
+#: the signals a family's vLLM model computes without giving up its fused attention: the vision features, their
+#: layout, the CLS attention of the feature layer (recomputed for that one layer), and the prompt's text
+#: embeddings (the prompt reaches the processor through ``mm_processor_kwargs``)
+SIGNALS = {
+    "llava": ("features", "groups", "grid", "cls_attention", "text_embeds"),
+}
+#: the hf_config attribute the pruning plan travels in (``hf_overrides``), to the processor and the model
+CONFIG_KEY = "vtprune_pruning"
+#: ``mm_processor_kwargs`` keys of a request: its prompt text (chat-templated, the image token included) and its
+#: pruning plan (JSON: strategy, keep_ratio, options, seed), which overrides the engine's
+PROMPT_KEY = "vtprune_prompt"
+PLAN_KEY = "vtprune_plan"
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: vLLM calls it in every process it starts; registering is idempotent."""
+    from vllm import ModelRegistry
+
+    for architecture, target in ARCHITECTURES.values():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, target)
+
+
+def runs_on_vllm(strategy) -> bool | str:
+    """True, or why not: the families aside, a strategy runs on vLLM when it prunes before the LLM."""
+    if strategy.stage != "pre_llm":
+        return "it prunes inside the LLM (vLLM's paged KV cache gives every layer one length)"
+    return True
+
+
+def check(family: str, strategy) -> None:
+    """One line, before any engine starts, when ``strategy`` cannot run on ``family`` under vLLM."""
+    if family not in ARCHITECTURES:
+        raise ConfigError(f"engine: 'vllm' does not run model family '{family}' (allowed: {', '.join(ARCHITECTURES)})")
+    usable = [name for name, s in _strategies() if supported(family, s)]
+    why = runs_on_vllm(strategy)
+    if why is not True:
+        raise ConfigError(f"pruning.strategy: '{strategy.name}' cannot run on vLLM: {why} (allowed on vllm: "
+                          f"{', '.join(usable)})")
+    missing = [n for n in strategy.needs if n not in SIGNALS[family]]
+    if missing:
+        raise ConfigError(f"pruning.strategy: '{strategy.name}' needs the signal '{missing[0]}', which vtprune's vLLM "
+                          f"'{family}' model does not compute (allowed on vllm: {', '.join(usable)})")
+
+
+def supported(family: str, strategy) -> bool:
+    return runs_on_vllm(strategy) is True and set(strategy.needs) <= set(SIGNALS.get(family, ()))
+
+
+def _strategies():
+    from vtprune.strategies import STRATEGIES
+
+    return STRATEGIES.items()

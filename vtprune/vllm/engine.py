@@ -1,0 +1,121 @@
+"""A vtprune config served by vLLM: ``VllmPipeline.start(config)`` then ``generate(images, prompts)``, the same
+contract as ``vtprune.api.Pipeline`` (answer text, kept indices, visual-token count per sample).
+
+Runs in the vLLM environment (``scripts/install-vllm.sh``). One engine serves every pruning plan: the plan goes
+with each request (``mm_processor_kwargs``), so ``with_pruning`` gives another plan over the same engine, as the HF
+pipeline's does over the same weights, and a benchmark can interleave pruned and unpruned requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from vtprune.errors import ConfigError
+from vtprune.vllm import ARCHITECTURES, PLAN_KEY, PROMPT_KEY, check
+
+#: engine arguments for the CPU and the small models vtprune runs offline; a caller's own win
+CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 30}
+
+
+class VllmPipeline:
+    def __init__(self, config, llm, processor, family: str, kept_log: Path):
+        from vtprune.strategies import STRATEGIES
+
+        self.config, self.llm, self.processor, self.family, self.kept_log = config, llm, processor, family, kept_log
+        strategy = STRATEGIES.get(config.pruning.strategy)
+        check(family, strategy)
+        if config.pruning.placement:
+            raise ConfigError("pruning.placement: vLLM prunes before the LLM only; leave placement empty")
+        p = config.pruning
+        self.plan = {"strategy": p.strategy, "keep_ratio": p.keep_ratio, "options": dict(p.options), "seed": config.seed}
+
+    @classmethod
+    def start(cls, config, **engine_args) -> VllmPipeline:
+        """Start a vLLM engine on ``config``'s model (``micro:`` and local paths, HF ids) with vtprune's plugin."""
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ConfigError("engine: 'vllm' needs vLLM, which lives in its own environment: run "
+                              "`bash scripts/install-vllm.sh`, then use .venv-vllm/bin/vtprune") from None
+        from transformers import AutoConfig, AutoProcessor
+
+        from vtprune.models import resolve_path
+
+        path = resolve_path(config.model.path)
+        family = AutoConfig.from_pretrained(path).model_type
+        if family not in ARCHITECTURES:
+            raise ConfigError(f"engine: 'vllm' does not run model family '{family}' (allowed: {', '.join(ARCHITECTURES)})")
+        from vtprune.strategies import STRATEGIES
+
+        check(family, STRATEGIES.get(config.pruning.strategy))
+        # The model's process appends every selection here: the kept sets come back through it.
+        kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
+        os.environ["VTPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
+        dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
+        llm = LLM(model=path, dtype=dtype, seed=config.seed, limit_mm_per_prompt={"image": 1},
+                  hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **(CPU_ENGINE | engine_args))
+        return cls(config, llm, AutoProcessor.from_pretrained(path), family, kept_log)
+
+    def with_pruning(self, strategy: str | None = None, keep_ratio: float | None = None, options: dict | None = None):
+        p = self.config.pruning
+        pruning = p.point(strategy or p.strategy, p.keep_ratio if keep_ratio is None else keep_ratio)
+        if options is not None:
+            pruning["options"] = options
+        return VllmPipeline(self.config.replace(pruning=pruning), self.llm, self.processor, self.family, self.kept_log)
+
+    def request(self, image, prompt: str) -> dict:
+        """One vLLM request: the prompt's token ids exactly as the HF engine tokenizes them, the image, the plan."""
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}], add_generation_prompt=True
+        )
+        ids = self.processor.tokenizer(text)["input_ids"]
+        return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {PROMPT_KEY: text, PLAN_KEY: json.dumps(self.plan, sort_keys=True)}}
+
+    def expanded_ids(self, image, request: dict) -> list[int]:
+        """The prompt as the HF processor expands it (the seed key and the log tag are digests of it)."""
+        out = self.processor(text=[request["mm_processor_kwargs"][PROMPT_KEY]], images=[image], return_tensors="np")
+        return out["input_ids"][0].tolist()
+
+    def generate(self, images, prompts, max_new_tokens: int | None = None, **sampling) -> list:
+        """One image and one prompt per sample; greedy unless ``sampling`` says otherwise."""
+        import numpy as np
+        from vllm import SamplingParams
+
+        from vtprune.api import GenerationResult, _as_images
+        from vtprune.vllm.llava import image_tag
+
+        gen = dict(self.config.eval.generation)
+        images = _as_images(images)
+        requests = [self.request(img, p) for img, p in zip(images, prompts)]
+        params = SamplingParams(max_tokens=max_new_tokens or gen.get("max_new_tokens", 16),
+                                temperature=sampling.get("temperature", 0.0), seed=self.config.seed)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        kept = self.kept_sets()
+        image_id = self.llm.llm_engine.model_config.hf_config.image_token_index
+        results = []
+        for img, req, out in zip(images, requests, outputs):
+            ids = self.expanded_ids(img, req)
+            num_visual = ids.count(image_id)
+            if self.plan["strategy"] == "none":
+                record = {"kept": list(range(num_visual)), "merged": []}
+            else:
+                tag = image_tag(img, np.asarray(ids, dtype=np.int64).tobytes())
+                record = kept[(tag, json.dumps(self.plan, sort_keys=True))]
+            results.append(GenerationResult(
+                kept=sorted(record["kept"] + record["merged"]), merged=record["merged"], num_visual=num_visual,
+                text=out.outputs[0].text.strip(), input_tokens=len(ids), output_tokens=len(out.outputs[0].token_ids),
+                kept_slots=len(record["kept"]) + len(record["merged"]),
+            ))
+        return results
+
+    def kept_sets(self) -> dict:
+        """(tag, plan) → the selection the model logged."""
+        out = {}
+        for line in self.kept_log.read_text().splitlines():
+            row = json.loads(line)
+            out[(row["tag"], json.dumps(row["plan"], sort_keys=True))] = row
+        return out
