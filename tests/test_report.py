@@ -60,9 +60,10 @@ def build_results(root, with_reference=True, bench=True):
             _metric(strategy, ratio, "task_b", "gpt_eval", None, scored=False),
         ])
         write_json(run / "run.json", _run_json(run.name, "eval"))
-        if bench:
+        if bench:  # as a sweep benches: every point beside its own unpruned one
             run = root / "nested" / f"bench-{strategy}-{ratio}"
-            write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, b) for b in (1, 2)])
+            points = {("none", 1.0), (strategy, ratio)}
+            write_jsonl(run / "bench.jsonl", [_bench(s, r, b) for s, r in sorted(points) for b in (1, 2)])
             write_json(run / "run.json", _run_json(run.name, "bench"))
     return root
 
@@ -90,15 +91,17 @@ def test_markdown_report_tables_percentages_and_plots(tmp_path):
     assert "| uniform | 0.25 | 0.250 | 4.0 / 16.0 | — | 0.4 (50.0%) | unscored |" in text
     assert "nan" not in text.lower().replace("nano", "")
 
-    # Speed: ratios to the unpruned run of the same batch size. Batch 2, keep 0.5: e2e 160 / 200 = 0.80×;
-    # KV (24 + 8) · 64 KiB · 2 = 4 MiB vs (24 + 16) · 64 KiB · 2 = 5 MiB → 0.80×.
-    uniform_rows = _table_rows(text, "uniform")
-    assert any("| 160 ms (0.80×) |" in r and "| 4.00 MiB (0.80×) |" in r and "3.00 GiB (1.00×)" in r for r in uniform_rows)
-    assert any("| 50 ms (0.50×) |" in r and "| 1.75 MiB (0.70×) |" in r for r in uniform_rows)  # batch 1, keep 0.25
+    # Speed: each row against the none of its own bench (these benches predate interleaving: ratios of medians).
+    # Batch 2, keep 0.5: e2e 160 / 200 = 0.80×; KV (24 + 8) · 64 KiB · 2 = 4 MiB vs (24 + 16) · 64 KiB · 2 = 5 MiB.
+    half_b1, quarter_b1, half_b2, quarter_b2 = _table_rows(text, "uniform")[2:]  # after the two accuracy rows
+    assert ("| 200 → 160 ms, 0.80× (medians, no interval) | 3.00 → 3.00 GiB (1.00×) | 5.00 → 4.00 MiB (0.80×) |"
+            in half_b2)
+    assert "| 100 → 50 ms, 0.50× (medians, no interval) | 3.00 → 3.00 GiB (1.00×) | 2.50 → 1.75 MiB (0.70×) |" in quarter_b1
+    assert not [r for r in _table_rows(text, "none") if "MiB" in r]  # none is in every cell, not a row of its own
     assert text.count("Batch size 1:") == 1 and text.count("Batch size 2:") == 1
 
     pngs = sorted((tmp_path / "out" / "plots").glob("*.png"))
-    assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "speed"}
+    assert {p.name.split("_")[0] for p in pngs} == {"accuracy", "speed", "pareto"}
     for png in pngs:
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         with Image.open(png) as image:
@@ -191,39 +194,45 @@ def _paired(ttft, decode, e2e, noisy=False, rounds=5):
     return row
 
 
-def test_paired_ratios_show_their_interval_and_noisy_rows_are_no_results(tmp_path):
+ONE = (1.0, 1.0, 1.0)
+
+
+def write_benches(root, pruned):
+    """One bench run per pruned point, beside its own none: ``pruned[(strategy, ratio, batch)]`` = extra columns."""
+    for strategy, ratio in {(s, r) for s, r, _ in pruned}:
+        run = root / f"bench-{strategy}-{ratio}"
+        rows = [_bench("none", 1.0, b) | _paired(ONE, ONE, ONE) for b in (1, 2)]
+        rows += [_bench(s, r, b) | extra for (s, r, b), extra in pruned.items() if (s, r) == (strategy, ratio)]
+        write_jsonl(run / "bench.jsonl", rows)
+        write_json(run / "run.json", _run_json(run.name, "bench"))
+
+
+def test_paired_ratios_show_their_interval_and_noisy_timings_are_no_results(tmp_path):
     root = build_results(tmp_path / "results", bench=False)
-    one = (1.0, 1.0, 1.0)
-    paired = {
-        ("none", 1.0, 1): _paired(one, one, one), ("none", 1.0, 2): _paired(one, one, one),
+    write_benches(root, {
         ("uniform", 0.5, 1): _paired((0.62, 0.60, 0.64), (0.9, 0.88, 0.93), (0.85, 0.8, 0.9)),
         ("uniform", 0.5, 2): _paired((0.7, 0.5, 0.95), (0.9, 0.88, 0.93), (0.8, 0.7, 0.9), noisy=True),
         ("uniform", 0.25, 1): _paired((0.5, 0.5, 0.5), (0.6, 0.6, 0.6), (0.55, 0.55, 0.55), noisy=True, rounds=1),
         ("uniform", 0.25, 2): {},  # a bench from before interleaving: ratio of the medians, no interval
-    }
-    for strategy, ratio in SCORES:
-        run = root / f"bench-{strategy}-{ratio}"
-        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, b) | paired[strategy, ratio, b] for b in (1, 2)])
-        write_json(run / "run.json", _run_json(run.name, "bench"))
+    })
     result = _invoke(root, "-o", tmp_path / "r.md")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r.md").read_text()
-    none, uniform = ([r for r in _table_rows(text, s) if "GiB" in r] for s in ("none", "uniform"))  # speed tables
-
-    assert all("| 25 ms (1.00×) |" in r or "| 50 ms (1.00×) |" in r for r in none)  # the reference: no interval
-    # The measured paired ratio (0.62), not the ratio of the medians (20 / 25 = 0.80), with its interval.
-    assert "| 0.5 | 0.500 | 20 ms (0.62×, 0.60–0.64) | 10 ms (0.90×, 0.88–0.93) | 80 ms (0.85×, 0.80–0.90) |" in uniform[0]
-    # Noisy rows: a timing whose own interval is too wide shows only that interval (nothing with one round); the
-    # decode step, within ±10 % in the same row, is a result; memory and KV cache are shown either way.
-    assert "| noisy (0.50–0.95×) | 20 ms (0.90×, 0.88–0.93) | noisy (0.70–0.90×) | 3.00 GiB (1.00×) | 4.00 MiB (0.80×) |" \
-        in uniform[2]
-    assert "| noisy | noisy | noisy | 3.00 GiB (1.00×) | 1.75 MiB (0.70×) |" in uniform[1]
-    assert "160 ms" not in text and "| 100 ms (0.50×) |" in uniform[3]
-    assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 2, uniform @ 0.5: timings noisy, ratio interval "
-            "wider than ±10 % (TTFT 0.50–0.95×); each timing with so wide an interval is shown as 'noisy', not as a "
-            "result") in text
-    assert "batch size 1, uniform @ 0.25: timings noisy, one timed round gives no interval" in text
-    assert text.count("timings noisy") == 2
+    half_b1, quarter_b1, half_b2, quarter_b2 = [r for r in _table_rows(text, "uniform") if "GiB" in r]
+    # The measured paired ratio (0.62), not the ratio of the medians (20 / 25 = 0.80), with its interval, and the
+    # medians of both points of the same bench.
+    assert ("| 0.5 | 0.500 | 25 → 20 ms, 0.62× (0.60–0.64) | 12.5 → 10 ms, 0.90× (0.88–0.93) | "
+            "100 → 80 ms, 0.85× (0.80–0.90) | 3.00 → 3.00 GiB (1.00×) | 2.50 → 2.00 MiB (0.80×) |") in half_b1
+    # A timing whose own interval is too wide shows only that interval; the decode step, within ±10 % in the same
+    # row, is a result; memory and KV cache are shown either way.
+    assert ("| noisy (0.50–0.95×) | 25 → 20 ms, 0.90× (0.88–0.93) | noisy (0.70–0.90×) | 3.00 → 3.00 GiB (1.00×) | "
+            "5.00 → 4.00 MiB (0.80×) |") in half_b2
+    assert "| noisy (one round) | noisy (one round) | noisy (one round) | 3.00 → 3.00 GiB (1.00×) |" in quarter_b1
+    assert "| 50 → 25 ms, 0.50× (medians, no interval) |" in quarter_b2
+    noisy = [line for line in text.splitlines() if "timings shown as 'noisy'" in line]
+    assert noisy == ["- timings shown as 'noisy', not as results (95 % interval wider than ±10 % of the ratio, or one "
+                     "round; rerun with more `bench.repeats` or on a quieter machine): tiny:llava, batch 1: uniform "
+                     "0.25 (TTFT, decode, e2e) — tiny:llava, batch 2: uniform 0.5 (TTFT, e2e)"]
 
     result = _invoke(root, "--format", "csv", "-o", tmp_path / "r.csv")
     assert result.exit_code == 0, result.output
@@ -233,35 +242,104 @@ def test_paired_ratios_show_their_interval_and_noisy_rows_are_no_results(tmp_pat
 
 def test_speed_table_shows_measured_and_ideal_speedups(tmp_path):
     root = build_results(tmp_path / "results", bench=False)
-    one = (1.0, 1.0, 1.0)
-    ideal = {"ideal_ttft_speedup": 2.05, "ideal_decode_speedup": 1.25}
-    extra = {
-        ("none", 1.0): _paired(one, one, one) | {"ideal_ttft_speedup": 1.0, "ideal_decode_speedup": 1.0},
-        ("uniform", 0.5): _paired((0.625, 0.62, 0.63), (0.9, 0.89, 0.91), (0.8, 0.79, 0.81)) | ideal,
-        ("uniform", 0.25): _paired((0.5, 0.4, 0.7), (0.9, 0.88, 0.93), (0.8, 0.7, 0.9), noisy=True) | ideal,
-    }
-    for strategy, ratio in SCORES:
-        run = root / f"bench-{strategy}-{ratio}"
-        # batch 2 is a bench from before the ideal was recorded
-        padding = {"kept_padding": 0.125 if strategy != "none" else 0.0}
-        write_jsonl(run / "bench.jsonl", [_bench(strategy, ratio, 1) | extra[strategy, ratio] | padding,
-                                          _bench(strategy, ratio, 2) | _paired(one, one, one)])
-        write_json(run / "run.json", _run_json(run.name, "bench"))
+    ideal = {"ideal_ttft_speedup": 2.05, "ideal_decode_speedup": 1.25, "kept_padding": 0.125}
+    write_benches(root, {
+        ("uniform", 0.5, 1): _paired((0.625, 0.62, 0.63), (0.9, 0.89, 0.91), (0.8, 0.79, 0.81)) | ideal,
+        # a decode step 2× faster against an ideal of 1.25×: more than 105 % of the ideal is flagged
+        ("uniform", 0.25, 1): _paired((0.5, 0.4, 0.7), (0.5, 0.49, 0.51), (0.8, 0.79, 0.81)) | ideal,
+        ("uniform", 0.5, 2): _paired(ONE, ONE, ONE),  # a bench from before the ideal and the padding were recorded
+    })
     result = _invoke(root, "-o", tmp_path / "r.md")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r.md").read_text()
     assert "| TTFT ×ideal | decode ×ideal |" in text
-    none, uniform = ([r for r in _table_rows(text, s) if "GiB" in r] for s in ("none", "uniform"))
-    assert none[0].endswith("| 1.00× / 1.00× (100 %) | 1.00× / 1.00× (100 %) |")
+    half_b1, quarter_b1, half_b2 = [r for r in _table_rows(text, "uniform") if "GiB" in r]
     # 1 / 0.625 = 1.60× of an ideal 2.05×: 78 %; decode 1 / 0.9 = 1.11× of 1.25×: 89 %
-    assert uniform[0].endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
-    # TTFT noisy: no measured figure, the ideal stands; the decode step's interval (0.88–0.93) holds: 1 / 0.9 = 1.11×
-    assert uniform[1].endswith("| noisy / 2.05× | 1.11× / 1.25× (89 %) |")
-    assert none[1].endswith("| — | — |") and uniform[2].endswith("| — | — |")
-    # padded kept sets are named under Notes; none pads nothing, and batch 2 predates the column
-    assert ("- tiny:llava (cpu (x86_64, 2 cores), float32), batch size 1, uniform @ 0.5: kept counts differ per sample; "
-            "12 % of the batch's kept-token slots were padding, which its timings and ideal include") in text
-    assert text.count("slots were padding") == 2
+    assert half_b1.endswith("| 1.60× / 2.05× (78 %) | 1.11× / 1.25× (89 %) |")
+    # TTFT noisy: no measured figure, the ideal stands; decode 1 / 0.5 = 2.00× of 1.25× = 160 %
+    assert quarter_b1.endswith("| noisy / 2.05× | 2.00× / 1.25× (160 %, above ideal) |")
+    assert half_b2.endswith("| — | — |")
+    notes = text.partition("## Notes")[2]
+    assert ("- measured speed-up above 105 % of the ideal: more than the work saved explains (a device that runs the "
+            "smaller shapes faster, or a reference slowed by something else); check before quoting it: tiny:llava, "
+            "batch 1: uniform 0.25 (decode)\n") in notes
+    assert ("- kept counts differed per sample: share of the batch's kept-token slots that were padding, which the "
+            "timings and the ideal include: tiny:llava, batch 1: uniform 0.5 12 %, uniform 0.25 12 %") in notes
+    assert notes.count("padding") == 1
+
+
+def test_a_two_round_ratio_is_flagged_and_a_wide_interval_is_noisy_whatever_the_row_says(tmp_path):
+    # dart's e2e 0.81× (0.38–1.24) in a row the bench did not flag noisy; a two-round interval 1.24–1.24
+    root = build_results(tmp_path / "results", bench=False)
+    write_benches(root, {
+        ("uniform", 0.5, 1): _paired((0.62, 0.60, 0.64), (0.9, 0.88, 0.93), (0.81, 0.38, 1.24), noisy=False),
+        ("uniform", 0.25, 1): _paired((1.24, 1.24, 1.24), (0.9, 0.9, 0.9), (0.8, 0.8, 0.8), rounds=2),
+    })
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    half, quarter = [r for r in _table_rows(text, "uniform") if "GiB" in r]
+    assert "| 100 → 80 ms" not in half and "| noisy (0.38–1.24×) | 3.00 → 3.00 GiB" in half
+    assert ("| 25 → 12.5 ms, 1.24× (2 rounds: no interval) | 12.5 → 6.25 ms, 0.90× (2 rounds: no interval) | "
+            "100 → 50 ms, 0.80× (2 rounds: no interval) |") in quarter
+    assert "1.24–1.24" not in text
+    assert ("- ratios from two timed rounds, shown without an interval (a weak result; bench with `bench.repeats` ≥ "
+            "3): tiny:llava, batch 1: uniform 0.25") in text
+    assert "tiny:llava, batch 1: uniform 0.5 (e2e)" in text
+
+
+def test_speed_tables_name_the_measurements_cpu_threads():
+    from vtprune.report.tables import _threads
+
+    assert _threads(2) == " (2 CPU threads)"
+    assert _threads(1.0) == " (1 CPU thread)"
+    assert _threads(float("nan")) == ""  # rows from before bench.threads
+    assert _threads(None) == ""
+
+
+def test_each_row_is_against_its_own_benchs_none_and_a_bench_without_one_has_no_ratios(tmp_path):
+    # Bench uniform @ 0.5 one day, uniform @ 0.25 another: each run measured its own `none`, and each row's timings,
+    # memory and KV ratios are against it; a run that measured no `none` gets no ratio from another run's.
+    root = tmp_path / "results"
+    gib = 2**30
+    runs = {
+        "old": ("2025-01-01T00:01:00+00:00", 1, [("none", 1.0, 4), ("uniform", 0.5, 3)]),
+        "new": ("2025-01-02T00:01:00+00:00", 1, [("none", 1.0, 8), ("uniform", 0.25, 6)]),
+        "lone": ("2025-01-03T00:01:00+00:00", 2, [("uniform", 0.25, 2)]),
+        "other": ("2025-01-03T00:01:00+00:00", 2, [("none", 1.0, 8)]),
+    }
+    for name, (finished, batch, points) in runs.items():
+        rows = [_bench(s, r, batch) | {"peak_memory_bytes": peak * gib} for s, r, peak in points]
+        if name == "old":
+            rows[0]["ttft_ms"] = 40.0  # 20 ms pruned: 0.50× of its own none, not 20 / 25 of the newer one
+        write_jsonl(root / name / "bench.jsonl", rows)
+        write_json(root / name / "run.json", _run_json(name, "bench") | {"finished": finished})
+    result = _invoke(root, "-o", tmp_path / "r.md")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    half, quarter_b1, quarter_b2 = _table_rows(text, "uniform")
+    assert "| 40 → 20 ms, 0.50× (medians, no interval) |" in half and "| 4.00 → 3.00 GiB (0.75×) |" in half
+    assert "| 8.00 → 6.00 GiB (0.75×) |" in quarter_b1
+    assert "| 25 ms | 12.5 ms | 100 ms | 2.00 GiB | 3.50 MiB | — | — |" in quarter_b2
+    assert ("- no unpruned point in the row's own bench: figures shown without ratios: tiny:llava, batch 2: uniform "
+            "0.25") in text
+
+
+def test_timing_status_judges_each_timing_by_its_own_interval():
+    from vtprune.report.tables import timing_status
+
+    nan = float("nan")
+    assert timing_status(5, 0.7, 0.5, 0.95) == "noisy"  # 0.45 wide > ±10 % of 0.7
+    # the run of llava-next-7b-proxy-b8-llm-r5: TTFT 0.742 (0.719–0.863) holds, its decode (0.64–1.01) does not
+    assert timing_status(5, 0.742, 0.719, 0.863) == "ok"
+    assert timing_status(5, 0.788, 0.639, 1.005) == "noisy"
+    assert timing_status(1, 0.5, 0.5, 0.5) == "noisy"  # one round: no interval at all
+    assert timing_status(2, 1.24, 1.24, 1.24) == "few rounds"
+    assert timing_status(2, 1.24, 0.9, 1.6) == "noisy"  # too wide beats too few
+    assert timing_status(3, 1.24, 1.24, 1.24) == "ok"
+    assert timing_status(nan, 0.5, nan, nan) == "no interval" and timing_status(None, 0.5, None, None) == "no interval"
+    assert timing_status(5, nan, nan, nan) == "missing"
+    assert timing_status(nan, 0.5, 0.49, 0.51) == "ok"  # a row that does not say how many rounds: its interval
 
 
 def _topk(probs):
@@ -313,56 +391,3 @@ def test_micro_models_are_labelled_micro_model_figures(tmp_path):
     assert "smoke figures" not in text
     assert text.count("micro-model figures") == 2  # the banner and the model's table
     assert "### micro:llava — micro-model figures" in text
-
-
-def test_speed_tables_name_the_measurements_cpu_threads():
-    import pandas as pd
-
-    from vtprune.report.tables import _threads
-
-    assert _threads(pd.DataFrame({"threads": [2, 2]})) == " (2 CPU threads)"
-    assert _threads(pd.DataFrame({"threads": [1.0]})) == " (1 CPU thread)"
-    assert _threads(pd.DataFrame({"threads": [1, 2]})) == " (1/2 CPU threads)"
-    assert _threads(pd.DataFrame({"ttft_ms": [3.0]})) == ""  # rows from before bench.threads
-    assert _threads(pd.DataFrame({"threads": [None]})) == ""
-
-
-def test_a_later_bench_does_not_rebase_an_earlier_runs_memory_ratios(tmp_path):
-    # Bench uniform @ 0.5 one day, uniform @ 0.25 another: each run measured its own `none`, the newer `none` is the
-    # table's reference row, and each row's memory and KV ratios stay against its own run's `none`.
-    root = tmp_path / "results"
-    gib = 2**30
-    runs = {
-        "old": ("2025-01-01T00:01:00+00:00", [("none", 1.0, 4), ("uniform", 0.5, 3)]),
-        "new": ("2025-01-02T00:01:00+00:00", [("none", 1.0, 8), ("uniform", 0.25, 6)]),
-        "lone": ("2025-01-03T00:01:00+00:00", [("uniform", 0.25, 2)]),  # no `none` of its own: the newest one
-    }
-    for name, (finished, points) in runs.items():
-        batch = 2 if name == "lone" else 1
-        rows = [_bench(s, r, batch) | {"peak_memory_bytes": peak * gib} for s, r, peak in points]
-        if name == "new":
-            rows.append(_bench("none", 1.0, 2) | {"peak_memory_bytes": 8 * gib})
-        write_jsonl(root / name / "bench.jsonl", rows)
-        write_json(root / name / "run.json", _run_json(name, "bench") | {"finished": finished})
-    result = _invoke(root, "-o", tmp_path / "r.md")
-    assert result.exit_code == 0, result.output
-    text = (tmp_path / "r.md").read_text()
-    none, half, quarter = (_table_rows(text, f"{s} | {r}") for s, r in (("none", 1), ("uniform", 0.5), ("uniform", 0.25)))
-    assert [r.count("| 8.00 GiB (1.00×) |") for r in none] == [1, 1]  # batch 1: the newer run's `none` only
-    assert "| 3.00 GiB (0.75×) |" in half[0]  # against 4 GiB, its own run's, not 8 GiB (0.38×)
-    assert "| 6.00 GiB (0.75×) |" in quarter[0]
-    assert "| 2.00 GiB (0.25×) |" in quarter[1]  # batch 2 from "lone": against the newest `none`
-
-
-def test_a_noisy_rows_timing_is_judged_by_its_own_interval():
-    from vtprune.report.tables import timing_noisy
-
-    nan = float("nan")
-    assert timing_noisy(False, 5, 0.7, 0.5, 0.95) is False  # a row not flagged shows every timing
-    assert timing_noisy(True, 5, 0.7, 0.5, 0.95) is True  # 0.45 wide > ±10 % of 0.7
-    # the run of llava-next-7b-proxy-b8-llm-r5: TTFT 0.742 (0.719–0.863) holds, its decode (0.64–1.01) does not
-    assert timing_noisy(True, 5, 0.742, 0.719, 0.863) is False
-    assert timing_noisy(True, 5, 0.788, 0.639, 1.005) is True
-    assert timing_noisy(True, 1, 0.5, 0.5, 0.5) is True  # one round: no interval at all
-    assert timing_noisy(True, 5, nan, nan, nan) is True and timing_noisy(True, 5, None, None, None) is True
-    assert timing_noisy(True, nan, 0.5, 0.49, 0.51) is True  # a row that does not say how many rounds

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from vtprune.report.load import Results
-from vtprune.report.plots import accuracy_plots, fidelity_plots, speed_plots
+from vtprune.report.plots import accuracy_plots, fidelity_plots, pareto_plots, speed_plots
 from vtprune.report.tables import (
     MICRO_MARK,
     SMOKE_MARK,
@@ -18,6 +18,7 @@ from vtprune.report.tables import (
     accuracy_frame,
     accuracy_section,
     flagged,
+    grouped_notes,
     speed_frame,
     speed_section,
 )
@@ -29,7 +30,9 @@ def header_section(results: Results, root: Path) -> list[str]:
     for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK)):
         if any(flagged(frame, column) for frame in (runs, results.metrics, results.bench)):
             out += [f"> **{mark}**", ""]
-    versions = sorted({", ".join(f"{k} {v}" for k, v in (r or {}).items() if v) for r in runs.get("versions", [])})
+    # An older run.json without versions reads NaN here.
+    versions = sorted({", ".join(f"{k} {v}" for k, v in r.items() if v) for r in runs.get("versions", [])
+                       if isinstance(r, dict)})
     dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
     out += [
         f"- Results: `{root}` ({len(runs)} runs)",
@@ -39,25 +42,34 @@ def header_section(results: Results, root: Path) -> list[str]:
         f"- Runs dated: {dates[0]} … {dates[-1]}" if dates else "- Runs dated: unknown",
         f"- Report written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"- '{UNSCORED}': the run recorded outputs but no score (e.g. a judge-scored task without an API key).",
-        "",
     ]
-    return out
+    # What whoever ran a bench wrote about its conditions (e.g. a busy machine) belongs beside its figures.
+    said = runs[["name", "note"]].dropna() if {"name", "note"} <= set(runs.columns) else pd.DataFrame()
+    out += [f"- Run `{row.name}`: {row.note}" for row in said.itertuples()]
+    return out + [""]
 
 
-def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path) -> str:
-    """The markdown report; plots are written under ``plots_dir`` and linked relative to ``output``."""
-    notes = list(results.notes)
+def write_report(results: Results, root: Path, output: Path | None, plots_dir: Path | None) -> str:
+    """The markdown report; plots are written under ``plots_dir`` (none when it is None) and linked relative to
+    ``output``."""
+    notes, flags = list(results.notes), {}
     acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench, results.bench_rows)
     base = output.parent if output is not None else Path.cwd()
 
     def relative(path: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
 
-    acc_plots = {**accuracy_plots(acc, plots_dir, notes), **fidelity_plots(acc, plots_dir)} if not acc.empty else {}
-    speed_plots_ = speed_plots(speed, plots_dir, notes) if not speed.empty else {}
+    acc_plots, speed_plots_ = {}, {}
+    if plots_dir is not None:
+        if not acc.empty:
+            acc_plots = {**accuracy_plots(acc, plots_dir), **fidelity_plots(acc, plots_dir),
+                         **pareto_plots(acc, speed, plots_dir)}
+        if not speed.empty:
+            speed_plots_ = speed_plots(speed, plots_dir)
     lines = header_section(results, root)
-    lines += accuracy_section(acc, acc_plots, relative, notes)
-    lines += speed_section(speed, speed_plots_, relative, notes)
+    lines += accuracy_section(acc, acc_plots, relative, notes, flags)
+    lines += speed_section(speed, speed_plots_, relative, notes, flags)
+    notes += grouped_notes(flags)
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,13 @@ from vtprune.errors import VtpruneError
 from vtprune.results import RUN_FILE, read_jsonl
 
 ROW_FILES = ("metrics.jsonl", "bench.jsonl")
+# What the report groups and joins on: a row without one of them cannot be placed in any table.
+REQUIRED = {
+    "metrics.jsonl": ("model", "strategy", "keep_ratio", "task", "metric"),
+    "bench.jsonl": ("model", "strategy", "keep_ratio", "batch_size", "device", "dtype"),
+    "samples.jsonl": ("task", "doc_id", "output"),
+}
+CHECKOUT = Path(__file__).resolve().parents[2]  # the vtprune checkout this report runs from
 
 
 class CorruptFile(Exception):
@@ -47,11 +55,14 @@ def load_results(root: str | Path) -> Results:
         except CorruptFile as exc:
             notes.append(f"{exc}, skipped")
             continue
+        if "versions" not in run:
+            notes.append(f"{run_dir / RUN_FILE}: an older run.json without `versions`: its package versions are unknown")
         run["run_dir"] = str(run_dir)
         runs.append(run)
         samples[str(run_dir)] = sample_rows
         for name, out in (("metrics.jsonl", metrics), ("bench.jsonl", bench)):
             for row in rows[name]:
+                row["model"] = model_name(row["model"])
                 row["run_dir"] = str(run_dir)
                 row.setdefault("run", run.get("name"))
                 row.setdefault("smoke", run.get("smoke", False))
@@ -61,9 +72,16 @@ def load_results(root: str | Path) -> Results:
     if not runs:
         skipped = f" ({len(notes)} skipped: {notes[0]})" if notes else ""
         raise VtpruneError(f"RESULTS_DIR: no complete runs (run.json) below {root}{skipped}")
-    return Results(pd.DataFrame(runs), _latest(pd.DataFrame(metrics), ["model", "strategy", "keep_ratio", "task", "metric"]),
-                   _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size"]), notes,
-                   samples, pd.DataFrame(bench))
+    latest_metrics = _latest(pd.DataFrame(metrics), ["model", "strategy", "keep_ratio", "task", "metric"])
+    latest_bench = _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size",
+                                                 "threads"])
+    # A run whose every row a newer run replaced is counted in the header but in no table: say which and why.
+    shown = {d for frame in (latest_metrics, latest_bench) for d in frame.get("run_dir", [])}
+    hidden = [Path(r["run_dir"]).relative_to(root).as_posix() for r in runs
+              if r["run_dir"] not in shown and any(row["run_dir"] == r["run_dir"] for row in (*metrics, *bench))]
+    if hidden:
+        notes.append("not shown, every point of theirs measured again by a newer run: " + ", ".join(hidden))
+    return Results(pd.DataFrame(runs), latest_metrics, latest_bench, notes, samples, pd.DataFrame(bench))
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -71,25 +89,59 @@ def _run_dirs(root: Path) -> list[Path]:
     return sorted({f.parent for name in (RUN_FILE, "samples.jsonl", *ROW_FILES) for f in root.rglob(name)})
 
 
+def model_name(model) -> str:
+    """How a report names a model: hub ids and ``micro:`` / ``tiny:`` names as they are, a path inside the vtprune
+    checkout relative to it, any other absolute path by its last two components, so that no report carries the
+    folders of the machine that ran it (rows of older runs hold the absolute path)."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        return text
+    if path.is_relative_to(CHECKOUT):
+        return path.relative_to(CHECKOUT).as_posix()
+    return "/".join(path.parts[-2:])
+
+
 def _run_json(path: Path) -> dict:
-    """run.json as a dict (``{}`` when absent); CorruptFile when it is not a JSON object."""
+    """run.json as a dict (``{}`` when absent); CorruptFile when it is not a vtprune run.json (not a JSON object, or
+    another tool's file whose ``finished`` is not a timestamp)."""
     try:
         run = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
+    except ValueError:  # also bytes that are not UTF-8
         run = None
     if not isinstance(run, dict):
         raise CorruptFile(f"{path}: not a JSON object")
+    for key in ("started", "finished"):
+        if run.get(key) is not None and not _timestamp(run[key]):
+            raise CorruptFile(f"{path}: not a vtprune run.json ({key}: {json.dumps(run[key])[:40]}, not a time)")
+    if not isinstance(run.get("versions", {}), dict):
+        raise CorruptFile(f"{path}: not a vtprune run.json (versions is not an object)")
     return run
 
 
+def _timestamp(value) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file (none when absent); CorruptFile when a line is not a JSON object."""
+    """The rows of a JSONL file (none when absent); CorruptFile when a line is not a JSON object or lacks a field the
+    report places it by."""
     try:
         rows = read_jsonl(path) if path.is_file() else []
     except ValueError:
         rows = None
     if rows is None or not all(isinstance(row, dict) for row in rows):
         raise CorruptFile(f"{path}: a line is not a JSON object")
+    for number, row in enumerate(rows, 1):
+        missing = [key for key in REQUIRED[path.name] if row.get(key) is None]
+        if missing:
+            raise CorruptFile(f"{path}: row {number} has no {', '.join(missing)}")
+        if "keep_ratio" in row and not isinstance(row["keep_ratio"], (int, float)):
+            raise CorruptFile(f"{path}: row {number}: keep_ratio {json.dumps(row['keep_ratio'])[:40]} is not a number")
     return rows
 
 

@@ -1,14 +1,18 @@
-"""PNG plots (matplotlib, Agg): accuracy and first-token KL vs achieved keep fraction; latency and KV cache vs batch
-size."""
+"""PNG plots (matplotlib, Agg): accuracy and first-token KL vs achieved keep fraction; paired speed ratios vs achieved
+keep fraction; accuracy and loyalty vs measured TTFT speed-up and KV saved (Pareto)."""
 
 from __future__ import annotations
 
+import os
 import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
 
-from vtprune.report.tables import is_reference, row_timing_noisy, task_columns
+from vtprune.report.tables import SPEED_COLUMNS, TIMED, is_reference, row_timing_status, task_columns
+
+LEFT_OUT = ("noisy", "missing")  # timing statuses that are no result: named under the figure, never drawn
 
 
 def _pyplot():
@@ -20,11 +24,19 @@ def _pyplot():
     return plt
 
 
+MARKERS = "osD^v<>"
+
+
+def _styles(values) -> dict:
+    """One (colour, marker) per value, the same in every panel of a figure whatever each panel leaves out."""
+    return {v: (f"C{i % 10}", MARKERS[i // 10 % len(MARKERS)]) for i, v in enumerate(sorted(set(values)))}
+
+
 def _slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", "_".join(str(p) for p in parts)).strip("-")
 
 
-def accuracy_plots(acc: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[tuple[str, str], Path]:
+def accuracy_plots(acc: pd.DataFrame, plots_dir: Path) -> dict[tuple[str, str], Path]:
     """One PNG per (model, task column): % of unpruned vs achieved keep fraction, one line per strategy."""
     out = {}
     for model, group in acc.groupby("model", sort=True):
@@ -64,46 +76,143 @@ def _keep_plot(points: pd.DataFrame, column: str, ylabel: str, title: str, path:
     return path
 
 
-def speed_plots(speed: pd.DataFrame, plots_dir: Path, notes: list[str]) -> dict[tuple, Path]:
-    """One PNG per (model, device, dtype, strategy): latency and KV cache vs batch size, one line per keep ratio.
+def _timed_points(rows: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.Series]:
+    """The rows whose ``column`` timing is a result, and each one's (lo, hi) error-bar lengths; a ratio without a
+    usable interval (two rounds, medians) is drawn without a bar."""
+    status = pd.Series([row_timing_status(r, column) for r in rows.itertuples()], index=rows.index, dtype=object)
+    kept = rows[~status.isin(LEFT_OUT)]
+    ok = status[kept.index] == "ok"
+    ratio = kept[f"{column}_ratio"]
+    bars = [(ratio - kept[f"{column}_ratio_lo"]).where(ok, 0), (kept[f"{column}_ratio_hi"] - ratio).where(ok, 0)]
+    return kept, bars
 
-    The unpruned reference is drawn in every strategy's figure so each reads on its own.
-    """
+
+def _left_out(rows: pd.DataFrame, column: str) -> list[str]:
+    return [f"{r.strategy} {r.keep_ratio:g} batch {r.batch_size}" for r in rows.itertuples()
+            if row_timing_status(r, column) in LEFT_OUT]
+
+
+def speed_plots(speed: pd.DataFrame, plots_dir: Path) -> dict[tuple, Path]:
+    """One PNG per (model, device, dtype): TTFT, decode, end-to-end and KV-cache ratios to the ``none`` of each
+    row's own bench against the achieved keep fraction, one line per strategy and batch size, timings with their
+    95 % interval; timings that are no result are named under the figure instead."""
     plt = _pyplot()
     out = {}
+    speed = speed.assign(threads=speed["threads"] if "threads" in speed.columns else float("nan"))
     for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
-        latency = "e2e_ms" if group["e2e_ms"].notna().any() else "ttft_ms"
-        reference = group[is_reference(group)]
-        for strategy, rows in group[~is_reference(group)].groupby("strategy", sort=True):
-            fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-            lines = [("none @ 1", reference)] + [(f"keep {r:g}", g) for r, g in rows.groupby("keep_ratio", sort=True)]
-            for name, line in lines:
-                line = line.sort_values("batch_size")
-                if line.empty:
+        pruned = group[~is_reference(group) & group["ttft_ms_ref"].notna()].sort_values(
+            ["strategy", "keep_ratio", "batch_size"], ascending=[True, False, True])
+        if pruned.empty:
+            continue  # the table's notes say why
+        several = pruned["threads"].nunique() > 1
+        colours = _styles(pruned["strategy"])
+        markers = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(sorted(pruned["batch_size"].unique()))}
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+        left_out, handles = [], {}
+        for ax, column in zip(axes, (*TIMED, "kv_bytes")):
+            name = SPEED_COLUMNS[column][0]
+            if column in TIMED and _left_out(pruned, column):
+                left_out.append(f"{name}: {', '.join(_left_out(pruned, column))}")
+            for (strategy, batch, threads), line in pruned.groupby(["strategy", "batch_size", "threads"], sort=True,
+                                                                   dropna=False):
+                line = line.sort_values("kept_fraction_mean")
+                points, bars = _timed_points(line, column) if column in TIMED else (line, None)
+                if points.empty:
                     continue
-                # A noisy latency is no result (its interval is too wide): no point on the latency plot.
-                timed = line[~line.apply(lambda row: row_timing_noisy(row, latency), axis=1)]
-                left.plot(timed["batch_size"], timed[latency], marker="o", label=name)
-                right.plot(line["batch_size"], line["kv_bytes"] / 2**20, marker="o", label=name)
-            left.set(xlabel="batch size", ylabel=f"{'end-to-end' if latency == 'e2e_ms' else 'TTFT'} (ms)",
-                     title=f"{strategy}: latency")
-            right.set(xlabel="batch size", ylabel="KV cache (MiB)", title=f"{strategy}: KV cache")
-            for ax in (left, right):
-                ax.set_xticks(sorted(group["batch_size"].unique()))
-                ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
-            fig.suptitle(f"{model} ({device}, {dtype})", fontsize=9)
-            path = plots_dir / f"speed_{_slug(model, device, dtype, strategy)}.png"
-            _save(fig, path)
-            out[(model, device, dtype, strategy)] = path
-        if group[~is_reference(group)].empty:
-            notes.append(f"{model} ({device}, {dtype}): only unpruned bench rows, no speed plot")
+                label = f"{strategy}, batch {batch}" + (f", {threads:g} threads" if several else "")
+                handles[label] = ax.errorbar(points["kept_fraction_mean"], points[f"{column}_ratio"], yerr=bars,
+                                             color=colours[strategy][0], marker=markers[batch], capsize=3, label=label)
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+            ax.set(xlabel="achieved keep fraction", ylabel="pruned / none (own bench)", title=name)
+            ax.grid(alpha=0.3)
+        fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
+        footer = textwrap.wrap("Left out, no result (see Notes): " + "; ".join(left_out), 200) if left_out else []
+        if footer:
+            fig.text(0.01, 0.01, "\n".join(footer), fontsize=7, va="bottom")
+        fig.suptitle(f"{model} ({device}, {dtype}): ratio to the unpruned point of each row's own bench", fontsize=9)
+        height = 3.8 + 0.14 * len(footer)
+        fig.set_size_inches(15, height)
+        path = plots_dir / f"speed_{_slug(model, device, dtype)}.png"
+        _save(fig, path, rect=(0, 0.14 * len(footer) / height + (0.02 if footer else 0), 0.86, 1))
+        out[(model, device, dtype, "speed")] = path
     return out
 
 
-def _save(fig, path: Path) -> None:
+def pareto_plots(acc: pd.DataFrame, speed: pd.DataFrame, plots_dir: Path) -> dict[tuple[str, str], Path]:
+    """One PNG per (model, task column) that has both evals and benches: % of unpruned (and loyalty) against the
+    measured TTFT speed-up and the KV cache saved, one point per strategy × keep ratio, the bench at the model's
+    smallest batch size. Only points with both an eval and a bench row are drawn; TTFT speed-ups that are no result
+    are named under the figure."""
+    out = {}
+    if speed.empty or "ttft_ms_ref" not in speed.columns:
+        return out
+    for model, group in acc.groupby("model", sort=True):
+        bench = speed[(speed["model"] == model) & speed["ttft_ms_ref"].notna()]
+        if bench.empty:
+            continue
+        batch, device, dtype = bench.sort_values(["batch_size", "device", "dtype"]).iloc[0][["batch_size", "device",
+                                                                                              "dtype"]]
+        bench = bench[(bench["batch_size"] == batch) & (bench["device"] == device) & (bench["dtype"] == dtype)]
+        bench = bench.drop_duplicates(["strategy", "keep_ratio"], keep="last")
+        where = f"bench at batch size {batch} ({device}, {dtype})"
+        for task, metric, label in task_columns(group):
+            scores = group[(group["task"] == task) & (group["metric"] == metric)]
+            points = scores.merge(bench.drop(columns=["model", "kept_fraction_mean", "run_dir", "run"], errors="ignore"),
+                                  on=["strategy", "keep_ratio"], how="inner", suffixes=("", "_bench"))
+            points = points[points["pct_of_unpruned"].notna()]
+            if (~is_reference(points)).sum() == 0:
+                continue
+            path = plots_dir / f"pareto_{_slug(model, label)}.png"
+            out[(model, f"{label} Pareto")] = _pareto(points, f"{model}: {label} — {where}", path)
+    return out
+
+
+def _pareto(points: pd.DataFrame, title: str, path: Path) -> Path:
+    plt = _pyplot()
+    points = points.assign(kv_saved=100 * (1 - points["kv_bytes_ratio"]), speedup=1 / points["ttft_ms_ratio"])
+    timed, _ = _timed_points(points, "ttft_ms")
+    ys = [("pct_of_unpruned", "% of unpruned score")] + (
+        [("loyalty", "loyalty (same answer as unpruned)")] if points["loyalty"].notna().any() else [])
+    fig, axes = plt.subplots(len(ys), 2, figsize=(11, 3.6 * len(ys)), squeeze=False)
+    styles, handles = _styles(points["strategy"]), {}
+    for row_axes, (y, ylabel) in zip(axes, ys):
+        for ax, x, xlabel, drawn in ((row_axes[0], "speedup", "measured TTFT speed-up (1 / paired ratio)", timed),
+                                     (row_axes[1], "kv_saved", "KV cache saved (%)", points)):
+            for strategy, line in drawn.dropna(subset=[x, y]).groupby("strategy", sort=True):
+                line = line.sort_values("keep_ratio")
+                xerr = None
+                if x == "speedup":  # the speed-up's interval from the ratio's: 1 / hi … 1 / lo
+                    ok = [row_timing_status(r, "ttft_ms") == "ok" for r in line.itertuples()]
+                    xerr = [(line[x] - 1 / line["ttft_ms_ratio_hi"]).where(ok, 0),
+                            (1 / line["ttft_ms_ratio_lo"] - line[x]).where(ok, 0)]
+                colour, marker = styles[strategy]
+                handles[strategy] = ax.errorbar(line[x], line[y], xerr=xerr, color=colour, marker=marker, capsize=3)
+                for r in line.itertuples():
+                    ax.annotate(f"{r.keep_ratio:g}", (getattr(r, x), getattr(r, y)), fontsize=6,
+                                xytext=(3, 3), textcoords="offset points")
+            ax.set(xlabel=xlabel, ylabel=ylabel)
+            ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
+    left = _left_out(points[~is_reference(points)], "ttft_ms")
+    footer = textwrap.wrap("TTFT speed-up left out, no result (see Notes): " + ", ".join(left), 120) if left else []
+    if footer:
+        fig.text(0.01, 0.01, "\n".join(footer), fontsize=7, va="bottom")
+    fig.suptitle(f"{title}; labels: keep ratio", fontsize=9)
+    height = 3.6 * len(ys) + 0.14 * len(footer)
+    fig.set_size_inches(11, height)
+    _save(fig, path, rect=(0, 0.14 * len(footer) / height + (0.02 if footer else 0), 0.87, 1))
+    return path
+
+
+def _save(fig, path: Path, rect=(0, 0, 1, 1)) -> None:
+    """Written to a temp name and renamed, so that a killed report never leaves half a PNG behind."""
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.tight_layout(rect=rect)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)

@@ -30,8 +30,13 @@ _ACC_KEY = ["model", "task", "metric"]
 _SPEED_KEY = ["model", "device", "dtype", "batch_size"]
 
 
+def reference_point(strategy: str, keep_ratio: float) -> bool:
+    return strategy == "none" and abs(float(keep_ratio) - 1.0) < 1e-9
+
+
 def is_reference(frame: pd.DataFrame) -> pd.Series:
-    return (frame["strategy"] == "none") & ((pd.to_numeric(frame["keep_ratio"]) - 1.0).abs() < 1e-9)
+    return pd.Series([reference_point(s, r) for s, r in zip(frame["strategy"], frame["keep_ratio"])],
+                     index=frame.index, dtype=bool)
 
 
 def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -93,27 +98,21 @@ def _with_fidelity(m: pd.DataFrame, samples: dict[str, list[dict]]) -> pd.DataFr
 def speed_frame(bench: pd.DataFrame, every_row: pd.DataFrame | None = None) -> pd.DataFrame:
     """bench rows + ``kv_bytes`` and, per figure, ``<figure>_ref`` and ``<figure>_ratio`` to unpruned.
 
-    The unpruned reference of a row is the one its own run measured, looked up in ``every_row`` (the bench rows
-    before a rerun's rows replaced older ones), so that a later bench of other strategies does not re-base an
-    earlier run's memory and KV ratios; else the newest unpruned row of the same model, device, dtype and batch
-    size. A timing's ratio is the row's own paired ratio (with ``_lo`` / ``_hi``) where the bench measured one,
-    else the ratio of the medians; ``noisy`` is False for rows that do not say."""
+    The unpruned reference of a row is the one measured in its own run (same folder, batch size and threads), looked
+    up in ``every_row`` (the bench rows before a rerun's rows replaced older ones): an interleaved bench times both
+    in the same rounds, and a figure against another bench's ``none`` would compare two machines' moods. A row
+    whose run has no unpruned point gets no reference and no ratio. A timing's ratio is the row's own paired ratio
+    (with ``_lo`` / ``_hi``) where the bench measured one, else the ratio of the medians."""
     if bench.empty:
         return bench
     b = _with_figures(bench)
-    ref = b[is_reference(b)][[*_SPEED_KEY, *SPEED_COLUMNS]].drop_duplicates(_SPEED_KEY)
-    b = b.merge(ref.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=_SPEED_KEY, how="left")
-    rows = b if every_row is None or every_row.empty else every_row
-    if "run_dir" in b.columns and "run_dir" in rows.columns:
-        key = [*_SPEED_KEY, "run_dir"]
-        own = _with_figures(rows[is_reference(rows)])[[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
-        b = b.merge(own.rename(columns={c: f"{c}_own" for c in SPEED_COLUMNS}).assign(_own=True), on=key, how="left")
-        has_own = b.pop("_own").eq(True)
-        for column in SPEED_COLUMNS:
-            b[f"{column}_ref"] = b.pop(f"{column}_own").where(has_own, b[f"{column}_ref"])
+    rows = b if every_row is None or every_row.empty else _with_figures(every_row)
+    key = [k for k in (*_SPEED_KEY, "threads", "run_dir") if k in b.columns and k in rows.columns]
+    own = rows[is_reference(rows)][[*key, *SPEED_COLUMNS]].drop_duplicates(key, keep="last")
+    b = b.merge(own.rename(columns={c: f"{c}_ref" for c in SPEED_COLUMNS}), on=key, how="left")
     for column in SPEED_COLUMNS:
         ref_value = b[f"{column}_ref"]
-        paired = _numeric(b, f"{column}_ratio")
+        paired = _numeric(b, f"{column}_ratio").where(ref_value.notna())
         b[f"{column}_ratio"] = paired.fillna((b[column] / ref_value).where(ref_value > 0))
     for column in TIMED:
         for end in ("_lo", "_hi"):
@@ -146,13 +145,14 @@ def merged_frame(results: Results) -> pd.DataFrame:
 # -- formatting ------------------------------------------------------------------------------------------------
 
 
-def human_bytes(value: float) -> str:
-    if value is None or math.isnan(value):
+def human_bytes(*values: float) -> str:
+    """Byte counts in the unit of the largest, e.g. ``669.40 → 669.42 MiB``."""
+    if any(v is None or math.isnan(v) for v in values):
         return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
+    for power, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB")):
+        if max(abs(v) for v in values) < 1024 ** (power + 1) or unit == "TiB":
+            digits = 0 if unit == "B" else 2
+            return " → ".join(f"{v / 1024 ** power:.{digits}f}" for v in values) + f" {unit}"
     return ""
 
 
@@ -204,7 +204,7 @@ def _fidelity_cell(row) -> str:
     return f"{loyalty} / {top1} / {kl}"
 
 
-def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
+def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str], flags: dict) -> list[str]:
     out = ["## Accuracy", ""]
     if acc.empty:
         notes.append("no accuracy rows (metrics.jsonl): run `vtprune eval` or `vtprune sweep ratios`")
@@ -236,136 +236,229 @@ def accuracy_section(acc: pd.DataFrame, plots: dict, relative, notes: list[str])
                 cells.append(_fidelity_cell(next(match.itertuples())) if len(match) else "—")
             kept = f"{point['num_kept_mean'].mean():.1f} / {point['num_visual_mean'].mean():.1f}" \
                 if point["num_visual_mean"].notna().any() else "—"
-            rows.append([strategy, f"{ratio:g}", _fraction_range(point["kept_fraction_mean"]), kept,
+            fraction = _kept_cell(point["kept_fraction_mean"], ratio)
+            if unequal_budget(point["kept_fraction_mean"], ratio):
+                _flag(flags, "budget", model, f"{strategy} {ratio:g}")  # its kept fraction is in the tables
+            rows.append([strategy, f"{ratio:g}", fraction, kept,
                          _number(point["equivalent_tokens_mean"].mean(), 5), *cells])
         out += [markdown_table(header, rows), ""]
         out += [f"![{model} {label}]({relative(path)})" for (m, label), path in plots.items() if m == model]
         out.append("")
     out.append("Cells: score (% of the unpruned score of the same model and task). Kept fraction: achieved kept / "
-               "visual tokens (range over tasks). Fidelity to the unpruned run of the same model and task, per sample "
+               "visual tokens (range over tasks); '(target r)' beside it: more than "
+               f"{100 * BUDGET_TOLERANCE:.0f} % away from the keep ratio r, so the row is not comparable with the others "
+               "at r. Fidelity to the unpruned run of the same model and task, per sample "
                "and averaged: loyalty (the same answer after lmms-eval's VQA normalisation), top-1 (the same most "
                "likely first token), KL (unpruned ‖ pruned) of the first token's distribution in nats, over the two "
                "top-20 lists with the rest lumped (a lower bound of the full KL).")
     return out + [""]
 
 
-def _speed_cell(row, column: str) -> str:
-    value, ratio = getattr(row, column), getattr(row, f"{column}_ratio")
-    if math.isnan(value):
-        return "—"
-    lo, hi = (getattr(row, f"{column}_ratio{end}", math.nan) for end in ("_lo", "_hi"))
-    interval = f"{lo:.2f}–{hi:.2f}" if not (math.isnan(lo) or lo == hi) else ""
-    if column in TIMED and row_timing_noisy(row, column):  # its interval is all that can be said
-        return f"noisy ({interval}×)" if interval else "noisy"
-    text = human_bytes(value) if SPEED_COLUMNS[column][1] == "bytes" else f"{value:.4g} ms"
-    if math.isnan(ratio):
-        return text
-    return f"{text} ({ratio:.2f}×, {interval})" if interval else f"{text} ({ratio:.2f}×)"
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def timing_noisy(noisy: bool, rounds, ratio, lo, hi) -> bool:
-    """Whether one timing of a bench row is no result: the row is flagged ``noisy`` (its TTFT or its decode interval
-    is wider than ±10 %, or it had one round) and this timing's own interval is too wide or missing too. A row
-    flagged for its decode step alone still has a TTFT result, and the other way round."""
-    if not noisy:
-        return False
-    values = (rounds, ratio, lo, hi)
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values) or rounds < 2:
-        return True
-    return too_wide(ratio, lo, hi)
+def timing_status(rounds, ratio, lo, hi) -> str:
+    """What one paired timing ratio of a bench row is worth: ``missing`` (no ratio), ``noisy`` (one round, or a 95 %
+    interval wider than ±10 %: no result), ``few rounds`` (two rounds: a ratio, but no interval worth the name),
+    ``no interval`` (a bench from before interleaving: the ratio of two medians) or ``ok``. Judged per timing, so a
+    row flagged for its decode step keeps its TTFT, and an e2e interval too wide is caught whatever the row says."""
+    if _missing(ratio):
+        return "missing"
+    if not _missing(rounds) and rounds < 2:
+        return "noisy"
+    if _missing(lo) or _missing(hi):
+        return "no interval"
+    if too_wide(ratio, lo, hi):
+        return "noisy"
+    return "few rounds" if not _missing(rounds) and rounds < 3 else "ok"
 
 
-def row_timing_noisy(row, column: str) -> bool:
-    return timing_noisy(row.noisy, getattr(row, "rounds", math.nan),
-                        *(getattr(row, f"{column}_ratio{end}", math.nan) for end in ("", "_lo", "_hi")))
+def row_timing_status(row, column: str) -> str:
+    return timing_status(getattr(row, "rounds", math.nan),
+                         *(getattr(row, f"{column}_ratio{end}", math.nan) for end in ("", "_lo", "_hi")))
 
 
 def ideal_cell(row, column: str, ideal: str) -> str:
     """``column``'s measured / ideal speed-up cell of a bench row (attributes: a report row, or a bench.jsonl row as
     a namespace)."""
-    return speedup_cell(getattr(row, f"{column}_ratio"), getattr(row, ideal), row_timing_noisy(row, column))
+    return speedup_cell(getattr(row, f"{column}_ratio"), getattr(row, ideal), row_timing_status(row, column) == "noisy")
+
+
+ABOVE_IDEAL = 105  # % of the ideal speed-up beyond which a measured one says more about the reference than pruning
 
 
 def speedup_cell(ratio, ideal, noisy: bool) -> str:
     """Measured speed-up (1 / time ratio) / ideal speed-up (efficiency), e.g. ``1.60× / 2.05× (78 %)``."""
-    def missing(value):
-        return value is None or math.isnan(value)
-
-    if missing(ideal):
+    if _missing(ideal):
         return "—"
     if noisy:  # the measured figure is no result; the ideal, computed, still is
         return f"noisy / {ideal:.2f}×"
-    if missing(ratio) or ratio <= 0:
+    if _missing(ratio) or ratio <= 0:
         return f"— / {ideal:.2f}×"
-    speedup = 1 / ratio
-    return f"{speedup:.2f}× / {ideal:.2f}× ({100 * speedup / ideal:.0f} %)"
+    percent = percent_of_ideal(ratio, ideal)
+    flag = ", above ideal" if percent > ABOVE_IDEAL else ""
+    return f"{1 / ratio:.2f}× / {ideal:.2f}× ({percent} %{flag})"
 
 
-def _where(row) -> str:
-    return f"{row.model} ({row.device}, {row.dtype}), batch size {row.batch_size}, {row.strategy} @ {row.keep_ratio:g}"
+def percent_of_ideal(ratio, ideal) -> int | None:
+    """The measured speed-up (1 / time ratio) as a whole percentage of the ideal one; None where either is missing."""
+    if _missing(ratio) or _missing(ideal) or ratio <= 0:
+        return None
+    return round(100 / ratio / ideal)
 
 
-def _padding_note(row) -> str:
-    return (f"{_where(row)}: kept counts differ per sample; {100 * row.kept_padding:.0f} % of the batch's kept-token "
-            "slots were padding, which its timings and ideal include")
+def _times(*values: float) -> str:
+    """Milliseconds in one unit for all: seconds from 1 s on, so 98 630 ms reads 98.6 s, not 9.863e+04 ms."""
+    if max(values) >= 1000:
+        digits = 1 if max(values) >= 10_000 else 2
+        return " → ".join(f"{v / 1000:.{digits}f}" for v in values) + " s"
+    return " → ".join(f"{v:.3g}" for v in values) + " ms"
 
 
-def _noisy_note(row) -> str:
-    where = _where(row)
-    rounds = getattr(row, "rounds", math.nan)
-    if rounds < 2:
-        why = "one timed round gives no interval"
-    else:
-        intervals = {SPEED_COLUMNS[c][0]: [getattr(row, f"{c}_ratio{end}") for end in ("", "_lo", "_hi")]
-                     for c in ("ttft_ms", "decode_ms_per_token")}  # the two that decide ``noisy``
-        wide = [f"{name} {lo:.2f}–{hi:.2f}×" for name, (ratio, lo, hi) in intervals.items() if too_wide(ratio, lo, hi)]
-        why = "ratio interval wider than ±10 % (" + ", ".join(wide) + ")"
-    return (f"{where}: timings noisy, {why}; each timing with so wide an interval is shown as 'noisy', not as a "
-            "result — rerun with more `bench.repeats` "
-            "or on a quieter machine")
+def _speed_cell(row, column: str) -> str:
+    """``none → pruned (ratio, interval)`` of the row's own bench; a reference row, or a row whose run measured no
+    unpruned point, shows its figure alone."""
+    value, ref, ratio = (getattr(row, f"{column}{end}") for end in ("", "_ref", "_ratio"))
+    if math.isnan(value):
+        return "—"
+    bytes_ = SPEED_COLUMNS[column][1] == "bytes"
+    if reference_point(row.strategy, row.keep_ratio) or math.isnan(ref):
+        return human_bytes(value) if bytes_ else _times(value)
+    pair = human_bytes(ref, value) if bytes_ else _times(ref, value)
+    if column not in TIMED:
+        return f"{pair} ({ratio:.2f}×)"
+    status = row_timing_status(row, column)
+    lo, hi = (getattr(row, f"{column}_ratio{end}") for end in ("_lo", "_hi"))
+    if status == "noisy":  # its interval is all that can be said
+        one = getattr(row, "rounds", math.nan) < 2 or math.isnan(lo)  # NaN rounds compare False
+        return "noisy (one round)" if one else f"noisy ({lo:.2f}–{hi:.2f}×)"
+    why = (f"{lo:.2f}–{hi:.2f}" if status == "ok" else "medians, no interval" if status == "no interval" else
+           f"{row.rounds:.0f} rounds: no interval")
+    return f"{pair}, {ratio:.2f}× ({why})"
 
 
-def _threads(batch: pd.DataFrame) -> str:
-    """`` (2 CPU threads)``: the measurement's torch threads (rows before ``bench.threads`` have none)."""
-    counts = sorted({int(t) for t in batch.get("threads", pd.Series(dtype=float)).dropna()})
-    if not counts:
-        return ""
-    return f" ({'/'.join(map(str, counts))} CPU thread{'s' if counts != [1] else ''})"
+BUDGET_TOLERANCE = 0.2  # an achieved kept fraction further than this share of its keep ratio is another budget
 
 
-def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str]) -> list[str]:
+def unequal_budget(kept: pd.Series, target: float) -> bool:
+    """Whether any achieved kept fraction of a point is another budget than its keep ratio asked for."""
+    return any(abs(k - target) > BUDGET_TOLERANCE * target for k in kept.dropna())
+
+
+def _kept_cell(kept: pd.Series, target: float) -> str:
+    """The achieved kept fraction, ``(target r)`` beside it when it is another budget than its keep ratio."""
+    text = _fraction_range(kept)
+    return f"{text} (target {target:g})" if unequal_budget(kept, target) else text
+
+
+GROUPED = {  # kind of note → its one line's text, before the points it lists
+    "noisy": "timings shown as 'noisy', not as results (95 % interval wider than ±10 % of the ratio, or one round; "
+             "rerun with more `bench.repeats` or on a quieter machine)",
+    "few rounds": "ratios from two timed rounds, shown without an interval (a weak result; bench with "
+                  "`bench.repeats` ≥ 3)",
+    "above ideal": f"measured speed-up above {ABOVE_IDEAL} % of the ideal: more than the work saved explains (a "
+                   "device that runs the smaller shapes faster, or a reference slowed by something else); check "
+                   "before quoting it",
+    "budget": f"achieved kept fraction more than {100 * BUDGET_TOLERANCE:.0f} % away from the keep ratio (not "
+              "comparable with other rows at the same keep ratio)",
+    "padding": "kept counts differed per sample: share of the batch's kept-token slots that were padding, which "
+               "the timings and the ideal include",
+    "no reference": "no unpruned point in the row's own bench: figures shown without ratios",
+}
+
+
+def grouped_notes(flags: dict[str, dict[str, list[str]]]) -> list[str]:
+    """One note per kind: ``text: where: point, point — where: point``."""
+    return [GROUPED[kind] + ": " + " — ".join(f"{where}: {', '.join(points)}" for where, points in places.items())
+            for kind, places in flags.items() if places]
+
+
+def _flag(flags: dict, kind: str, where: str, point: str) -> None:
+    points = flags.setdefault(kind, {}).setdefault(where, [])
+    if point not in points:
+        points.append(point)
+
+
+SHORT = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode", "e2e_ms": "e2e"}
+
+
+def _flag_row(flags: dict, place: str, row, threads: str = "") -> None:
+    """Every grouped note a bench row belongs under."""
+    where = f"{place}, batch {row.batch_size}" + (f", {threads}" if threads else "")
+    point = f"{row.strategy} {row.keep_ratio:g}"
+    statuses = {column: row_timing_status(row, column) for column in TIMED}
+    noisy = [SHORT[c] for c, status in statuses.items() if status == "noisy"]
+    if noisy:
+        _flag(flags, "noisy", where, f"{point} ({', '.join(noisy)})")
+    if any(status == "few rounds" for status in statuses.values()):
+        _flag(flags, "few rounds", where, point)
+    above = [SHORT[c] for c, (_, ideal) in IDEAL_COLUMNS.items() if statuses[c] != "noisy"
+             and (percent_of_ideal(getattr(row, f"{c}_ratio"), getattr(row, ideal)) or 0) > ABOVE_IDEAL]
+    if above:
+        _flag(flags, "above ideal", where, f"{point} ({', '.join(above)})")
+    if unequal_budget(pd.Series([row.kept_fraction_mean]), row.keep_ratio):
+        _flag(flags, "budget", place, point)
+    if getattr(row, "kept_padding", 0) > 0:  # rows from before the column read NaN, which is not > 0
+        _flag(flags, "padding", where, f"{point} {100 * row.kept_padding:.0f} %")
+    if math.isnan(row.ttft_ms_ref) and not reference_point(row.strategy, row.keep_ratio):
+        _flag(flags, "no reference", where, point)
+
+
+def _blocks(group: pd.DataFrame):
+    """(batch size, threads, rows) per table: a bench at another thread count is another measurement."""
+    threads = group["threads"] if "threads" in group.columns else pd.Series(float("nan"), index=group.index)
+    for (batch_size, count), rows in group.assign(_threads=threads).groupby(["batch_size", "_threads"], sort=True,
+                                                                                dropna=False):
+        yield batch_size, count, rows.drop(columns="_threads")
+
+
+def _threads(count, several: bool = False) -> str:
+    """`` (2 CPU threads)``: the measurement's torch threads (rows before ``bench.threads`` have none, which only
+    needs saying beside a table of the same batch size that has)."""
+    if _missing(count):
+        return " (CPU threads not recorded)" if several else ""
+    return f" ({count:.0f} CPU thread{'s' if count != 1 else ''})"
+
+
+def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str], flags: dict) -> list[str]:
     out = ["## Speed, memory, KV cache", ""]
     if speed.empty:
         notes.append("no speed rows (bench.jsonl): run `vtprune bench`")
         return out + ["No benchmark results.", ""]
+    header = ["strategy", "keep ratio", "kept fraction"] + [f"{SPEED_COLUMNS[c][0]}: none → pruned" for c in
+                                                            SPEED_COLUMNS] + [name for name, _ in IDEAL_COLUMNS.values()]
+    combos = speed.groupby("model")[["device", "dtype"]].nunique().max(axis=1)
     for (model, device, dtype), group in speed.groupby(["model", "device", "dtype"], sort=True):
         out += [f"### {model} — {device}, {dtype}{_mark(group)}", ""]
-        header = ["strategy", "keep ratio", "kept fraction"] + [SPEED_COLUMNS[c][0] for c in SPEED_COLUMNS] + [
-            name for name, _ in IDEAL_COLUMNS.values()]
-        for batch_size, batch in group.groupby("batch_size", sort=True):
-            if not is_reference(batch).any():
-                notes.append(f"{model} ({device}, {dtype}), batch size {batch_size}: no unpruned row "
-                             "(strategy none, keep 1.0): figures shown without ratios")
-            rows = [[row.strategy, f"{row.keep_ratio:g}", _fraction_range(pd.Series([row.kept_fraction_mean])),
+        where = model if combos[model] == 1 else f"{model} ({device}, {dtype})"
+        blocks = list(_blocks(group))
+        for batch_size, threads, batch in blocks:
+            pruned = batch[~is_reference(batch)]
+            shown = _order(pruned if not pruned.empty else batch)
+            several = sum(b == batch_size for b, _, _ in blocks) > 1  # benches at other thread counts beside it
+            for row in shown.itertuples():
+                _flag_row(flags, where, row, _threads(threads).strip(" ()") if several else "")
+            rows = [[row.strategy, f"{row.keep_ratio:g}", _kept_cell(pd.Series([row.kept_fraction_mean]), row.keep_ratio),
                      *(_speed_cell(row, c) for c in SPEED_COLUMNS),
                      *(ideal_cell(row, c, ideal) for c, (_, ideal) in IDEAL_COLUMNS.items())]
-                    for row in _order(batch).itertuples()]
-            notes += [_noisy_note(row) for row in _order(batch).itertuples() if row.noisy]
-            # rows from before the column read NaN, which is not > 0
-            notes += [_padding_note(row) for row in _order(batch).itertuples() if getattr(row, "kept_padding", 0) > 0]
-            out += [f"Batch size {batch_size}{_threads(batch)}:", "", markdown_table(header, rows), ""]
-        out += [f"![{model} {strategy}]({relative(path)})" for (m, d, t, strategy), path in plots.items()
+                    for row in shown.itertuples()]
+            out += [f"Batch size {batch_size}{_threads(threads, several)}:", "", markdown_table(header, rows), ""]
+        out += [f"![{model} {label}]({relative(path)})" for (m, d, t, label), path in plots.items()
                 if (m, d, t) == (model, device, dtype)]
         out.append("")
-    out.append("Each figure is a median; (n×) is its ratio to the unpruned point of its own bench (else the newest one of the same model and batch size) "
-               "(below 1 is faster / smaller). Timings measured in interleaved rounds: (n×, lo–hi) is the median of "
-               "the per-round ratios to the unpruned run of the same round, with its 95 % bootstrap interval; "
-               "'noisy': in a row whose TTFT or decode interval is wider than ±10 % (see Notes), each timing whose own "
-               "interval is that wide too. "
+    out.append("Each row is one pruned point against the unpruned (`none`, keep 1.0) point of its own bench, measured "
+               "in the same interleaved rounds: `none → pruned` medians, then (n×, lo–hi): the median of the "
+               "per-round ratios pruned / none with its 95 % bootstrap interval (below 1 is faster / smaller). "
+               "'noisy (lo–hi×)': that timing's interval is wider than ±10 % of its ratio, or it had one round — no "
+               "result; '(2 rounds: no interval)': a ratio from two rounds, too few for an interval. "
                "KV cache: self- plus cross-attention cache measured after generation. ×ideal: measured speed-up "
                "(1 / the time ratio) / the ideal speed-up for the same work (efficiency): FLOPs of the vision tower, "
-               "projector and prefill for TTFT, bytes read per step (language-model weights + KV cache after "
-               "prefill) for decode, both from the model's config.")
+               f"projector and prefill for TTFT, bytes read per step (language-model weights + KV cache after "
+               f"prefill) for decode, both from the model's config; 'above ideal': more than {ABOVE_IDEAL} % of it. "
+               "'(target r)' beside a kept fraction: the strategy kept more than "
+               f"{100 * BUDGET_TOLERANCE:.0f} % more or fewer tokens than its keep ratio r asks, so the row is not "
+               "comparable with the others at r. Every flag is listed under Notes.")
     return out + [""]
 
 
