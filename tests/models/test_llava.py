@@ -1,18 +1,17 @@
 """LLaVA-1.5 adapter on the tiny model: pre-LLM pruning, fastv inside the LLM, CLS saliency, KV cache."""
 
+import checks
 import pytest
 import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
-from reference import masked_layer_hooks, plan
+from reference import holed_mask, hooked, masked_layer_hooks, plan, shortened_embeds
 
 import vtprune
 from vtprune.models.base import left_pad_positions
 
 ALL = ["none", "random", "uniform", "fastervlm", "text_sim", "divprune", "adav", "fastv"]
 IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (90, 40), (20, 30, 210))]
-PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
-
 
 
 @pytest.fixture(scope="module")
@@ -20,54 +19,24 @@ def adapter():
     return vtprune.load(model="tiny:llava").adapter
 
 
-@pytest.fixture(scope="module")
-def inputs(adapter):
-    return adapter.prepare(IMAGES, PROMPTS)
-
-
 def masked_reference_hooks(adapter, inputs, kept, k):
     """Hooks on layers[k:] that hide the pruned image tokens from attention: the full-length equivalent of fastv."""
-    ids, base = inputs["input_ids"], inputs["attention_mask"].bool().clone()
-    for b, keep in enumerate(kept):
-        pos = torch.nonzero(ids[b] == adapter.image_token_id).flatten()
-        hide = torch.ones(len(pos), dtype=torch.bool)
-        hide[torch.tensor(keep, dtype=torch.long)] = False
-        base[b, pos[hide]] = False
-
-    return masked_layer_hooks(adapter.decoder_layers, base, k)
+    return masked_layer_hooks(adapter.decoder_layers, holed_mask(adapter, inputs, kept), k)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_keep_all_equals_unpruned(adapter, inputs, name):
-    with torch.no_grad():
-        ref, _ = adapter.prefill_logits(inputs, plan("none"))
-        logits, records = adapter.prefill_logits(inputs, plan(name, 1.0))
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    _, records = checks.keep_all(adapter, inputs, name)
     assert all(r.kept == list(range(r.num_visual)) and r.num_visual == 16 for r in records)
 
 
 def test_pre_llm_pruning_equals_llm_on_shortened_embeds(adapter, inputs):
     with torch.no_grad():
         logits, records = adapter.prefill_logits(inputs, plan("uniform", 0.5))
-        model = adapter.model
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
-        rows = []
-        for b, rec in enumerate(records):
-            ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
-            pos = torch.nonzero(ids == adapter.image_token_id).flatten()
-            row = embeds[b].clone()
-            row[pos] = feats[b]
-            stay = mask.clone()
-            stay[pos] = False
-            stay[pos[rec.kept]] = True
-            rows.append(row[stay])
-        length = max(len(r) for r in rows)
-        batch = torch.zeros(len(rows), length, embeds.shape[-1])
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for b, r in enumerate(rows):
-            batch[b, length - len(r) :], mask[b, length - len(r) :] = r, 1
-        ref = model(inputs_embeds=batch, attention_mask=mask, position_ids=left_pad_positions(mask)).logits[:, -1]
+        feats = adapter.model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        batch, mask = shortened_embeds(adapter, inputs, [r.kept for r in records], feats)
+        positions = left_pad_positions(mask)
+        ref = adapter.model(inputs_embeds=batch, attention_mask=mask, position_ids=positions).logits[:, -1]
     assert [r.num_kept for r in records] == [8, 8]
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
 
@@ -76,12 +45,8 @@ def test_pre_llm_pruning_equals_llm_on_shortened_embeds(adapter, inputs):
 def test_fastv_equals_masked_reference(adapter, inputs, k):
     with torch.no_grad():
         logits, records = adapter.prefill_logits(inputs, plan("fastv", 0.25, layer=k))
-        handles = masked_reference_hooks(adapter, inputs, [r.kept for r in records], k)
-        try:
+        with hooked(masked_reference_hooks(adapter, inputs, [r.kept for r in records], k)):
             ref = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"])).logits[:, -1]
-        finally:
-            for h in handles:
-                h.remove()
         unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     assert (logits - unpruned).abs().max() > 1e-4  # the pruning does change the output
@@ -106,14 +71,10 @@ def test_fastv_generate_uses_pruned_cache_and_equals_reference(adapter, inputs):
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=adapter.processor.tokenizer.pad_token_id)
     with torch.no_grad():
         new, records = adapter.generate(inputs, plan("fastv", 0.25, layer=2), **gen)
-        handles = masked_reference_hooks(adapter, inputs, [r.kept for r in records], 2)
-        try:
+        with hooked(masked_reference_hooks(adapter, inputs, [r.kept for r in records], 2)):
             ref = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
-        finally:
-            for h in handles:
-                h.remove()
         for b in range(2):
-            one = adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1])
+            one = adapter.prepare(IMAGES[b : b + 1], checks.PROMPTS[b : b + 1])
             alone, _ = adapter.generate(one, plan("fastv", 0.25, layer=2), **gen)
             assert torch.equal(alone[0], new[b])
     assert torch.equal(new, ref)
@@ -151,7 +112,7 @@ def test_pruned_generate_batched_equals_per_sample(adapter, inputs):
         new, records = adapter.generate(inputs, plan("fastervlm", 0.5), **gen)
         first, _ = adapter.prefill_logits(inputs, plan("fastervlm", 0.5))
         for b in range(2):
-            alone, rec = adapter.generate(adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1]), plan("fastervlm", 0.5), **gen)
+            alone, rec = adapter.generate(adapter.prepare(IMAGES[b : b + 1], checks.PROMPTS[b : b + 1]), plan("fastervlm", 0.5), **gen)
             assert torch.equal(alone[0], new[b]) and rec[0].kept == records[b].kept
     assert torch.equal(new[:, 0], first.argmax(-1))
 
@@ -196,16 +157,11 @@ def test_selection_time_excludes_the_vision_tower(adapter, inputs, monkeypatch):
 
 def stage_masks(adapter, inputs, state) -> list:
     """Per stage: hooks on its layers that hide every image token its stage no longer has."""
-    ids, layers = inputs["input_ids"], adapter.decoder_layers
+    layers = adapter.decoder_layers
     bounds = [s.layer for s in state.stages] + [len(layers)]
     handles = []
     for stage, end in zip(state.stages, bounds[1:]):
-        base = inputs["attention_mask"].bool().clone()
-        for b, keep in enumerate(stage.visual):
-            pos = torch.nonzero(ids[b] == adapter.image_token_id).flatten()
-            hide = torch.ones(len(pos), dtype=torch.bool)
-            hide[keep] = False
-            base[b, pos[hide]] = False
+        base = holed_mask(adapter, inputs, [keep.tolist() for keep in stage.visual])
         handles += masked_layer_hooks(layers, base, stage.layer, end)
     return handles
 
@@ -221,12 +177,8 @@ def test_each_stage_equals_masking_what_it_dropped(adapter, inputs):
     with torch.no_grad():
         with adapter.applied(inputs, p) as state:
             logits = adapter.model(**inputs, position_ids=positions).logits[:, -1]
-        handles = stage_masks(adapter, inputs, state)
-        try:
+        with hooked(stage_masks(adapter, inputs, state)):
             ref = adapter.model(**inputs, position_ids=positions).logits[:, -1]
-        finally:
-            for h in handles:
-                h.remove()
         unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     assert (logits - unpruned).abs().max() > 1e-4
@@ -256,12 +208,8 @@ def test_generate_over_the_stage_caches_equals_the_masked_reference(adapter, inp
     with torch.no_grad():
         with adapter.applied(inputs, p) as state:
             new = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
-        handles = stage_masks(adapter, inputs, state)
-        try:
+        with hooked(stage_masks(adapter, inputs, state)):
             ref = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
-        finally:
-            for h in handles:
-                h.remove()
         pipe_new, records = adapter.generate(inputs, p, **gen)
     assert torch.equal(new, ref) and torch.equal(pipe_new, new)
     assert [r.stage_kept for r in records] == [[8, 4, 2]] * 2

@@ -5,98 +5,33 @@ Every reference is built from transformers' own model (its ``get_image_features`
 masks with holes, an eager copy of the vision tower), never from the adapter's splice or hooks.
 """
 
-import copy
-import json
-from pathlib import Path
-
+import checks
 import pytest
 import torch
-from kvcheck import expected_kv, measured_kv
 from PIL import Image
-from reference import masked_layer_hooks, plan
+from reference import REPO, eager_copy, image_positions, narrowed, padded_positions, plan
 
-import vtprune
-from vtprune.models import FAMILIES
-from vtprune.models.base import left_pad_positions
-from vtprune.strategies import STRATEGIES
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILY = "llava_onevision"
-RUNS = [s for s, st in STRATEGIES.items() if FAMILIES.get(FAMILY).runs(st)]
-# Width x height. 30x70: 2x1 crops (base + 2), an 8x4 patch grid, not unpadded nor downsampled: 16 + 8 * 5 = 56
-# tokens. 80x50: 2x2 crops (base + 4), 8x8 patches unpadded to 6x8, above anyres_max_2 (ratio 1.22 > 1.1) so
-# downsampled to 4x6: 16 + 4 * 7 = 44 tokens.
-IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (80, 50), (20, 30, 210))]
-PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
-COUNTS = [56, 44]
-CROPS = [3, 5]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from intra-op threads, and on a shared CPU their spin-waits make every op up to
-    # 100x slower; restored for the tests that run after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def adapter(one_thread):
-    a = vtprune.load(model=f"tiny:{FAMILY}", device="cpu", dtype="float32", attn_implementation="sdpa").adapter
-    assert type(a).__name__ == "LlavaOnevisionAdapter" and a.model.dtype == torch.float32
-    return a
+    return checks.sdpa_adapter(FAMILY, "LlavaOnevisionAdapter")
 
 
-@pytest.fixture(scope="module")
-def inputs(adapter):
-    return adapter.prepare(IMAGES, PROMPTS)
+# Width x height. 30x70: 2x1 crops (base + 2), an 8x4 patch grid, not unpadded nor downsampled: 16 + 8 * 5 = 56
+# tokens. 80x50: 2x2 crops (base + 4), 8x8 patches unpadded to 6x8, above anyres_max_2 (ratio 1.22 > 1.1) so
+# downsampled to 4x6: 16 + 4 * 7 = 44 tokens.
+IMAGES = [Image.new("RGB", (30, 70), (200, 20, 20)), Image.new("RGB", (80, 50), (20, 30, 210))]
+COUNTS = [56, 44]
+CROPS = [3, 5]
 
 
-@pytest.fixture(scope="module")
-def gen(adapter):
-    return {"max_new_tokens": 4, "do_sample": False, "pad_token_id": adapter.processor.tokenizer.pad_token_id}
-
-
-def image_positions(adapter, inputs, b):
-    return torch.nonzero(inputs["input_ids"][b] == adapter.image_token_id).flatten()
-
-
-def holed_mask(adapter, inputs, kept):
-    """The 2-D padding mask with holes at every pruned image token (``kept``: per sample, into its visual tokens)."""
-    mask = inputs["attention_mask"].bool().clone()
-    for b, keep in enumerate(kept):
-        pos = image_positions(adapter, inputs, b)
-        hide = torch.ones(len(pos), dtype=torch.bool)
-        hide[torch.tensor(keep, dtype=torch.long)] = False
-        mask[b, pos[hide]] = False
-    return mask
-
-
-def shortened_embeds(adapter, inputs, kept):
-    """The LLM input of the pruned prompts, built from the model's own features: each sample's text embeddings and
-    kept features in order, left padded again; with its mask."""
-    model = adapter.model
-    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]).pooler_output
-    embeds = model.get_input_embeddings()(inputs["input_ids"])
-    stays = holed_mask(adapter, inputs, kept)
-    rows = []
-    for b in range(len(kept)):
-        row = embeds[b].clone()
-        row[image_positions(adapter, inputs, b)] = feats[b]
-        rows.append(row[stays[b]])
-    length = max(len(r) for r in rows)
-    batch = torch.zeros(len(rows), length, embeds.shape[-1])
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, r in enumerate(rows):
-        batch[b, length - len(r) :], mask[b, length - len(r) :] = r, 1
-    return batch, mask
-
-
-def no_hooks_left(adapter):
-    lm = adapter.model.model.language_model
-    return not lm._forward_pre_hooks and not any(layer._forward_pre_hooks or layer._forward_hooks for layer in lm.layers)
+def model_features(adapter, inputs):
+    """Each sample's packed features from transformers' own ``get_image_features``."""
+    sizes = inputs["image_sizes"]
+    return adapter.model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes).pooler_output
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,65 +51,19 @@ def test_inputs_two_layouts_one_downsampled(adapter, inputs):
 
 @pytest.mark.parametrize("name", ["uniform", "fastervlm", "adav"])
 def test_pre_llm_pruning_equals_llm_on_shortened_sequence(adapter, inputs, gen, name):
-    p = plan(name, 0.5)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        new, gen_records = adapter.generate(inputs, p, **gen)
-        kept = [r.kept for r in records]
-        batch, mask = shortened_embeds(adapter, inputs, kept)
-        ref = adapter.model(inputs_embeds=batch, attention_mask=mask, position_ids=left_pad_positions(mask)).logits[:, -1]
-        ref_new = adapter.model.generate(inputs_embeds=batch, attention_mask=mask, **gen)
-        unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
-    assert [r.num_kept for r in records] == [c // 2 for c in COUNTS]
-    assert [r.kept for r in gen_records] == kept
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert (logits - unpruned).abs().max() > 1e-3  # the pruning does change the output
-    assert torch.equal(new, ref_new)
-    assert torch.equal(new[:, 0], logits.argmax(-1))
+    checks.pre_llm_equals_shortened(adapter, inputs, gen, name, COUNTS, model_features)
 
 
 def test_fastv_equals_masked_reference(adapter, inputs, gen):
-    k = 2
-    p = plan("fastv", 0.5, layer=k)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        new, gen_records = adapter.generate(inputs, p, **gen)
-        assert no_hooks_left(adapter)
-        kept = [r.kept for r in records]
-        handles = masked_layer_hooks(adapter.decoder_layers, holed_mask(adapter, inputs, kept), k)
-        try:
-            ref = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"])).logits[:, -1]
-            ref_new = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
-        finally:
-            for h in handles:
-                h.remove()
-        unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert (logits - unpruned).abs().max() > 1e-3
-    assert [r.kept for r in gen_records] == kept
-    assert torch.equal(new, ref_new)
-    layers = len(adapter.decoder_layers)
-    assert [r.num_kept for r in records] == [c // 2 for c in COUNTS]
-    assert all(r.equivalent_tokens == (k * r.num_visual + (layers - k) * r.num_kept) / layers for r in records)
+    checks.fastv_equals_masked(adapter, inputs, gen, COUNTS, padded_positions)
 
 
 @pytest.mark.parametrize("name,options", [("uniform", {}), ("adav", {}), ("pool", {}), ("fastv", {"layer": 2})])
 def test_batched_equals_per_sample(adapter, inputs, gen, name, options):
-    p = plan(name, 0.4, **options)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        new, gen_records = adapter.generate(inputs, p, **gen)
-        for b in range(2):
-            one = adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1])
-            alone_logits, alone = adapter.prefill_logits(one, p)
-            alone_new, alone_gen = adapter.generate(one, p, **gen)
-            assert alone[0].kept == alone_gen[0].kept == records[b].kept == gen_records[b].kept
-            assert alone[0].merged == records[b].merged and alone[0].num_visual == COUNTS[b]
-            torch.testing.assert_close(alone_logits[0], logits[b], atol=1e-4, rtol=1e-4)
-            assert torch.equal(alone_new[0], new[b])
+    records, alone = checks.batched_equals_per_sample(adapter, inputs, gen, plan(name, 0.4, **options), IMAGES)
+    assert [r.num_visual for _, r in alone] == COUNTS
     if name != "pool":
         assert [r.num_kept for r in records] == [-(-c * 4 // 10) for c in COUNTS]
-    assert torch.equal(new[:, 0], logits.argmax(-1))
 
 
 # -- the layout: every per-token map packed like the features --------------------------------------------------------
@@ -247,11 +136,7 @@ def test_pre_projector_vectors_are_packed_like_the_features(adapter, inputs):
 def test_cls_attention_matches_eager_vision_tower(adapter, inputs):
     """The attention each patch receives in the layer producing the used features, from an eager copy of the tower
     with ``output_attentions=True``: mean over heads and query patches, per crop; then packed like the features."""
-    tower = adapter.model.model.vision_tower
-    config = copy.deepcopy(tower.config)  # the model's own config object stays sdpa
-    eager = type(tower)._from_config(config, attn_implementation="eager").eval()
-    eager.load_state_dict(tower.state_dict())
-    assert eager.config._attn_implementation == "eager" and tower.config._attn_implementation == "sdpa"
+    eager = eager_copy(adapter.model.model.vision_tower)
     pixels = torch.cat([inputs["pixel_values"][b][:n] for b, n in enumerate(CROPS)])  # the crops the model runs
     with torch.no_grad():
         visual = adapter.visual_tokens(inputs)
@@ -293,50 +178,19 @@ def test_token_layout_one_box_per_token(adapter, inputs):
 
 
 def test_pre_llm_cache_holds_kept_and_text_of_longest_sample(adapter, inputs):
-    with torch.no_grad():
-        spliced, records = adapter.spliced(inputs, plan("uniform", 0.5))
-        out = adapter.model(**spliced, use_cache=True)
-    valid = inputs["attention_mask"].sum(dim=1).tolist()
-    lengths = [v - r.num_visual + r.num_kept for v, r in zip(valid, records)]  # text + kept per sample
-    assert [(r.num_visual, r.num_kept) for r in records] == [(56, 28), (44, 22)]
-    assert max(lengths) < max(valid)
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [max(lengths)] * 4
-    assert [layer.values.shape[-2] for layer in out.cache.layers] == [max(lengths)] * 4
+    checks.pre_llm_cache(adapter, inputs, [(56, 28), (44, 22)])
 
 
 def test_fastv_cache_holds_full_prompt_before_k_and_kept_after(adapter, inputs):
-    k = 2
-    with torch.no_grad(), adapter.applied(inputs, plan("fastv", 0.5, layer=k)) as state:
-        out = adapter.model(**inputs, position_ids=left_pad_positions(inputs["attention_mask"]), use_cache=True)
-    full = inputs["input_ids"].shape[1]
-    valid = inputs["attention_mask"].sum(dim=1).tolist()
-    short = max(v - r.num_visual + r.num_kept for v, r in zip(valid, state.records))
-    assert [(r.num_visual, r.num_kept) for r in state.records] == [(56, 28), (44, 22)]
-    assert short == state.gather.shape[1] < full
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [full] * k + [short] * (4 - k)
-    assert no_hooks_left(adapter)
+    checks.fastv_cache(adapter, inputs, [(56, 28), (44, 22)], padded_positions)
 
 
 @pytest.mark.parametrize("name", ["uniform", "fastv"])
 def test_synthetic_inputs_and_kv_bytes(adapter, name):
-    p = plan(name, 0.5)
-    synthetic = adapter.synthetic_inputs(2, 16, torch.Generator().manual_seed(0))
+    synthetic = checks.synthetic_kv(adapter, name, 16)
     n = adapter.num_synthetic_visual()
     assert n == 56 and adapter.synthetic_image_size() == [64, 32]  # the pinpoint with the most tokens
     assert synthetic["input_ids"].shape == (2, n + 16) and synthetic["pixel_values"].shape[:2] == (2, 3)
-    assert (synthetic["input_ids"] == adapter.image_token_id).sum(dim=1).tolist() == [n, n]
-    with torch.no_grad():
-        if name == "fastv":
-            with adapter.applied(synthetic, p) as state:
-                out = adapter.model(**synthetic, use_cache=True)
-            records = state.records
-            assert [layer.keys.shape[-2] for layer in out.cache.layers][2:] == [16 + n // 2] * 2
-        else:
-            spliced, records = adapter.spliced(synthetic, p)
-            out = adapter.model(**spliced, use_cache=True)
-    assert [r.num_kept for r in records] == [n // 2] * 2
-    expected = expected_kv(adapter, p, batch_size=2, text_tokens=16, num_visual=n, num_kept=n // 2)
-    assert measured_kv(adapter, out.cache) == expected
 
 
 def test_config_only_counts_match_the_model(adapter):
@@ -354,29 +208,9 @@ def test_config_only_counts_match_the_model(adapter):
 
 
 def test_load_generate_and_cost_of_the_7b_architecture(adapter):
-    from vtprune.bench import cost_for_config
-    from vtprune.config import load_config
-
-    pipe = vtprune.load(model=f"tiny:{FAMILY}")
-    out = pipe.generate(IMAGES[:1], PROMPTS[:1], max_new_tokens=2)
-    assert out[0].num_visual == COUNTS[0] and out[0].kept == list(range(COUNTS[0]))
-
-    path = REPO / "configs/architectures/llava-onevision-7b.yaml"
-    config = load_config(path)
-    assert config.model.weights == "random"
-    rows = cost_for_config(config, batch_sizes=[1, 8], ratios=[1.0, 0.25], strategies=["none", "uniform", "fastv"])
-    text = json.loads((REPO / "configs/architectures/llava-onevision-7b/config.json").read_text())["text_config"]
-    layers, kv_heads, head_dim = text["num_hidden_layers"], text["num_key_value_heads"], text["hidden_size"] // text["num_attention_heads"]
-    assert (layers, kv_heads, head_dim) == (28, 4, 128)
-    n = 729 + 135 * 55  # 1920x768 px: 5x2 crops of 27x27 patches, not downsampled (ratio 1.05), a newline per row
-    assert all(r["num_visual"] == n == 8154 and r["family"] == FAMILY for r in rows)
-    by = {(r["strategy"], r["keep_ratio"], r["batch_size"]): r for r in rows}
-    per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, bf16
-    prompt = config.bench.prompt_tokens
-    assert by[("none", 1.0, 1)]["kv_bytes"] == per_token * (n + prompt)
-    assert by[("uniform", 0.25, 8)]["kv_bytes"] == 8 * per_token * (-(-n // 4) + prompt)
-    assert by[("uniform", 0.25, 1)]["num_kept"] == -(-n // 4)
-    assert 1 < by[("uniform", 0.25, 1)]["ideal_ttft_speedup"] < 4
+    checks.pipeline_generates(FAMILY, IMAGES[0], COUNTS[0])
+    n = 729 + 135 * 55  # 8154, 1920x768 px: 5x2 crops of 27x27 patches, not downsampled (ratio 1.05), a newline per row
+    checks.architecture_cost("llava-onevision-7b", FAMILY, n)
     # the largest pinpoint is downsampled to 81x81 and gives fewer tokens than 1920x768
     from transformers import AutoConfig
 
@@ -393,13 +227,8 @@ def test_7b_geometry_counts_match_the_models_packing():
 
     from vtprune.models.llava_onevision import LlavaOnevisionAdapter
 
-    data = json.loads((REPO / "configs/architectures/llava-onevision-7b/config.json").read_text())
-    data["vision_config"].update(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
-    data["text_config"].update(vocab_size=152128, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1)
-    data.pop("architectures"), data.pop("model_type")
-    with torch.device("meta"):
-        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**data))
+    model, _ = narrowed("llava-onevision-7b", LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                        vocab_size=152128)
     model.model.image_newline = torch.nn.Parameter(torch.zeros(16))  # pack_maps only needs the config
     adapter = LlavaOnevisionAdapter(model, None)
     cfg = model.config

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from reference import plan
 
 import vtprune
 from vtprune.models import FAMILIES
 from vtprune.strategies import STRATEGIES, budget
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILY_NAMES = ["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "internvl"]
 
 
@@ -33,14 +33,6 @@ PROMPTS = ["What is shown?", "How many objects are there in the picture please?"
 def cases():
     return [(f, s) for f in FAMILY_NAMES for s, strategy in STRATEGIES.items()
             if s != "none" and FAMILIES.get(f).runs(strategy)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only spin on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

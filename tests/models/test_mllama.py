@@ -8,8 +8,7 @@ import pytest
 import torch
 from kvcheck import expected_kv, measured_kv
 from PIL import Image
-
-from reference import plan
+from reference import hooked, plan
 
 import vtprune
 
@@ -114,13 +113,9 @@ def test_pruned_equals_masked_reference(adapter, padded, name, keep, cut):
         kept = [r.kept for r in records]
         assert [r.kept for r in state.records] == kept
         assert all(len(k) < r.num_visual for k, r in zip(kept, records))
-        handles = masked_reference(adapter, kept, cut)
-        try:
+        with hooked(masked_reference(adapter, kept, cut)):
             ref_logits = adapter.model(**padded, position_ids=_positions(padded)).logits[:, -1]
             ref_ids, ref_scores = greedy_scores(adapter, padded)
-        finally:
-            for h in handles:
-                h.remove()
         unpruned, _ = adapter.prefill_logits(padded, plan("none"))
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)
@@ -211,13 +206,9 @@ def test_pruning_before_the_first_cross_layer_equals_masking_it_too(adapter, pad
             ids, scores = greedy_scores(adapter, padded)
         out, _ = adapter.forward(padded, p, use_cache=True)
         kept = [r.kept for r in records]
-        handles = masked_reference(adapter, kept, cut_first=True, first_pruned=True)
-        try:
+        with hooked(masked_reference(adapter, kept, cut_first=True, first_pruned=True)):
             ref_logits = adapter.model(**padded, position_ids=_positions(padded)).logits[:, -1]
             ref_ids, ref_scores = greedy_scores(adapter, padded)
-        finally:
-            for h in handles:
-                h.remove()
         after_first, _ = adapter.prefill_logits(padded, plan(name, 0.3))
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=0)

@@ -4,18 +4,16 @@ Every reference here is built from transformers' own model (full sequence, masks
 ``get_rope_index`` gives the unpruned prompt), never from the adapter's splice or hooks.
 """
 
-import copy
-
+import checks
 import numpy as np
 import pytest
 import torch
-from kvcheck import expected_kv, measured_kv
 from PIL import Image
-from reference import masked_layer_hooks, plan
+from reference import eager_copy, holed_mask, image_positions, no_hooks_left, plan
 
-import vtprune
 from vtprune.models.base import left_pad_positions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = ["none", "uniform", "random", "fastervlm", "cls_saliency", "adav", "divprune", "text_sim", "fastv"]
 PRE_LLM = [name for name in ALL if name not in ("none", "fastv")]
 
@@ -27,36 +25,12 @@ def noise(width, height, seed):
 
 # 56×56 → 8×8 patches → 16 visual tokens; 112×56 → 8×14 patches → 28 visual tokens (different sizes).
 IMAGES = [noise(56, 56, 1), noise(112, 56, 2)]
-PROMPTS = ["What is shown?", "How many objects are there in the picture please?"]
 COUNTS = [16, 28]
-
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from intra-op threads, and on a shared CPU their spin-waits make every op up to
-    # 100× slower; restored for the tests that run after this module.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def adapter(one_thread):
-    a = vtprune.load(model="tiny:qwen2_5_vl", device="cpu", dtype="float32", attn_implementation="sdpa").adapter
-    assert a.model.config._attn_implementation == "sdpa" and a.model.dtype == torch.float32
-    return a
-
-
-@pytest.fixture(scope="module")
-def inputs(adapter):
-    return adapter.prepare(IMAGES, PROMPTS)
-
-
-@pytest.fixture(scope="module")
-def gen(adapter):
-    return {"max_new_tokens": 4, "do_sample": False, "pad_token_id": adapter.processor.tokenizer.pad_token_id}
+    return checks.sdpa_adapter("qwen2_5_vl", "Qwen2_5_VLAdapter")
 
 
 def full_positions(adapter, inputs):
@@ -66,33 +40,6 @@ def full_positions(adapter, inputs):
         image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
     )
     return pos
-
-
-def image_positions(adapter, inputs, b):
-    return torch.nonzero(inputs["input_ids"][b] == adapter.model.config.image_token_id).flatten()
-
-
-def holed_mask(adapter, inputs, kept):
-    """The 2-D padding mask with holes at every pruned image token (``kept``: per sample, into its visual tokens)."""
-    mask = inputs["attention_mask"].bool().clone()
-    for b, keep in enumerate(kept):
-        pos = image_positions(adapter, inputs, b)
-        hide = torch.ones(len(pos), dtype=torch.bool)
-        hide[torch.tensor(keep, dtype=torch.long)] = False
-        mask[b, pos[hide]] = False
-    return mask
-
-
-def masked_layers(adapter, inputs, kept, k):
-    """Hooks on layers[k:] hiding the pruned image tokens (as keys) from attention: the full-length fastv."""
-    base = holed_mask(adapter, inputs, kept)
-
-    return masked_layer_hooks(adapter.decoder_layers, base, k)
-
-
-def no_hooks_left(adapter):
-    lm = adapter.model.model.language_model
-    return not lm._forward_pre_hooks and not any(layer._forward_pre_hooks for layer in lm.layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -107,13 +54,10 @@ def test_inputs_have_two_sizes(adapter, inputs):
 
 @pytest.mark.parametrize("name", ALL)
 def test_keep_all_equals_unpruned(adapter, inputs, name):
-    options = {"layer": 2} if name == "fastv" else {}
+    ref, records = checks.keep_all(adapter, inputs, name, **({"layer": 2} if name == "fastv" else {}))
     with torch.no_grad():
-        ref, _ = adapter.prefill_logits(inputs, plan("none"))
-        logits, records = adapter.prefill_logits(inputs, plan(name, 1.0, **options))
         plain = adapter.model(**inputs).logits[:, -1]  # the model's own path, positions computed by itself
     torch.testing.assert_close(ref, plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     assert [r.num_visual for r in records] == COUNTS
     assert all(r.kept == list(range(r.num_visual)) for r in records)
     assert no_hooks_left(adapter)
@@ -178,91 +122,28 @@ def test_kept_tokens_keep_their_original_positions(adapter, inputs, name):
 
 
 def test_fastv_equals_masked_reference(adapter, inputs, gen):
-    k = 2
-    p = plan("fastv", 0.5, layer=k)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        new, gen_records = adapter.generate(inputs, p, **gen)
-        assert no_hooks_left(adapter)
-        kept = [r.kept for r in records]
-        handles = masked_layers(adapter, inputs, kept, k)
-        try:
-            ref = adapter.model(**inputs, position_ids=full_positions(adapter, inputs)).logits[:, -1]
-            ref_new = adapter.model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1] :]
-        finally:
-            for h in handles:
-                h.remove()
-        unpruned, _ = adapter.prefill_logits(inputs, plan("none"))
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
-    assert (logits - unpruned).abs().max() > 1e-3
-    assert [r.kept for r in gen_records] == kept
-    assert torch.equal(new, ref_new)
-    layers = len(adapter.model.model.language_model.layers)
-    assert [r.num_kept for r in records] == [c // 2 for c in COUNTS]
-    assert all(r.equivalent_tokens == (k * r.num_visual + (layers - k) * r.num_kept) / layers for r in records)
+    checks.fastv_equals_masked(adapter, inputs, gen, COUNTS, full_positions)
 
 
 @pytest.mark.parametrize("name,options", [("uniform", {}), ("adav", {}), ("fastv", {"layer": 2})])
 def test_batched_equals_per_sample(adapter, inputs, gen, name, options):
-    p = plan(name, 0.5, **options)
-    with torch.no_grad():
-        logits, records = adapter.prefill_logits(inputs, p)
-        new, gen_records = adapter.generate(inputs, p, **gen)
-        for b in range(2):
-            one = adapter.prepare(IMAGES[b : b + 1], PROMPTS[b : b + 1])
-            alone_logits, alone = adapter.prefill_logits(one, p)
-            alone_new, alone_gen = adapter.generate(one, p, **gen)
-            assert alone[0].kept == alone_gen[0].kept == records[b].kept == gen_records[b].kept
-            assert alone[0].num_visual == COUNTS[b]
-            torch.testing.assert_close(alone_logits[0], logits[b], atol=1e-4, rtol=1e-4)
-            assert torch.equal(alone_new[0], new[b])
+    records, alone = checks.batched_equals_per_sample(adapter, inputs, gen, plan(name, 0.5, **options), IMAGES)
+    assert [r.num_visual for _, r in alone] == COUNTS
     assert [r.num_kept for r in records] == [c // 2 for c in COUNTS]
-    assert torch.equal(new[:, 0], logits.argmax(-1))
 
 
 def test_pre_llm_cache_holds_kept_and_text_of_longest_sample(adapter, inputs):
-    with torch.no_grad():
-        spliced, records = adapter.spliced(inputs, plan("uniform", 0.5))
-        out = adapter.model(**spliced, use_cache=True)
-    valid = inputs["attention_mask"].sum(dim=1).tolist()
-    lengths = [v - r.num_visual + r.num_kept for v, r in zip(valid, records)]  # text + kept per sample
-    assert [(r.num_visual, r.num_kept) for r in records] == [(16, 8), (28, 14)]
+    valid = checks.pre_llm_cache(adapter, inputs, [(16, 8), (28, 14)])
     assert valid[0] < valid[1] == inputs["input_ids"].shape[1]  # sample 0 is left padded
-    assert max(lengths) < valid[1]
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [max(lengths)] * 4
-    assert [layer.values.shape[-2] for layer in out.cache.layers] == [max(lengths)] * 4
 
 
 def test_fastv_cache_holds_full_prompt_before_k_and_kept_after(adapter, inputs):
-    k = 2
-    with torch.no_grad(), adapter.applied(inputs, plan("fastv", 0.5, layer=k)) as state:
-        out = adapter.model(**inputs, position_ids=full_positions(adapter, inputs), use_cache=True)
-    full = inputs["input_ids"].shape[1]
-    valid = inputs["attention_mask"].sum(dim=1).tolist()
-    short = max(v - r.num_visual + r.num_kept for v, r in zip(valid, state.records))
-    assert [(r.num_visual, r.num_kept) for r in state.records] == [(16, 8), (28, 14)]
-    assert short == state.gather.shape[1] < full
-    assert [layer.keys.shape[-2] for layer in out.cache.layers] == [full] * k + [short] * (4 - k)
-    assert no_hooks_left(adapter)
+    checks.fastv_cache(adapter, inputs, [(16, 8), (28, 14)], full_positions)
 
 
 @pytest.mark.parametrize("name", ["uniform", "fastv"])
 def test_synthetic_kv_bytes(adapter, name):
-    p = plan(name, 0.5)
-    synthetic = adapter.synthetic_inputs(2, 8, torch.Generator().manual_seed(0))
-    n = adapter.num_synthetic_visual()
-    with torch.no_grad():
-        if name == "fastv":
-            with adapter.applied(synthetic, p) as state:
-                out = adapter.model(**synthetic, position_ids=adapter.prompt_positions(synthetic), use_cache=True)
-            records = state.records
-        else:
-            spliced, records = adapter.spliced(synthetic, p)
-            out = adapter.model(**spliced, use_cache=True)
-    assert [r.num_kept for r in records] == [n // 2] * 2
-    text = synthetic["input_ids"].shape[1] - n
-    expected = expected_kv(adapter, p, batch_size=2, text_tokens=text, num_visual=n, num_kept=n // 2)
-    assert measured_kv(adapter, out.cache) == expected
+    checks.synthetic_kv(adapter, name, 8, adapter.prompt_positions)
 
 
 @pytest.mark.parametrize("which", ["one 112x112 image", "batch"])
@@ -274,11 +155,8 @@ def test_cls_attention_matches_eager_vision_tower(adapter, inputs, which, monkey
     assert sizes == ([36] if which != "batch" else COUNTS)
 
     # The same tower with eager attention; transformers' own eager function, recorded for the last full block.
-    tower = adapter.model.model.visual
-    config = copy.deepcopy(tower.config)
-    config._attn_implementation = "eager"
-    eager = type(tower)._from_config(config, attn_implementation="eager").eval()
-    eager.load_state_dict(tower.state_dict())
+    eager = eager_copy(adapter.model.model.visual)
+    config = eager.config
     block = eager.blocks[max(config.fullatt_block_indexes)].attn
     weights = []
     original = qwen.eager_attention_forward
