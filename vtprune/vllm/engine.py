@@ -83,17 +83,13 @@ class VllmPipeline:
     def generate(self, images, prompts, max_new_tokens: int | None = None, **sampling) -> list:
         """One image and one prompt per sample; greedy unless ``sampling`` says otherwise."""
         import numpy as np
-        from vllm import SamplingParams
 
         from vtprune.api import GenerationResult, _as_images
         from vtprune.vllm.llava import image_tag
 
-        gen = dict(self.config.eval.generation)
         images = _as_images(images)
         requests = [self.request(img, p) for img, p in zip(images, prompts)]
-        params = SamplingParams(max_tokens=max_new_tokens or gen.get("max_new_tokens", 16),
-                                temperature=sampling.get("temperature", 0.0), seed=self.config.seed)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, self.sampling(max_new_tokens, **sampling), use_tqdm=False)
         kept = self.kept_sets()
         image_id = self.llm.llm_engine.model_config.hf_config.image_token_index
         results = []
@@ -111,6 +107,15 @@ class VllmPipeline:
                 kept_slots=len(record["kept"]) + len(record["merged"]),
             ))
         return results
+
+    def sampling(self, max_new_tokens: int | None = None, **sampling):
+        """vLLM sampling parameters from the config's generation settings: greedy unless they sample."""
+        from vllm import SamplingParams
+
+        gen = {**self.config.eval.generation, **sampling}
+        return SamplingParams(max_tokens=max_new_tokens or gen.get("max_new_tokens", 16),
+                              temperature=gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0,
+                              top_p=gen.get("top_p", 1.0), seed=self.config.seed)
 
     def kept_sets(self) -> dict:
         """(tag, plan) → the selection the model logged."""

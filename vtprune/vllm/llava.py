@@ -112,10 +112,10 @@ class VtpruneLlavaProcessor(LlavaMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         plan = plan_of(self.info.get_hf_config(), hf_processor_mm_kwargs)
         image_id = self.info.get_hf_config().image_token_index
-        images = mm_items.get_items("image", ImageProcessorItems)
 
         def replacement(i: int) -> list[int]:
-            size = images.get_image_size(i)
+            # Looked up here, as vLLM's own does: a cached image brings its replacement and no item.
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(i)
             return [image_id] * slots_for(plan, self.info.get_num_image_tokens(image_width=size.width,
                                                                                image_height=size.height))
 

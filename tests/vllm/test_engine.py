@@ -1,0 +1,99 @@
+"""vtprune on vLLM against vtprune on Hugging Face, on the shipped micro:llava (CPU, greedy).
+
+Runs in the vLLM environment only (``scripts/install-vllm.sh``; `.ci/run` runs it there); the main environment skips
+it. One engine serves every test: each request carries its own pruning plan. The HF engine runs in the same
+process, on the same checkpoint, as the reference.
+"""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vtprune.eval import synth  # noqa: E402
+from vtprune.strategies import STRATEGIES, budget  # noqa: E402
+from vtprune.vllm import check, supported  # noqa: E402
+
+CONFIG = "configs/micro/micro-llava-adav.yaml"
+POST = "\nAnswer the question using a single word or phrase."  # the mini tasks' post_prompt
+ON_VLLM = [name for name, s in STRATEGIES.items() if name != "none" and supported("llava", s)]
+
+
+def mini_samples():
+    """Eight shape questions and eight word questions of the mini tasks, prompted as their YAMLs prompt them."""
+    shapes = synth.draw_split(synth.MINI_SEED, 8, synth.SHAPE_KINDS)
+    words = synth.draw_split(synth.MINI_SEED + 1, 8, synth.WORD_KINDS)
+    return [(s.image, f"{s.question}{POST}", s.answer) for s in shapes] + [
+        (s.image, f"{s.question.capitalize()}{POST}", s.answer) for s in words]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    import vtprune
+    from vtprune.config import load_config
+    from vtprune.vllm.engine import VllmPipeline
+
+    return vtprune.load(CONFIG), VllmPipeline.start(load_config(CONFIG))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return mini_samples()
+
+
+def both(engines, samples, strategy, ratio):
+    hf, served = engines
+    images, prompts = [s[0] for s in samples], [s[1] for s in samples]
+    hf_out = [hf.with_pruning(strategy, ratio).generate([i], [p], max_new_tokens=8)[0] for i, p in zip(images, prompts)]
+    return hf_out, served.with_pruning(strategy, ratio).generate(images, prompts, max_new_tokens=8)
+
+
+def test_unpruned_answers_equal_hf(engines, samples):
+    hf_out, vllm_out = both(engines, samples, "none", 1.0)
+    assert [r.text for r in vllm_out] == [r.text for r in hf_out]
+    assert [r.num_visual for r in vllm_out] == [r.num_visual for r in hf_out] == [64] * len(samples)  # 8x8 patches
+
+
+@pytest.mark.parametrize("strategy", ON_VLLM)
+def test_kept_sets_equal_hf(engines, samples, strategy):
+    hf_out, vllm_out = both(engines, samples, strategy, 0.25)
+    assert [(r.kept, r.merged) for r in vllm_out] == [(r.kept, r.merged) for r in hf_out]
+    assert all(len(r.kept) == budget(r.num_visual, 0.25) for r in vllm_out)
+    assert [r.text for r in vllm_out] == [r.text for r in hf_out]
+
+
+def test_accuracy_under_pruning_matches_hf(engines, samples):
+    hf_out, vllm_out = both(engines, samples, "adav", 0.25)
+    gold = [s[2] for s in samples]
+    accuracy = [sum(r.text.lower() == g for r, g in zip(out, gold)) / len(gold) for out in (hf_out, vllm_out)]
+    assert accuracy[0] == accuracy[1] > 0.5
+
+
+def test_prompt_shrinks_by_exactly_the_pruned_count(engines, samples):
+    _, served = engines
+    image, prompt, _ = samples[0]
+    lengths = {}
+    for ratio in (1.0, 0.5, 0.25):
+        pipe = served.with_pruning("none" if ratio == 1.0 else "uniform", ratio)
+        lengths[ratio] = len(pipe.llm.generate([pipe.request(image, prompt)], use_tqdm=False)[0].prompt_token_ids)
+    assert lengths[1.0] - lengths[0.5] == 64 - budget(64, 0.5)
+    assert lengths[1.0] - lengths[0.25] == 64 - budget(64, 0.25)
+
+
+def test_one_engine_serves_mixed_plans_in_one_batch(engines, samples):
+    """Pruned and unpruned requests scheduled together: each gets its own plan's selection and answer."""
+    hf, served = engines
+    plans = [("none", 1.0), ("adav", 0.25), ("uniform", 0.5), ("random", 0.25)] * 2
+    requests = [served.with_pruning(s, r).request(img, p) for (s, r), (img, p, _) in zip(plans, samples)]
+    outputs = served.llm.generate(requests, served.sampling(max_new_tokens=8), use_tqdm=False)
+    for (strategy, ratio), (img, prompt, _), out in zip(plans, samples, outputs):
+        ref = hf.with_pruning(strategy, ratio).generate([img], [prompt], max_new_tokens=8)[0]
+        assert out.outputs[0].text.strip() == ref.text, (strategy, ratio)
+        assert len(out.prompt_token_ids) == ref.input_tokens - ref.num_visual + len(ref.kept)
+
+
+@pytest.mark.parametrize("strategy", ["fastv", "pdrop"])
+def test_in_llm_strategies_are_refused(strategy):
+    from vtprune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"'{strategy}' cannot run on vLLM: it prunes inside the LLM"):
+        check("llava", STRATEGIES.get(strategy))
