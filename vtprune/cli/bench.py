@@ -19,6 +19,8 @@ from vtprune.cli.common import (
 
 BatchSizesOpt = Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (overrides bench.batch_sizes).")]
 StrategiesOpt = Annotated[str | None, typer.Option("--strategies", help="Comma-separated strategies (default: pruning.strategy).")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column, however wide (default: the essentials, in 120 columns).")]
+TABLE_WIDTH = 120
 
 
 def _ratios_opt(default: str):
@@ -36,6 +38,7 @@ def bench(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="CPU threads while measuring (overrides bench.threads; fewer than the cores on a busy machine).",
     )] = None,
+    wide: WideOpt = False,
 ) -> None:
     """Measure TTFT, decode time, peak memory and KV cache per (strategy, keep ratio, batch size); writes <output_dir>/<name>/bench.jsonl."""
     cfg = load_cli_config(
@@ -57,18 +60,21 @@ def bench(
     pipeline = vtprune.load(cfg)
     out = Path(cfg.output_dir) / cfg.name
     rows = run_bench(pipeline, ratios=ratio_list, strategies=strategy_list, output_dir=out)
+    # The ×ideal cells carry the measured speed-up and say "noisy" themselves: the essentials without --wide.
     _print_table(rows, [
-        ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
-        ("kept", "kept_fraction_mean", "{:.3f}"), ("TTFT ms", "ttft_ms", "{:.1f}"),
-        ("decode ms/tok", "decode_ms_per_token", "{:.2f}"), ("e2e ms", "e2e_ms", "{:.1f}"), ("tok/s", "tokens_per_s", "{:.1f}"),
-        ("TTFT ×", "ttft_ms_ratio", "{:.2f}"), ("decode ×", "decode_ms_per_token_ratio", "{:.2f}"),
-        ("noisy", "noisy", lambda v: "noisy" if v else ""),
-        ("TTFT ×ideal", None, lambda r: ideal_cell(SimpleNamespace(**r), "ttft_ms", "ideal_ttft_speedup")),
+        ("strategy", "strategy", str, ESSENTIAL), ("keep", "keep_ratio", "{:g}", ESSENTIAL),
+        ("batch", "batch_size", str, ESSENTIAL), ("kept", "kept_fraction_mean", "{:.3f}", ESSENTIAL),
+        ("TTFT ms", "ttft_ms", "{:.1f}", ESSENTIAL), ("decode ms/tok", "decode_ms_per_token", "{:.2f}", ESSENTIAL),
+        ("e2e ms", "e2e_ms", "{:.1f}", WIDE), ("tok/s", "tokens_per_s", "{:.1f}", WIDE),
+        ("TTFT ×", "ttft_ms_ratio", "{:.2f}", WIDE), ("decode ×", "decode_ms_per_token_ratio", "{:.2f}", WIDE),
+        ("noisy", "noisy", lambda v: "noisy" if v else "", WIDE),
+        ("TTFT ×ideal", None, lambda r: ideal_cell(SimpleNamespace(**r), "ttft_ms", "ideal_ttft_speedup"), ESSENTIAL),
         ("decode ×ideal", None,
-         lambda r: ideal_cell(SimpleNamespace(**r), "decode_ms_per_token", "ideal_decode_speedup")),
-        ("peak MiB", "peak_memory_bytes", _mib), ("KV self MiB", "kv_self_bytes", _mib), ("KV cross MiB", "kv_cross_bytes", _mib),
-        ("select ms", "select_ms", "{:.2f}"),
-    ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else "") + (" (micro-model figures)" if rows[0].get("micro") else ""))
+         lambda r: ideal_cell(SimpleNamespace(**r), "decode_ms_per_token", "ideal_decode_speedup"), ESSENTIAL),
+        ("peak MiB", "peak_memory_bytes", _mib, ESSENTIAL), ("KV self MiB", "kv_self_bytes", _mib, WIDE),
+        ("KV cross MiB", "kv_cross_bytes", _mib, WIDE), ("select ms", "select_ms", "{:.2f}", WIDE),
+    ], title=f"{cfg.name} — {rows[0]['device']}, {rows[0]['dtype']}" + (" (smoke: tiny model)" if rows[0]["smoke"] else "") + (" (micro-model figures)" if rows[0].get("micro") else ""),
+        wide=wide)
     typer.echo(f"wrote {out / 'bench.jsonl'}", err=True)
 
 
@@ -80,6 +86,7 @@ def cost(
     ratios: Annotated[str | None, _ratios_opt("1.0,0.75,0.5,0.25")] = None,
     strategies: StrategiesOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+    wide: WideOpt = False,
 ) -> None:
     """Analytic KV-cache bytes (self / cross attention), prefill FLOPs (vision + LLM) and ideal speed-ups per keep
     ratio, from the model's config alone."""
@@ -96,13 +103,23 @@ def cost(
         typer.echo(json.dumps(rows, indent=2))
         return
     _print_table(rows, [
-        ("strategy", "strategy", str), ("keep", "keep_ratio", "{:g}"), ("batch", "batch_size", str),
-        ("visual", "num_visual", str), ("kept", "num_kept", str), ("KV self MiB", "kv_self_bytes", _mib),
-        ("KV cross MiB", "kv_cross_bytes", _mib), ("KV total MiB", "kv_bytes", _mib), ("prefill TFLOPs", "prefill_flops", _tflops),
-        ("vision TFLOPs", "vision_flops", _tflops), ("total TFLOPs", "total_prefill_flops", _tflops),
-        ("TTFT ideal ×", "ideal_ttft_speedup", "{:.2f}"), ("decode MiB/step", "decode_bytes_per_step", _mib),
-        ("decode ideal ×", "ideal_decode_speedup", "{:.2f}"),
-    ], title=f"{cfg.name} — {rows[0]['family']}, {rows[0]['dtype']}, {cfg.bench.prompt_tokens} text tokens, cache after prefill")
+        ("strategy", "strategy", str, ESSENTIAL), ("keep", "keep_ratio", "{:g}", ESSENTIAL),
+        ("batch", "batch_size", str, ESSENTIAL), ("visual", "num_visual", str, WIDE),
+        ("kept", "num_kept", str, ESSENTIAL), ("KV self MiB", "kv_self_bytes", _mib, ESSENTIAL),
+        ("KV cross MiB", "kv_cross_bytes", _mib, ESSENTIAL), ("KV total MiB", "kv_bytes", _mib, WIDE),
+        ("prefill TFLOPs", "prefill_flops", _tflops, WIDE), ("vision TFLOPs", "vision_flops", _tflops, ESSENTIAL),
+        ("total TFLOPs", "total_prefill_flops", _tflops, ESSENTIAL),
+        ("TTFT ideal ×", "ideal_ttft_speedup", "{:.2f}", ESSENTIAL),
+        ("decode MiB/step", "decode_bytes_per_step", _mib, WIDE),
+        ("decode ideal ×", "ideal_decode_speedup", "{:.2f}", ESSENTIAL),
+    ], title=f"{cfg.name} — {rows[0]['family']}, {rows[0]['dtype']}, {_visual(rows)} visual and "
+             f"{cfg.bench.prompt_tokens} text tokens, cache after prefill", wide=wide)
+
+
+def _visual(rows) -> str:
+    """The visual-token count of the rows, a range where the strategies' inputs differ."""
+    counts = sorted({r["num_visual"] for r in rows})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
 def _mib(value) -> str:
@@ -113,18 +130,42 @@ def _tflops(value) -> str:
     return f"{value / 1e12:.3f}"
 
 
-def _print_table(rows: list[dict], columns, title: str) -> None:
+ESSENTIAL, WIDE = True, False  # a column shown by default, or with --wide only
+
+
+def _cell(row: dict, key, fmt) -> str:
+    value = row if key is None else row.get(key)  # no key: the cell is made from the whole row
+    return "—" if value is None else fmt.format(value) if isinstance(fmt, str) else fmt(value)
+
+
+def _longest(rows, columns, header) -> int:
+    _, key, fmt, _ = next(c for c in columns if c[0] == header)
+    return max((len(_cell(row, key, fmt)) for row in rows), default=0)
+
+
+def _print_table(rows: list[dict], columns, title: str, wide: bool = False) -> None:
+    """The rows as a table: the essential columns within 120 columns (less on a narrower terminal), long cells
+    wrapped, never cut; every column with ``wide``, at its natural width."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
+    # A column of zeros says nothing (KV cross on a self-attention model): gone unless --wide.
+    shown = [c for c in columns if wide or (c[3] and any(row.get(c[1], 1) not in (0, None) for row in rows))]
     table = Table(title=title)
-    for header, _, _ in columns:
-        # "1.60× / 2.05× (78 %)" must not break over lines: narrower columns wrap their headers instead
-        table.add_column(header, justify="left" if header == "strategy" else "right", no_wrap="×ideal" in header)
+    for header, *_ in shown:
+        # A strategy name, "1.60× / 2.05× (78 %)" or a KV column, the headline of a cost table, must not break
+        # over lines: the other figures' headers wrap instead.
+        keep_whole = header == "strategy" or "×ideal" in header or header.startswith("KV")
+        table.add_column(header, justify="left" if header == "strategy" else "right", overflow="fold",
+                         no_wrap=keep_whole,
+                         min_width=max(_longest(rows, shown, header), len(header) if header.startswith("KV") else 0)
+                         if keep_whole else None)
     for row in rows:
-        cells = []
-        for _, key, fmt in columns:
-            value = row if key is None else row.get(key)  # no key: the cell is made from the whole row
-            cells.append("—" if value is None else fmt.format(value) if isinstance(fmt, str) else fmt(value))
-        table.add_row(*cells)
-    Console(width=200).print(table)
+        table.add_row(*(_cell(row, key, fmt) for _, key, fmt, _ in shown))
+    if wide:
+        width = 10_000  # the table's own width: a wide table is for a log or a wide window, not to be folded
+    else:
+        width = min(Console().width, TABLE_WIDTH) if sys.stdout.isatty() else TABLE_WIDTH
+    Console(width=width).print(table)

@@ -76,10 +76,10 @@ def eval_(
 
 def print_scores(run_dir: Path) -> None:
     """The score table the run wrote (metrics.jsonl), then the folder."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
-
-    import json
 
     from vtprune.report.tables import MICRO_MARK
     from vtprune.results import RUN_FILE, read_jsonl
@@ -98,7 +98,7 @@ def print_scores(run_dir: Path) -> None:
         table.add_row(r["task"], r["metric"], value, stderr, str(r["n"]), kept, figure(r.get("loyalty")),
                       figure(r.get("top1_agreement")), figure(r.get("kl_mean"), 4))
     # Piped or logged output has no width to fit: rich would squeeze the names to 80 columns.
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = Console() if sys.stdout.isatty() else Console(width=120)
     console.print(table)
     note = (json.loads((run_dir / RUN_FILE).read_text()).get("fidelity") or {}).get("note")
     if note:

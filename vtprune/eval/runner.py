@@ -25,9 +25,42 @@ def task_manager(include_paths=()):
     """lmms-eval's own task index: its tasks, vtprune's mini tasks and the user's ``--include-path`` folders.
 
     Built once per process and folder list: indexing lmms-eval's ~2000 task YAMLs takes seconds, and a sweep
-    evaluates many points.
+    evaluates many points. A YAML there that lmms-eval cannot index is a ConfigError naming the file.
     """
-    return _task_manager(tuple(str(Path(p).resolve()) for p in include_paths))
+    folders = tuple(str(Path(p).resolve()) for p in include_paths)
+    if not folders:
+        return _task_manager(folders)
+    try:
+        return _task_manager(folders)
+    except Exception as exc:  # noqa: BLE001 — lmms-eval indexes every YAML of the folders, and fails in any way
+        from vtprune.errors import ConfigError
+
+        problem = _broken_task_yaml(folders) or (
+            f"lmms-eval cannot index the task YAMLs in {', '.join(folders)} ({type(exc).__name__}: {_one_line(exc)})")
+        raise ConfigError(f"--include-path: {problem}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _broken_task_yaml(folders) -> str | None:
+    """The first YAML of ``folders`` that lmms-eval's indexer cannot read as a task or group, and why."""
+    from lmms_eval.utils import load_yaml_config
+
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", ".ipynb_checkpoints"))
+            for name in sorted(f for f in files if f.endswith(".yaml")):
+                path = os.path.join(root, name)
+                try:
+                    config = load_yaml_config(path, mode="simple")
+                    problem = None if isinstance(config, dict) else "not a mapping of task settings"
+                except Exception as exc:  # noqa: BLE001 — what the indexer would raise, in any form
+                    problem = _one_line(exc)
+                if problem:
+                    return f"{path} is not a readable task YAML ({problem})"
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,14 +81,36 @@ def check_tasks(names, include_paths=()) -> None:
     from vtprune.eval.tasks import TASKS
 
     unknown = [n for n in names if n not in TASKS]
-    if not unknown:
+    if not unknown and not include_paths:
         return
-    known = task_manager(include_paths).all_tasks
+    # With include paths the index is built here, whatever the names: a broken YAML there must fail before the
+    # model loads, not in the run.
+    manager = task_manager(include_paths)
+    known = manager.all_tasks
     for name in unknown:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
             hint = f"closest: {', '.join(close)}" if close else "`vtprune list tasks` lists vtprune's; lmms-eval has ~2000"
             raise ConfigError(f"eval.tasks: unknown task '{name}' ({hint})")
+    _check_included_tasks(manager, names, include_paths)
+
+
+def _check_included_tasks(manager, names, include_paths) -> None:
+    """Load the full YAML (includes, ``!function`` imports) of each named task that an include path provides:
+    the indexer reads them without either."""
+    from lmms_eval.utils import load_yaml_config
+
+    from vtprune.errors import ConfigError
+
+    folders = [str(Path(p).resolve()) for p in include_paths]
+    for name in names:
+        path = str((manager.task_index.get(name) or {}).get("yaml_path") or "")
+        if not any(path.startswith(folder + os.sep) for folder in folders):
+            continue
+        try:
+            load_yaml_config(path, mode="full")
+        except Exception as exc:  # noqa: BLE001 — a user's task file: a missing include, function or module
+            raise ConfigError(f"--include-path: task '{name}' in {path} does not load ({_one_line(exc)})") from None
 
 
 def task_spec(name: str):
@@ -67,15 +122,25 @@ def task_spec(name: str):
     return name
 
 
-def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True, include_paths=()) -> Path:
+def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool = True, include_paths=(),
+             reference_dir=None) -> Path:
     """Run ``tasks`` (default: the config's) and write run.json (last), metrics.jsonl, samples.jsonl.
 
     Returns the run folder ``<output_dir>/<config name>``. Generation errors propagate: nothing is scored as "".
     ``include_paths``: folders of extra lmms-eval task YAMLs (lmms-eval's ``--include_path``).
+    ``reference_dir``: where to look for the unpruned run (default: ``output_dir``); a sweep writes each point into
+    a staging folder and moves it in place when it is complete.
     """
     from lmms_eval.evaluator import simple_evaluate
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from vtprune.api import kept_padding
     from vtprune.eval.lmms_model import VtpruneLMM
@@ -93,14 +158,25 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
     manager = task_manager(include_paths)
     scored = [t for t in tasks if t not in JUDGE_TASKS or judge_available()]
     unscored = [t for t in tasks if t not in scored]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    show = progress and rank0
+    console = Console(stderr=True)
+    # Known before the first request, so that the bar does not grow as lmms-eval hands over each group of tasks.
+    total = _request_count(manager, tasks, limit) if show else None
     # transient: the bar gives way to the score table, or to the one line of an error.
-    with Progress(*columns, console=Console(stderr=True), disable=not (progress and rank0), transient=True) as bar:
-        job = bar.add_task(f"eval {config.name}", total=0)
+    # Off a terminal rich draws no bar but would still end it with an empty line: plain lines instead.
+    with Progress(*columns, console=console, disable=not (show and console.is_terminal), transient=True) as bar:
+        job = bar.add_task(f"eval {config.name}", total=total or 0)
+        logged = _ProgressLines(console, f"eval {config.name}") if show and not console.is_terminal else None
 
         def report(advance=0, expect=0):
-            bar.update(job, total=bar.tasks[0].total + expect, advance=advance)
+            if total is None:
+                bar.update(job, total=bar.tasks[0].total + expect)
+            bar.update(job, advance=advance)
+            if logged is not None and advance:
+                logged.update(bar.tasks[0])
 
         lm = VtpruneLMM(pipeline=pipeline, progress=report, generation=dict(config.eval.generation))
         outputs = {}
@@ -138,7 +214,7 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
             metrics = _metrics(result["results"][name], names)
         for metric, value, stderr in metrics:
             metric_rows.append(_metric_row(pipeline, name, metric, value, stderr, samples, task_stats))
-    fidelity = _fidelity(config, run_dir, sample_rows, metric_rows)
+    fidelity = _fidelity(config, run_dir, Path(reference_dir or run_dir.parent), sample_rows, metric_rows)
     write_jsonl(run_dir / "samples.jsonl", sample_rows)
     write_jsonl(run_dir / "metrics.jsonl", metric_rows)
     adapter = pipeline.adapter
@@ -148,6 +224,53 @@ def run_eval(pipeline, tasks=None, limit=None, output_dir=None, progress: bool =
                 finished=now())
     write_json(run_dir / RUN_FILE, meta)  # last: marks the folder complete
     return run_dir
+
+
+def _request_count(manager, tasks, limit) -> int | None:
+    """The generation requests this process will get for ``tasks``: documents (up to ``limit``, this rank's share
+    under data parallelism) times the task's repeats; None when lmms-eval cannot build a task here (the run itself
+    then reports why)."""
+    from lmms_eval.tasks import get_task_dict
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+    def leaves(tree):
+        for value in tree.values():
+            value = value[1] if isinstance(value, tuple) else value
+            if isinstance(value, dict):
+                yield from leaves(value)
+            elif value is not None:
+                yield value
+
+    try:
+        with contextlib.redirect_stderr(_WithoutProgressBars(sys.stderr)):
+            task_dict = get_task_dict([task_spec(t) for t in tasks], manager)
+        count = 0
+        for task in leaves(task_dict):
+            docs = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
+            count += len(range(rank, docs, world)) * (task.get_config("repeats") or 1)
+        return count
+    except Exception:  # noqa: BLE001 — only the bar's total: simple_evaluate meets the same problem and names it
+        return None
+
+
+class _ProgressLines:
+    """Eval progress as plain lines where no bar is drawn (a log file, CI, nohup): at most one line per tenth of
+    the requests, and none closer than 10 s apart, so that a short run stays quiet and a long one is never silent."""
+
+    def __init__(self, console, label: str):
+        self.console, self.label = console, label
+        self.step, self.last = 0, 0.0
+
+    def update(self, task) -> None:
+        if not task.total:
+            return
+        step = int(10 * task.completed / task.total)
+        if step > self.step and task.completed < task.total and task.elapsed - self.last >= 10:
+            self.step, self.last = step, task.elapsed
+            eta = task.elapsed * (task.total - task.completed) / task.completed
+            self.console.print(f"{self.label}: {task.completed:g}/{task.total:g} requests, {task.elapsed:.0f} s, "
+                               f"ETA {eta:.0f} s", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -273,10 +396,10 @@ def find_reference(folder: Path, config, tasks, exclude: Path | None = None) -> 
     return max(found)[1] if found else None
 
 
-def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[dict]) -> dict:
-    """Loyalty, top-1 agreement and KL against the unpruned run (``vtprune.fidelity``), into both row lists.
-
-    The unpruned run is its own reference. Returns what run.json records: the reference folder, or why there is none.
+def _fidelity(config, run_dir: Path, folder: Path, sample_rows: list[dict], metric_rows: list[dict]) -> dict:
+    """Loyalty, top-1 agreement and KL against the unpruned run in ``folder`` (``vtprune.fidelity``), into both row
+    lists. The unpruned run is its own reference. Returns what run.json records: the reference folder relative to
+    ``folder``, or why there is none.
     """
     from vtprune.fidelity import compare
     from vtprune.results import read_jsonl
@@ -286,7 +409,7 @@ def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[
     if pruning.strategy == "none" and pruning.keep_ratio == 1.0:
         reference, ref_rows = run_dir, sample_rows
     else:
-        reference = find_reference(run_dir.parent, config, tasks, exclude=run_dir)
+        reference = find_reference(folder, config, tasks, exclude=run_dir)
         ref_rows = read_jsonl(reference / "samples.jsonl") if reference is not None else []
     # Without a reference nothing matches: every row gets the empty figures below.
     per_sample, by_task = compare(ref_rows, sample_rows)
@@ -299,9 +422,9 @@ def _fidelity(config, run_dir: Path, sample_rows: list[dict], metric_rows: list[
     if reference is None:
         return {"reference": None, "note": (
             f"no unpruned run (strategy none, keep 1.0) of {config.model.path} on {', '.join(tasks)} with the same "
-            f"generation settings in {run_dir.parent}: loyalty and KL not computed (run strategy none there first; "
+            f"generation settings in {folder}: loyalty and KL not computed (run strategy none there first; "
             "`vtprune report` computes them once it exists)")}
-    return {"reference": os.path.relpath(reference, run_dir.parent), "note": None}
+    return {"reference": os.path.relpath(reference, folder), "note": None}
 
 
 def _target(sample: dict):
