@@ -136,7 +136,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("vtprune", "torch", "transformers", "lmms_eval"):
+    for pkg in ("vtprune", "torch", "transformers", "lmms_eval", "vllm"):
         try:
             out[pkg] = version(pkg.replace("_", "-"))
         except PackageNotFoundError:

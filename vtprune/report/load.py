@@ -1,4 +1,5 @@
-"""Read every run below a results folder (DESIGN §7) into three pandas frames."""
+"""Read every run below a results folder (DESIGN §7) into pandas frames: accuracy (``metrics.jsonl``), speed on
+Hugging Face (``bench.jsonl``) and serving under load on vLLM (``serve.jsonl``, DESIGN §6b)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pandas as pd
 from vtprune.errors import VtpruneError
 from vtprune.results import RUN_FILE, read_jsonl
 
-ROW_FILES = ("metrics.jsonl", "bench.jsonl")
+ROW_FILES = ("metrics.jsonl", "bench.jsonl", "serve.jsonl")
 # What the report groups and joins on: a row without one of them cannot be placed in any table.
 REQUIRED = {
     "metrics.jsonl": ("model", "strategy", "keep_ratio", "task", "metric"),
     "bench.jsonl": ("model", "strategy", "keep_ratio", "batch_size", "device", "dtype"),
+    "serve.jsonl": ("model", "strategy", "keep_ratio", "concurrency", "device", "dtype"),
     "samples.jsonl": ("task", "doc_id", "output"),
 }
 CHECKOUT = Path(__file__).resolve().parents[2]  # the vtprune checkout this report runs from
@@ -34,6 +36,8 @@ class Results:
     notes: list[str] = field(default_factory=list)
     samples: dict[str, list[dict]] = field(default_factory=dict)  # run_dir -> its samples.jsonl rows (fidelity)
     bench_rows: pd.DataFrame | None = None  # every bench row, also those a newer run of the same point replaced
+    serve: pd.DataFrame = field(default_factory=pd.DataFrame)  # serve.jsonl rows of every run (vtprune serve-bench)
+    serve_rows: pd.DataFrame | None = None  # every serve row, also those a newer run of the same point replaced
 
 
 def load_results(root: str | Path) -> Results:
@@ -42,7 +46,7 @@ def load_results(root: str | Path) -> Results:
     root = Path(root)
     if not root.is_dir():
         raise VtpruneError(f"RESULTS_DIR: not a folder: {root}")
-    runs, metrics, bench, notes, samples = [], [], [], [], {}
+    runs, metrics, bench, serve, notes, samples = [], [], [], [], [], {}
     for run_dir in _run_dirs(root):
         try:
             run = _run_json(run_dir / RUN_FILE)
@@ -60,13 +64,15 @@ def load_results(root: str | Path) -> Results:
         run["run_dir"] = str(run_dir)
         runs.append(run)
         samples[str(run_dir)] = sample_rows
-        for name, out in (("metrics.jsonl", metrics), ("bench.jsonl", bench)):
+        for name, out in (("metrics.jsonl", metrics), ("bench.jsonl", bench), ("serve.jsonl", serve)):
             for row in rows[name]:
+                # A run.json without the flags (a serve-bench's) is labelled by its model's name, as eval's is.
+                for flag, prefix in (("smoke", "tiny:"), ("micro", "micro:")):
+                    row.setdefault(flag, run.get(flag, str(row["model"]).startswith(prefix)))
                 row["model"] = model_name(row["model"])
+                row.setdefault("engine", _engine(run))
                 row["run_dir"] = str(run_dir)
                 row.setdefault("run", run.get("name"))
-                row.setdefault("smoke", run.get("smoke", False))
-                row.setdefault("micro", run.get("micro", False))
                 row["finished"] = run["finished"]
                 out.append(row)
     if not runs:
@@ -76,17 +82,30 @@ def load_results(root: str | Path) -> Results:
     latest_bench = _latest(pd.DataFrame(bench), ["model", "device", "dtype", "strategy", "keep_ratio", "batch_size",
                                                  "threads"])
     # A run whose every row a newer run replaced is counted in the header but in no table: say which and why.
-    shown = {d for frame in (latest_metrics, latest_bench) for d in frame.get("run_dir", [])}
-    hidden = [Path(r["run_dir"]).relative_to(root).as_posix() for r in runs
-              if r["run_dir"] not in shown and any(row["run_dir"] == r["run_dir"] for row in (*metrics, *bench))]
+    latest_serve = _latest(pd.DataFrame(serve), ["model", "engine", "device", "dtype", "strategy", "keep_ratio",
+                                                 "concurrency"])
+    shown = {d for frame in (latest_metrics, latest_bench, latest_serve) for d in frame.get("run_dir", [])}
+    hidden = [Path(r["run_dir"]).relative_to(root).as_posix() for r in runs if r["run_dir"] not in shown
+              and any(row["run_dir"] == r["run_dir"] for row in (*metrics, *bench, *serve))]
     if hidden:
         notes.append("not shown, every point of theirs measured again by a newer run: " + ", ".join(hidden))
-    return Results(pd.DataFrame(runs), latest_metrics, latest_bench, notes, samples, pd.DataFrame(bench))
+    return Results(pd.DataFrame(runs), latest_metrics, latest_bench, notes, samples, pd.DataFrame(bench),
+                   latest_serve, pd.DataFrame(serve))
+
+
+def _engine(run: dict) -> str:
+    """Where a run's rows were measured (DESIGN §6b): its run.json's ``engine``, else its config's, else ``hf`` (every
+    run from before vLLM)."""
+    config = run.get("config")
+    engine = run.get("engine") or (config.get("engine") if isinstance(config, dict) else None)
+    return str(engine) if engine else "hf"
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    """Every folder holding a run.json or any results file: one without run.json was interrupted."""
-    return sorted({f.parent for name in (RUN_FILE, "samples.jsonl", *ROW_FILES) for f in root.rglob(name)})
+    """Every folder holding a run.json or any results file: one without run.json was interrupted. Hidden folders
+    below ``root`` are not runs yet (a sweep stages a point in ``.partial/`` until it is complete)."""
+    found = {f.parent for name in (RUN_FILE, "samples.jsonl", *ROW_FILES) for f in root.rglob(name)}
+    return sorted(d for d in found if not any(part.startswith(".") for part in d.relative_to(root).parts))
 
 
 def model_name(model) -> str:
@@ -140,8 +159,9 @@ def _rows(path: Path) -> list[dict]:
         missing = [key for key in REQUIRED[path.name] if row.get(key) is None]
         if missing:
             raise CorruptFile(f"{path}: row {number} has no {', '.join(missing)}")
-        if "keep_ratio" in row and not isinstance(row["keep_ratio"], (int, float)):
-            raise CorruptFile(f"{path}: row {number}: keep_ratio {json.dumps(row['keep_ratio'])[:40]} is not a number")
+        for key in ("keep_ratio", "concurrency"):
+            if key in row and (isinstance(row[key], bool) or not isinstance(row[key], (int, float))):
+                raise CorruptFile(f"{path}: row {number}: {key} {json.dumps(row[key])[:40]} is not a number")
     return rows
 
 

@@ -21,10 +21,11 @@ CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_byt
 
 
 class VllmPipeline:
-    def __init__(self, config, llm, processor, family: str, kept_log: Path):
+    def __init__(self, config, llm, processor, family: str, kept_log: Path, engine_args: dict):
         from vtprune.strategies import STRATEGIES
 
-        self.config, self.llm, self.processor, self.family, self.kept_log = config, llm, processor, family, kept_log
+        self.config, self.llm, self.processor, self.family = config, llm, processor, family
+        self.kept_log, self.engine_args = kept_log, engine_args
         strategy = STRATEGIES.get(config.pruning.strategy)
         check(family, strategy)
         if config.pruning.placement:
@@ -33,8 +34,9 @@ class VllmPipeline:
         self.plan = {"strategy": p.strategy, "keep_ratio": p.keep_ratio, "options": dict(p.options), "seed": config.seed}
 
     @classmethod
-    def start(cls, config, **engine_args) -> VllmPipeline:
-        """Start a vLLM engine on ``config``'s model (``micro:`` and local paths, HF ids) with vtprune's plugin."""
+    def start(cls, config, start_engine: bool = True, **engine_args) -> VllmPipeline:
+        """Start a vLLM engine on ``config``'s model (``micro:`` and local paths, HF ids) with vtprune's plugin;
+        ``start_engine=False``: only the processor and the engine's arguments (for an ``AsyncLLM`` of the caller's)."""
         try:
             from vllm import LLM
         except ImportError:
@@ -55,16 +57,18 @@ class VllmPipeline:
         kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
         os.environ["VTPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
         dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
-        llm = LLM(model=path, dtype=dtype, seed=config.seed, limit_mm_per_prompt={"image": 1},
-                  hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **(CPU_ENGINE | engine_args))
-        return cls(config, llm, AutoProcessor.from_pretrained(path), family, kept_log)
+        args = dict(model=path, dtype=dtype, seed=config.seed, limit_mm_per_prompt={"image": 1},
+                    hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **(CPU_ENGINE | engine_args))
+        llm = LLM(**args) if start_engine else None
+        return cls(config, llm, AutoProcessor.from_pretrained(path), family, kept_log, args)
 
     def with_pruning(self, strategy: str | None = None, keep_ratio: float | None = None, options: dict | None = None):
         p = self.config.pruning
         pruning = p.point(strategy or p.strategy, p.keep_ratio if keep_ratio is None else keep_ratio)
         if options is not None:
             pruning["options"] = options
-        return VllmPipeline(self.config.replace(pruning=pruning), self.llm, self.processor, self.family, self.kept_log)
+        return VllmPipeline(self.config.replace(pruning=pruning), self.llm, self.processor, self.family, self.kept_log,
+                            self.engine_args)
 
     def request(self, image, prompt: str) -> dict:
         """One vLLM request: the prompt's token ids exactly as the HF engine tokenizes them, the image, the plan."""
@@ -74,6 +78,10 @@ class VllmPipeline:
         ids = self.processor.tokenizer(text)["input_ids"]
         return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": image},
                 "mm_processor_kwargs": {PROMPT_KEY: text, PLAN_KEY: json.dumps(self.plan, sort_keys=True)}}
+
+    @property
+    def image_token_id(self) -> int:
+        return self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
 
     def expanded_ids(self, image, request: dict) -> list[int]:
         """The prompt as the HF processor expands it (the seed key and the log tag are digests of it)."""
@@ -91,7 +99,7 @@ class VllmPipeline:
         requests = [self.request(img, p) for img, p in zip(images, prompts)]
         outputs = self.llm.generate(requests, self.sampling(max_new_tokens, **sampling), use_tqdm=False)
         kept = self.kept_sets()
-        image_id = self.llm.llm_engine.model_config.hf_config.image_token_index
+        image_id = self.image_token_id
         results = []
         for img, req, out in zip(images, requests, outputs):
             ids = self.expanded_ids(img, req)
