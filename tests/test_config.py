@@ -29,7 +29,12 @@ def with_(section, **values):
 
 
 BAD = [
-    ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key (allowed: name, model, pruning, eval, bench, output_dir, seed)"),
+    ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key (allowed: name, model, pruning, eval, bench, output_dir, seed, engine)"),
+    ("unknown engine", {**GOOD, "engine": "tgi"}, "engine: 'tgi' is not allowed (allowed: hf, vllm)"),
+    ("in-LLM strategy on vllm", {**with_("pruning", strategy="fastv"), "engine": "vllm"},
+     "pruning.strategy: 'fastv' cannot run on vLLM: it prunes inside the LLM (vLLM's paged KV cache gives every layer one length) (allowed on vllm: adav,"),
+    ("family vllm does not serve", {**with_("model", path="tiny:mllama"), "engine": "vllm"},
+     "engine: 'vllm' does not run model family 'mllama' (allowed: llava)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),
     ("bench threads zero", with_("bench", threads=0), "bench.threads: 0 must be a positive integer or null"),
     ("bench threads not a number", with_("bench", threads="all"), "bench.threads: expected an integer or null, got 'all'"),

@@ -60,6 +60,10 @@ class Pipeline:
         pruning.update({k: v for k, v in (("options", options), ("placement", placement)) if v is not None})
         return Pipeline(self.config.replace(pruning=pruning), self.adapter)
 
+    def for_config(self, config: Config) -> Pipeline:
+        """Another config's plan over the same model (a sweep point): its name, strategy, ratio, options."""
+        return Pipeline(config, self.adapter)
+
     def prepare(self, images, prompts):
         return self.adapter.prepare(_as_images(images), list(prompts))
 
@@ -169,6 +173,10 @@ def load(config: str | Path | Config | None = None, **keys) -> Pipeline:
         cfg = load_config(config, sections)
     else:
         cfg = config_from_dict({"name": "api", **sections})
+    if cfg.engine == "vllm":  # in vLLM's own environment (scripts/install-vllm.sh)
+        from vtprune.vllm.engine import VllmPipeline
+
+        return VllmPipeline.start(cfg)
     return Pipeline(cfg, load_model(cfg.model))
 
 
@@ -184,11 +192,11 @@ def _sections(keys: dict) -> dict:
             sections.setdefault("model", {})[_MODEL_KEYS[key]] = value
         elif key in _PRUNING_KEYS:
             sections.setdefault("pruning", {})[_PRUNING_KEYS[key]] = float(value) if key == "keep_ratio" else value
-        elif key in ("seed", "name", "output_dir"):
+        elif key in ("seed", "name", "output_dir", "engine"):
             sections[key] = value
         else:
             from vtprune.errors import ConfigError
 
-            allowed = ", ".join([*_MODEL_KEYS, *_PRUNING_KEYS, "seed", "name", "output_dir"])
+            allowed = ", ".join([*_MODEL_KEYS, *_PRUNING_KEYS, "seed", "name", "output_dir", "engine"])
             raise ConfigError(f"load: unknown keyword '{key}' (allowed: {allowed})")
     return sections

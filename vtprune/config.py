@@ -17,6 +17,7 @@ import yaml
 
 from vtprune.errors import ConfigError, shown
 
+ENGINES = ("hf", "vllm")  # where a config runs: transformers' generate, or the vLLM serving engine (vtprune.vllm)
 WEIGHTS = ("pretrained", "random")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN = ("sdpa", "eager", "flash_attention_2")
@@ -108,6 +109,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     output_dir: str = "results"
     seed: int = 0
+    engine: str = "hf"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,7 +136,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config: {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must be a mapping of keys (name, model, pruning, eval, bench, output_dir, seed)")
+        raise ConfigError(f"config: {path} must be a mapping of keys (name, model, pruning, eval, bench, output_dir, seed, engine)")
     data.setdefault("name", path.stem)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
@@ -297,6 +299,11 @@ def validate(config: Config) -> None:
     from vtprune.placement import resolve_placement
 
     resolve_placement(strategy, p.placement, cross_attention=cross_attention, decoder_layers=layers, model=m.path)
+    _choice("engine", config.engine, ENGINES)
+    if config.engine == "vllm":
+        from vtprune.vllm import check
+
+        check(family, strategy)  # in-LLM placements are refused with their strategy
     # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:
     # indexing every lmms-eval task takes seconds, too slow for each config load.
     if not config.eval.tasks or not all(isinstance(t, str) and t for t in config.eval.tasks):

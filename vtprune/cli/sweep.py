@@ -106,7 +106,7 @@ def point_settings(config: dict, tasks, limit, version, bench: bool) -> dict:
         "pruning.strategy": get("pruning", "strategy"), "pruning.keep_ratio": get("pruning", "keep_ratio"),
         "pruning.options": get("pruning", "options"), "pruning.placement": get("pruning", "placement"),
         "eval.tasks": tasks, "eval.limit": limit, "eval.generation": get("eval", "generation"), "seed": get("seed"),
-        "vtprune version": version,
+        "vtprune version": version, "engine": get("engine") or "hf",
     }
     if bench:
         settings["bench"] = get("bench")
@@ -267,6 +267,9 @@ def ratios_(
             key, _, problem = str(exc).partition(": ")
             option = {"pruning.strategy": "--strategies" if names else None, "pruning.keep_ratio": "--ratios"}.get(key)
             raise (ConfigError(f"{option}: {problem}") if option else exc) from None
+    if bench and cfg.engine != "hf":
+        raise VtpruneError(f"--bench: times transformers' generate; engine '{cfg.engine}' is measured under load by "
+                           "`vtprune serve-bench` (allowed with --bench: engine hf)")
     if bench:
         try:
             from vtprune.bench import run_bench  # noqa: F401
@@ -285,12 +288,11 @@ def ratios_(
     times = {}
     if todo:
         import vtprune
-        from vtprune.api import Pipeline
 
         base = vtprune.load(cfg)
         for k, point in enumerate(todo, 1):
             begun = time.monotonic()
-            point_dir = run_point(Pipeline(configs[point], base.adapter), sweep_dir, bench)
+            point_dir = run_point(base.for_config(configs[point]), sweep_dir, bench)
             times[point] = time.monotonic() - begun
             scores, kept = summary(point_dir)
             left = len(todo) - k

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from vtprune.report.load import Results
-from vtprune.report.plots import accuracy_plots, fidelity_plots, pareto_plots, speed_plots
+from vtprune.report.plots import accuracy_plots, fidelity_plots, pareto_plots, serve_plots, speed_plots
 from vtprune.report.tables import (
     MICRO_MARK,
     SMOKE_MARK,
@@ -19,6 +19,8 @@ from vtprune.report.tables import (
     accuracy_section,
     flagged,
     grouped_notes,
+    serve_frame,
+    serve_section,
     speed_frame,
     speed_section,
 )
@@ -28,16 +30,18 @@ def header_section(results: Results, root: Path) -> list[str]:
     runs = results.runs
     out = ["# vtprune report", ""]
     for column, mark in (("smoke", SMOKE_MARK), ("micro", MICRO_MARK)):
-        if any(flagged(frame, column) for frame in (runs, results.metrics, results.bench)):
+        if any(flagged(frame, column) for frame in (runs, results.metrics, results.bench, results.serve)):
             out += [f"> **{mark}**", ""]
     # An older run.json without versions reads NaN here.
     versions = sorted({", ".join(f"{k} {v}" for k, v in r.items() if v) for r in runs.get("versions", [])
                        if isinstance(r, dict)})
+    # A serve-bench's run.json names no dtype: its rows do.
+    dtypes = pd.concat([frame.get("dtype", pd.Series(dtype=object)) for frame in (runs, results.serve)])
     dates = sorted(d for d in pd.concat([runs.get("started", pd.Series()), runs.get("finished", pd.Series())]).dropna())
     out += [
         f"- Results: `{root}` ({len(runs)} runs)",
         f"- Device: {'; '.join(sorted(set(runs.get('device', pd.Series()).dropna().astype(str)))) or 'unknown'}",
-        f"- dtype: {', '.join(sorted(set(runs.get('dtype', pd.Series()).dropna().astype(str)))) or 'unknown'}",
+        f"- dtype: {', '.join(sorted(set(dtypes.dropna().astype(str)))) or 'unknown'}",
         f"- Versions: {'; '.join(versions) or 'unknown'}",
         f"- Runs dated: {dates[0]} … {dates[-1]}" if dates else "- Runs dated: unknown",
         f"- Report written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
@@ -54,21 +58,25 @@ def write_report(results: Results, root: Path, output: Path | None, plots_dir: P
     ``output``."""
     notes, flags = list(results.notes), {}
     acc, speed = accuracy_frame(results.metrics, results.samples), speed_frame(results.bench, results.bench_rows)
+    serve = serve_frame(results.serve, results.serve_rows)
     base = output.parent if output is not None else Path.cwd()
 
     def relative(path: Path) -> str:
         return Path(os.path.relpath(path, base)).as_posix()
 
-    acc_plots, speed_plots_ = {}, {}
+    acc_plots, speed_plots_, serve_plots_ = {}, {}, {}
     if plots_dir is not None:
         if not acc.empty:
             acc_plots = {**accuracy_plots(acc, plots_dir), **fidelity_plots(acc, plots_dir),
                          **pareto_plots(acc, speed, plots_dir)}
         if not speed.empty:
             speed_plots_ = speed_plots(speed, plots_dir)
+        if not serve.empty:
+            serve_plots_ = serve_plots(serve, plots_dir)
     lines = header_section(results, root)
     lines += accuracy_section(acc, acc_plots, relative, notes, flags)
     lines += speed_section(speed, speed_plots_, relative, notes, flags)
+    lines += serve_section(serve, serve_plots_, relative, notes, flags)
     notes += grouped_notes(flags)
     if notes:
         lines += ["## Notes", "", *(f"- {n}" for n in notes), ""]

@@ -1,5 +1,6 @@
 """PNG plots (matplotlib, Agg): accuracy and first-token KL vs achieved keep fraction; paired speed ratios vs achieved
-keep fraction; accuracy and loyalty vs measured TTFT speed-up and KV saved (Pareto)."""
+keep fraction; accuracy and loyalty vs measured TTFT speed-up and KV saved (Pareto); serving speed-ups vs
+concurrency (vLLM)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from vtprune.report.tables import SPEED_COLUMNS, TIMED, is_reference, row_timing_status, task_columns
+from vtprune.report.tables import (
+    SERVE_IDEAL,
+    SPEED_COLUMNS,
+    TIMED,
+    is_reference,
+    row_timing_status,
+    serve_status,
+    task_columns,
+)
 
 LEFT_OUT = ("noisy", "missing")  # timing statuses that are no result: named under the figure, never drawn
 
@@ -76,14 +85,16 @@ def _keep_plot(points: pd.DataFrame, column: str, ylabel: str, title: str, path:
     return path
 
 
-def _timed_points(rows: pd.DataFrame, column: str) -> tuple[pd.DataFrame, pd.Series]:
+def _timed_points(rows: pd.DataFrame, column: str, status_of=row_timing_status,
+                  figure: str = "ratio") -> tuple[pd.DataFrame, pd.Series]:
     """The rows whose ``column`` timing is a result, and each one's (lo, hi) error-bar lengths; a ratio without a
-    usable interval (two rounds, medians) is drawn without a bar."""
-    status = pd.Series([row_timing_status(r, column) for r in rows.itertuples()], index=rows.index, dtype=object)
+    usable interval (two rounds, medians) is drawn without a bar. ``figure``: the row's ``<column>_<figure>`` (with
+    ``_lo`` / ``_hi``) drawn, judged by ``status_of(row, column)``."""
+    status = pd.Series([status_of(r, column) for r in rows.itertuples()], index=rows.index, dtype=object)
     kept = rows[~status.isin(LEFT_OUT)]
     ok = status[kept.index] == "ok"
-    ratio = kept[f"{column}_ratio"]
-    bars = [(ratio - kept[f"{column}_ratio_lo"]).where(ok, 0), (kept[f"{column}_ratio_hi"] - ratio).where(ok, 0)]
+    ratio = kept[f"{column}_{figure}"]
+    bars = [(ratio - kept[f"{column}_{figure}_lo"]).where(ok, 0), (kept[f"{column}_{figure}_hi"] - ratio).where(ok, 0)]
     return kept, bars
 
 
@@ -126,15 +137,61 @@ def speed_plots(speed: pd.DataFrame, plots_dir: Path) -> dict[tuple, Path]:
             ax.set(xlabel="achieved keep fraction", ylabel="pruned / none (own bench)", title=name)
             ax.grid(alpha=0.3)
         fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
-        footer = textwrap.wrap("Left out, no result (see Notes): " + "; ".join(left_out), 200) if left_out else []
-        if footer:
-            fig.text(0.01, 0.01, "\n".join(footer), fontsize=7, va="bottom")
-        fig.suptitle(f"{model} ({device}, {dtype}): ratio to the unpruned point of each row's own bench", fontsize=9)
-        height = 3.8 + 0.14 * len(footer)
-        fig.set_size_inches(15, height)
         path = plots_dir / f"speed_{_slug(model, device, dtype)}.png"
-        _save(fig, path, rect=(0, 0.14 * len(footer) / height + (0.02 if footer else 0), 0.86, 1))
+        _save_row(fig, path, f"{model} ({device}, {dtype}): ratio to the unpruned point of each row's own bench",
+                  left_out, width=15, wrap=200, right=0.86)
         out[(model, device, dtype, "speed")] = path
+    return out
+
+
+SERVE_PANELS = {"req_per_s": "throughput (req/s) speed-up", "ttft_p50_ms": "TTFT p50 speed-up"}
+
+
+def serve_plots(serve: pd.DataFrame, plots_dir: Path) -> dict[tuple, Path]:
+    """One PNG per (model, device, dtype) of serve rows: the paired throughput (req/s) and TTFT p50 speed-ups
+    against the concurrency (log 2), with their 95 % interval, one line per strategy@keep ratio and its ideal
+    speed-up from the token counts dashed in the same colour; speed-ups that are no result are named under the
+    figure instead."""
+    plt = _pyplot()
+    out = {}
+    for (model, device, dtype), group in serve.groupby(["model", "device", "dtype"], sort=True):
+        pruned = group[~is_reference(group)].sort_values(["strategy", "keep_ratio", "concurrency"],
+                                                         ascending=[True, False, True])
+        if pruned.empty:
+            continue
+        pruned = pruned.assign(plan=[f"{s}@{r:g}" for s, r in zip(pruned["strategy"], pruned["keep_ratio"])])
+        styles = _styles(pruned["plan"])
+        levels = sorted(pruned["concurrency"].dropna().unique())
+        fig, axes = plt.subplots(1, len(SERVE_PANELS), figsize=(11, 3.8))
+        left_out, handles = [], {}
+        for ax, (column, name) in zip(axes, SERVE_PANELS.items()):
+            ideal = SERVE_IDEAL[column][1]
+            missed = [f"{r.plan} at {r.concurrency:g} client{'s' if r.concurrency != 1 else ''}"
+                      for r in pruned.itertuples() if serve_status(r, column) in LEFT_OUT]
+            if missed:
+                left_out.append(f"{name}: {', '.join(missed)}")
+            for plan, line in pruned.groupby("plan", sort=True):
+                colour, marker = styles[plan]
+                # The ideal is computed, not measured: drawn even where every measured point is left out.
+                dashed = ax.plot(line["concurrency"], line[ideal], color=colour, linestyle="--", linewidth=1,
+                                 marker="_", markersize=14)[0]  # a ticked ideal stays visible at one level alone
+                handles.setdefault(plan, dashed)
+                points, bars = _timed_points(line, column, serve_status, "speedup")
+                if not points.empty:
+                    handles[plan] = ax.errorbar(points["concurrency"], points[f"{column}_speedup"], yerr=bars,
+                                                color=colour, marker=marker, capsize=3, label=plan)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [f"{c:g}" for c in levels])
+            ax.set(xlabel="concurrent clients (closed loop)", ylabel="speed-up vs none (paired)", title=name)
+            ax.grid(alpha=0.3)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right",
+                       title="dashed: ideal", title_fontsize=7)
+        path = plots_dir / f"serve_{_slug(model, device, dtype)}.png"
+        _save_row(fig, path, f"{model} ({device}, {dtype}) on vLLM: speed-up of each plan over the unpruned one, "
+                  "paired by round (above 1 is better)", left_out, width=11, wrap=150, right=0.88)
+        out[(model, device, dtype, "serving")] = path
     return out
 
 
@@ -202,6 +259,18 @@ def _pareto(points: pd.DataFrame, title: str, path: Path) -> Path:
     fig.set_size_inches(11, height)
     _save(fig, path, rect=(0, 0.14 * len(footer) / height + (0.02 if footer else 0), 0.87, 1))
     return path
+
+
+def _save_row(fig, path: Path, title: str, left_out: list[str], width: float, wrap: int, right: float) -> None:
+    """A one-row figure saved with its title, the points left out (no result) named under it, the legend right of
+    ``right``."""
+    footer = textwrap.wrap("Left out, no result (see Notes): " + "; ".join(left_out), wrap) if left_out else []
+    if footer:
+        fig.text(0.01, 0.01, "\n".join(footer), fontsize=7, va="bottom")
+    fig.suptitle(title, fontsize=9)
+    height = 3.8 + 0.14 * len(footer)
+    fig.set_size_inches(width, height)
+    _save(fig, path, rect=(0, 0.14 * len(footer) / height + (0.02 if footer else 0), right, 1))
 
 
 def _save(fig, path: Path, rect=(0, 0, 1, 1)) -> None:

@@ -136,9 +136,11 @@ def _with_figures(bench: pd.DataFrame) -> pd.DataFrame:
 
 
 def merged_frame(results: Results) -> pd.DataFrame:
-    """The accuracy and speed rows in one long table (``kind`` says which), for ``--format csv|json``."""
+    """The accuracy, speed and serving rows in one long table (``kind`` says which), for ``--format csv|json``."""
     parts = [frame.assign(kind=kind) for kind, frame in
-             (("accuracy", accuracy_frame(results.metrics, results.samples)), ("speed", speed_frame(results.bench, results.bench_rows))) if not frame.empty]
+             (("accuracy", accuracy_frame(results.metrics, results.samples)),
+              ("speed", speed_frame(results.bench, results.bench_rows)),
+              ("serve", serve_frame(results.serve, results.serve_rows))) if not frame.empty]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["kind"])
 
 
@@ -319,7 +321,7 @@ def _times(*values: float) -> str:
 def _speed_cell(row, column: str) -> str:
     """``none → pruned (ratio, interval)`` of the row's own bench; a reference row, or a row whose run measured no
     unpruned point, shows its figure alone."""
-    value, ref, ratio = (getattr(row, f"{column}{end}") for end in ("", "_ref", "_ratio"))
+    value, ref = (getattr(row, f"{column}{end}") for end in ("", "_ref"))
     if math.isnan(value):
         return "—"
     bytes_ = SPEED_COLUMNS[column][1] == "bytes"
@@ -327,14 +329,19 @@ def _speed_cell(row, column: str) -> str:
         return human_bytes(value) if bytes_ else _times(value)
     pair = human_bytes(ref, value) if bytes_ else _times(ref, value)
     if column not in TIMED:
-        return f"{pair} ({ratio:.2f}×)"
-    status = row_timing_status(row, column)
-    lo, hi = (getattr(row, f"{column}_ratio{end}") for end in ("_lo", "_hi"))
+        return f"{pair} ({getattr(row, f'{column}_ratio'):.2f}×)"
+    ratio, lo, hi = (getattr(row, f"{column}_ratio{end}") for end in ("", "_lo", "_hi"))
+    return paired_cell(pair, ratio, lo, hi, row_timing_status(row, column), getattr(row, "rounds", math.nan))
+
+
+def paired_cell(pair: str, ratio, lo, hi, status: str, rounds) -> str:
+    """``pair, n× (lo–hi)`` for a paired ratio (or speed-up) whose ``timing_status`` is ``status``; a noisy one shows
+    its interval alone, ``noisy (lo–hi×)`` or ``noisy (one round)``."""
     if status == "noisy":  # its interval is all that can be said
-        one = getattr(row, "rounds", math.nan) < 2 or math.isnan(lo)  # NaN rounds compare False
+        one = rounds < 2 or _missing(lo)  # NaN rounds compare False
         return "noisy (one round)" if one else f"noisy ({lo:.2f}–{hi:.2f}×)"
     why = (f"{lo:.2f}–{hi:.2f}" if status == "ok" else "medians, no interval" if status == "no interval" else
-           f"{row.rounds:.0f} rounds: no interval")
+           f"{rounds:.0f} rounds: no interval")
     return f"{pair}, {ratio:.2f}× ({why})"
 
 
@@ -365,6 +372,10 @@ GROUPED = {  # kind of note → its one line's text, before the points it lists
     "padding": "kept counts differed per sample: share of the batch's kept-token slots that were padding, which "
                "the timings and the ideal include",
     "no reference": "no unpruned point in the row's own bench: figures shown without ratios",
+    "serve noisy": "serving speed-ups shown as 'noisy', not as results (95 % interval wider than ±10 % of the "
+                   "speed-up, or one round; rerun `vtprune serve-bench` with more `--rounds` or on a quieter machine)",
+    "serve few rounds": "serving speed-ups from two rounds, shown without an interval (a weak result; "
+                        "`vtprune serve-bench --rounds` ≥ 3)",
 }
 
 
@@ -383,20 +394,29 @@ def _flag(flags: dict, kind: str, where: str, point: str) -> None:
 SHORT = {"ttft_ms": "TTFT", "decode_ms_per_token": "decode", "e2e_ms": "e2e"}
 
 
+def _flag_timings(flags: dict, where: str, point: str, statuses: dict[str, str], ideals: list[tuple],
+                  kinds: tuple[str, str] = ("noisy", "few rounds")) -> None:
+    """The grouped notes of one row's paired timings: ``statuses`` short name → ``timing_status``; ``ideals``:
+    (short name, time ratio, ideal speed-up) of each timing that has an ideal; ``kinds``: the noisy and the
+    two-round kind of note."""
+    noisy = [name for name, status in statuses.items() if status == "noisy"]
+    if noisy:
+        _flag(flags, kinds[0], where, f"{point} ({', '.join(noisy)})")
+    if any(status == "few rounds" for status in statuses.values()):
+        _flag(flags, kinds[1], where, point)
+    above = [name for name, ratio, ideal in ideals if statuses[name] not in ("noisy", "missing")
+             and (percent_of_ideal(ratio, ideal) or 0) > ABOVE_IDEAL]
+    if above:
+        _flag(flags, "above ideal", where, f"{point} ({', '.join(above)})")
+
+
 def _flag_row(flags: dict, place: str, row, threads: str = "") -> None:
     """Every grouped note a bench row belongs under."""
     where = f"{place}, batch {row.batch_size}" + (f", {threads}" if threads else "")
     point = f"{row.strategy} {row.keep_ratio:g}"
     statuses = {column: row_timing_status(row, column) for column in TIMED}
-    noisy = [SHORT[c] for c, status in statuses.items() if status == "noisy"]
-    if noisy:
-        _flag(flags, "noisy", where, f"{point} ({', '.join(noisy)})")
-    if any(status == "few rounds" for status in statuses.values()):
-        _flag(flags, "few rounds", where, point)
-    above = [SHORT[c] for c, (_, ideal) in IDEAL_COLUMNS.items() if statuses[c] != "noisy"
-             and (percent_of_ideal(getattr(row, f"{c}_ratio"), getattr(row, ideal)) or 0) > ABOVE_IDEAL]
-    if above:
-        _flag(flags, "above ideal", where, f"{point} ({', '.join(above)})")
+    _flag_timings(flags, where, point, {SHORT[c]: status for c, status in statuses.items()},
+                  [(SHORT[c], getattr(row, f"{c}_ratio"), getattr(row, ideal)) for c, (_, ideal) in IDEAL_COLUMNS.items()])
     if unequal_budget(pd.Series([row.kept_fraction_mean]), row.keep_ratio):
         _flag(flags, "budget", place, point)
     if getattr(row, "kept_padding", 0) > 0:  # rows from before the column read NaN, which is not > 0
@@ -419,6 +439,11 @@ def _threads(count, several: bool = False) -> str:
     if _missing(count):
         return " (CPU threads not recorded)" if several else ""
     return f" ({count:.0f} CPU thread{'s' if count != 1 else ''})"
+
+
+def plot_links(plots: dict, where: tuple, relative) -> list[str]:
+    """The markdown images of the plots drawn for ``where`` (model, device, dtype), keyed ``(*where, label)``."""
+    return [f"![{key[0]} {key[-1]}]({relative(path)})" for key, path in plots.items() if key[:-1] == where]
 
 
 def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str], flags: dict) -> list[str]:
@@ -444,10 +469,9 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str], 
                      *(ideal_cell(row, c, ideal) for c, (_, ideal) in IDEAL_COLUMNS.items())]
                     for row in shown.itertuples()]
             out += [f"Batch size {batch_size}{_threads(threads, several)}:", "", markdown_table(header, rows), ""]
-        out += [f"![{model} {label}]({relative(path)})" for (m, d, t, label), path in plots.items()
-                if (m, d, t) == (model, device, dtype)]
-        out.append("")
-    out.append("Each row is one pruned point against the unpruned (`none`, keep 1.0) point of its own bench, measured "
+        out += [*plot_links(plots, (model, device, dtype), relative), ""]
+    out.append("Engine: `hf` (Hugging Face `generate`, one batch at a time) for every table of this section. "
+               "Each row is one pruned point against the unpruned (`none`, keep 1.0) point of its own bench, measured "
                "in the same interleaved rounds: `none → pruned` medians, then (n×, lo–hi): the median of the "
                "per-round ratios pruned / none with its 95 % bootstrap interval (below 1 is faster / smaller). "
                "'noisy (lo–hi×)': that timing's interval is wider than ±10 % of its ratio, or it had one round — no "
@@ -459,6 +483,166 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str], 
                "'(target r)' beside a kept fraction: the strategy kept more than "
                f"{100 * BUDGET_TOLERANCE:.0f} % more or fewer tokens than its keep ratio r asks, so the row is not "
                "comparable with the others at r. Every flag is listed under Notes.")
+    return out + [""]
+
+
+# -- serving under load (vtprune serve-bench, DESIGN §6b) --------------------------------------------------------
+
+SERVE_COLUMNS = {  # serve column → (table header, unit); each has a paired speed-up in the row
+    "req_per_s": ("req/s", "/s"),
+    "ttft_p50_ms": ("TTFT p50", "ms"),
+    "ttft_p99_ms": ("TTFT p99", "ms"),
+    "itl_ms": ("per-token", "ms"),
+}
+SERVE_IDEAL = {  # serve column → (table header, serve column of its ideal speed-up)
+    "req_per_s": ("req/s ×ideal", "ideal_throughput_speedup"),
+    "ttft_p50_ms": ("TTFT ×ideal", "ideal_ttft_speedup"),
+}
+_SERVE_NUMERIC = ("concurrency", "rounds", "requests", "num_visual", "num_kept", "prompt_tokens", "prompt_tokens_none",
+                  "output_tokens", "kv_blocks_per_request", "kv_blocks_per_request_none", "kv_peak_usage", "block_size",
+                  "out_tok_per_s", "e2e_p50_ms", "ideal_ttft_speedup", "ideal_throughput_speedup",
+                  "req_per_s_efficiency", "ttft_p50_ms_efficiency")
+
+
+def serve_frame(serve: pd.DataFrame, every_row: pd.DataFrame | None = None) -> pd.DataFrame:
+    """serve rows + ``<figure>_none``: the unpruned figure of the row's own run at the same concurrency (looked up in
+    ``every_row``, the rows before a rerun replaced older ones), the other side of the paired speed-up the row
+    carries (``<figure>_speedup``, ``_lo``, ``_hi``: above 1 is better, throughput and latency alike)."""
+    if serve.empty:
+        return serve
+    s = _serve_figures(serve)
+    rows = s if every_row is None or every_row.empty else _serve_figures(every_row)
+    key = [k for k in ("model", "engine", "device", "dtype", "concurrency", "run_dir") if k in s.columns
+           and k in rows.columns]
+    own = rows[is_reference(rows)][[*key, *SERVE_COLUMNS]].drop_duplicates(key, keep="last")
+    return s.merge(own.rename(columns={c: f"{c}_none" for c in SERVE_COLUMNS}), on=key, how="left")
+
+
+def _serve_figures(serve: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``serve`` with every figure numeric (NaN where a row lacks one: itl null, a ``none`` row's
+    speed-ups)."""
+    s = serve.copy()
+    for column in (*_SERVE_NUMERIC, *SERVE_COLUMNS):
+        s[column] = _numeric(s, column)
+    for column in SERVE_COLUMNS:
+        for end in ("", "_lo", "_hi"):
+            s[f"{column}_speedup{end}"] = _numeric(s, f"{column}_speedup{end}")
+    return s
+
+
+def serve_status(row, column: str) -> str:
+    """``timing_status`` of a serve row's paired speed-up: judged by the report as the speed tables' are."""
+    return timing_status(getattr(row, "rounds", math.nan),
+                         *(getattr(row, f"{column}_speedup{end}", math.nan) for end in ("", "_lo", "_hi")))
+
+
+def _rates(*values: float) -> str:
+    return " → ".join(f"{v:.3g}" for v in values)
+
+
+def _tokens(*values: float) -> str:
+    return " → ".join(f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values)
+
+
+def _serve_cell(row, column: str) -> str:
+    """``none → pruned, n× (lo–hi)`` with the row's own paired speed-up; a reference row shows its figure alone."""
+    value, none = getattr(row, column), getattr(row, f"{column}_none", math.nan)
+    if math.isnan(value):
+        return "—"
+    show = _times if SERVE_COLUMNS[column][1] == "ms" else _rates
+    if reference_point(row.strategy, row.keep_ratio) or math.isnan(none):
+        return show(value)
+    status = serve_status(row, column)
+    if status == "missing":
+        return show(none, value)
+    speedup, lo, hi = (getattr(row, f"{column}_speedup{end}") for end in ("", "_lo", "_hi"))
+    return paired_cell(show(none, value), speedup, lo, hi, status, row.rounds)
+
+
+def _inverse(value) -> float:
+    """A speed-up as the time ratio the speed helpers read (1 / speed-up)."""
+    return math.nan if _missing(value) or value <= 0 else 1 / value
+
+
+def serve_ideal_cell(row, column: str) -> str:
+    ideal = getattr(row, SERVE_IDEAL[column][1])
+    if reference_point(row.strategy, row.keep_ratio):
+        return "—"
+    return speedup_cell(_inverse(getattr(row, f"{column}_speedup")), ideal, serve_status(row, column) == "noisy")
+
+
+def _pair_or_one(none, pruned, show) -> str:
+    if _missing(pruned):
+        return "—"
+    return show(pruned) if _missing(none) or none == pruned else show(none, pruned)
+
+
+SERVE_SHORT = {"req_per_s": "req/s", "ttft_p50_ms": "TTFT p50", "ttft_p99_ms": "TTFT p99", "itl_ms": "per-token"}
+
+
+def _flag_serve_row(flags: dict, place: str, row) -> None:
+    """Every grouped note a serve row belongs under."""
+    where = f"{place}, {row.concurrency:.0f} client{'s' if row.concurrency != 1 else ''}"
+    point = f"{row.strategy} {row.keep_ratio:g}"
+    _flag_timings(flags, where, point, {SERVE_SHORT[c]: serve_status(row, c) for c in SERVE_COLUMNS},
+                  [(SERVE_SHORT[c], _inverse(getattr(row, f"{c}_speedup")), getattr(row, ideal))
+                   for c, (_, ideal) in SERVE_IDEAL.items()], kinds=("serve noisy", "serve few rounds"))
+
+
+def _serve_order(frame: pd.DataFrame) -> pd.DataFrame:
+    """Strategies by name, keep ratios from high to low, then the load from low to high: a plan's rows read as its
+    curve against concurrency."""
+    return frame.sort_values(["strategy", "keep_ratio", "engine", "concurrency"], ascending=[True, False, True, True],
+                             kind="stable")
+
+
+def serve_section(serve: pd.DataFrame, plots: dict, relative, notes: list[str], flags: dict) -> list[str]:
+    """Per model × device × dtype, one table of every pruned plan at every concurrency against the unpruned plan of
+    its own run (none when there are no serve rows: the section is left out)."""
+    if serve.empty:
+        return []
+    out = ["## Serving under load (vLLM)", ""]
+    header = ["engine", "strategy", "keep ratio", "visual kept", "clients", "prompt tokens",
+              *(f"{SERVE_COLUMNS[c][0]}: none → pruned" for c in SERVE_COLUMNS), "KV blocks / request",
+              *(name for name, _ in SERVE_IDEAL.values())]
+    serve = serve.assign(engine=serve["engine"] if "engine" in serve.columns else "vllm")
+    combos = serve.groupby("model")[["device", "dtype"]].nunique().max(axis=1)
+    for (model, device, dtype), group in serve.groupby(["model", "device", "dtype"], sort=True):
+        out += [f"### {model} — {device}, {dtype}{_mark(group)}", ""]
+        place = f"{model} (serving)" if combos[model] == 1 else f"{model} (serving, {device}, {dtype})"
+        pruned = group[~is_reference(group)]
+        shown = _serve_order(pruned if not pruned.empty else group)
+        rows = []
+        for row in shown.itertuples():
+            _flag_serve_row(flags, place, row)
+            kept = "—" if _missing(row.num_visual) else f"{row.num_kept:.0f} / {row.num_visual:.0f}"
+            rows.append([row.engine, row.strategy, f"{row.keep_ratio:g}", kept, f"{row.concurrency:.0f}",
+                         _pair_or_one(row.prompt_tokens_none, row.prompt_tokens, _tokens),
+                         *(_serve_cell(row, c) for c in SERVE_COLUMNS),
+                         _pair_or_one(row.kv_blocks_per_request_none, row.kv_blocks_per_request, _tokens),
+                         *(serve_ideal_cell(row, c) for c in SERVE_IDEAL)])
+        blocks = sorted(group["block_size"].dropna().unique())
+        rounds = sorted(group["rounds"].dropna().unique())
+        plural = "s" if rounds != [1] else ""
+        facts = [f"{', '.join(f'{r:.0f}' for r in rounds)} paired round{plural}"] if rounds else []
+        facts += [f"KV blocks of {', '.join(f'{b:.0f}' for b in blocks)} tokens"] if blocks else []
+        out += [", ".join(facts) + ":", ""] if facts else []
+        out += [markdown_table(header, rows), ""]
+        out += [*plot_links(plots, (model, device, dtype), relative), ""]
+    out.append("Measured by `vtprune serve-bench` on one vLLM engine per run: a closed loop of C clients (*clients*), "
+               "each sending its next request as soon as the last one finished, every pruned plan and the unpruned "
+               "one (`none`, keep 1.0) visited in each round at each C, interleaved. `none → pruned`: the medians "
+               "over rounds, then (n×, lo–hi): the median of the per-round speed-ups against the unpruned visit of "
+               "the same round with its 95 % bootstrap interval — a **speed-up, above 1 is better** for throughput "
+               "and latency alike (unlike the time ratios of the speed tables). TTFT p50 / p99: percentiles of the "
+               "time to the first token over a visit's requests; per-token: the median time between output tokens. "
+               "*Prompt tokens*: the mean prompt length as the engine saw it (visual tokens kept included); "
+               "*KV blocks / request*: the blocks one request's prompt and output fill. ×ideal: measured speed-up / "
+               "the ideal from the token counts alone (efficiency) — throughput: (prompt + output tokens) unpruned / "
+               "pruned, TTFT: prompt tokens unpruned / pruned; 'above ideal': more than "
+               f"{ABOVE_IDEAL} % of it. Flags as in the speed tables: 'noisy (lo–hi×)': interval wider than ±10 % of "
+               "the speed-up, or one round — no result; '(2 rounds: no interval)': a speed-up from two rounds. Every "
+               "flag is listed under Notes.")
     return out + [""]
 
 

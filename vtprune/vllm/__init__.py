@@ -51,16 +51,17 @@ def runs_on_vllm(strategy) -> bool | str:
     return True
 
 
-def check(family: str, strategy) -> None:
-    """One line, before any engine starts, when ``strategy`` cannot run on ``family`` under vLLM."""
-    if family not in ARCHITECTURES:
+def check(family: str | None, strategy) -> None:
+    """One line, before any engine starts, when ``strategy`` cannot run on ``family`` under vLLM (``None``: a family
+    not known yet, before its config is read: only what holds for every family is checked)."""
+    if family is not None and family not in ARCHITECTURES:
         raise ConfigError(f"engine: 'vllm' does not run model family '{family}' (allowed: {', '.join(ARCHITECTURES)})")
-    usable = [name for name, s in _strategies() if supported(family, s)]
+    usable = [name for name, s in _strategies() if supported(family or "llava", s)]
     why = runs_on_vllm(strategy)
     if why is not True:
         raise ConfigError(f"pruning.strategy: '{strategy.name}' cannot run on vLLM: {why} (allowed on vllm: "
                           f"{', '.join(usable)})")
-    missing = [n for n in strategy.needs if n not in SIGNALS[family]]
+    missing = [n for n in strategy.needs if family is not None and n not in SIGNALS[family]]
     if missing:
         raise ConfigError(f"pruning.strategy: '{strategy.name}' needs the signal '{missing[0]}', which vtprune's vLLM "
                           f"'{family}' model does not compute (allowed on vllm: {', '.join(usable)})")

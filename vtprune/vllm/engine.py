@@ -20,16 +20,32 @@ from vtprune.vllm import ARCHITECTURES, PLAN_KEY, PROMPT_KEY, check
 CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 30}
 
 
+class ServedModel:
+    """What the eval and its records read of a pipeline's adapter, for a model that vLLM serves: its family, the
+    device and dtype it runs in, and the visual tokens an image makes (the HF processor's count)."""
+
+    def __init__(self, family: str, processor, dtype: str):
+        import torch
+
+        self.family, self.processor = family, processor
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = type("Served", (), {"dtype": getattr(torch, dtype)})()
+
+    def visual_tokens_for_size(self, height: int, width: int) -> int:
+        from vtprune.models.base import Adapter
+
+        return Adapter.visual_tokens_for_size(self, height, width)
+
+
 class VllmPipeline:
     def __init__(self, config, llm, processor, family: str, kept_log: Path, engine_args: dict):
         from vtprune.strategies import STRATEGIES
 
         self.config, self.llm, self.processor, self.family = config, llm, processor, family
         self.kept_log, self.engine_args = kept_log, engine_args
+        self.adapter = ServedModel(family, processor, engine_args["dtype"])
         strategy = STRATEGIES.get(config.pruning.strategy)
         check(family, strategy)
-        if config.pruning.placement:
-            raise ConfigError("pruning.placement: vLLM prunes before the LLM only; leave placement empty")
         p = config.pruning
         self.plan = {"strategy": p.strategy, "keep_ratio": p.keep_ratio, "options": dict(p.options), "seed": config.seed}
 
@@ -62,13 +78,16 @@ class VllmPipeline:
         llm = LLM(**args) if start_engine else None
         return cls(config, llm, AutoProcessor.from_pretrained(path), family, kept_log, args)
 
+    def for_config(self, config) -> VllmPipeline:
+        """Another config's plan on the same engine (a sweep point)."""
+        return VllmPipeline(config, self.llm, self.processor, self.family, self.kept_log, self.engine_args)
+
     def with_pruning(self, strategy: str | None = None, keep_ratio: float | None = None, options: dict | None = None):
         p = self.config.pruning
         pruning = p.point(strategy or p.strategy, p.keep_ratio if keep_ratio is None else keep_ratio)
         if options is not None:
             pruning["options"] = options
-        return VllmPipeline(self.config.replace(pruning=pruning), self.llm, self.processor, self.family, self.kept_log,
-                            self.engine_args)
+        return self.for_config(self.config.replace(pruning=pruning))
 
     def request(self, image, prompt: str) -> dict:
         """One vLLM request: the prompt's token ids exactly as the HF engine tokenizes them, the image, the plan."""
@@ -109,21 +128,27 @@ class VllmPipeline:
             else:
                 tag = image_tag(img, np.asarray(ids, dtype=np.int64).tobytes())
                 record = kept[(tag, json.dumps(self.plan, sort_keys=True))]
+            first = (out.outputs[0].logprobs or [None])[0]
+            ranked = sorted(first.items(), key=lambda item: item[1].rank) if first else []
             results.append(GenerationResult(
                 kept=sorted(record["kept"] + record["merged"]), merged=record["merged"], num_visual=num_visual,
                 text=out.outputs[0].text.strip(), input_tokens=len(ids), output_tokens=len(out.outputs[0].token_ids),
                 kept_slots=len(record["kept"]) + len(record["merged"]),
+                first_topk={"ids": [t for t, _ in ranked], "logprobs": [lp.logprob for _, lp in ranked]} if first else None,
             ))
         return results
 
     def sampling(self, max_new_tokens: int | None = None, **sampling):
-        """vLLM sampling parameters from the config's generation settings: greedy unless they sample."""
+        """vLLM sampling parameters from the config's generation settings: greedy unless they sample. The first
+        token's top-k log-probabilities come back too, for the fidelity figures (``vtprune.fidelity``)."""
         from vllm import SamplingParams
+
+        from vtprune.fidelity import TOP_K
 
         gen = {**self.config.eval.generation, **sampling}
         return SamplingParams(max_tokens=max_new_tokens or gen.get("max_new_tokens", 16),
                               temperature=gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0,
-                              top_p=gen.get("top_p", 1.0), seed=self.config.seed)
+                              top_p=gen.get("top_p", 1.0), seed=self.config.seed, logprobs=TOP_K)
 
     def kept_sets(self) -> dict:
         """(tag, plan) → the selection the model logged."""

@@ -199,12 +199,13 @@ def write_serve_results(rows: list[dict], config, out_dir: Path, started: str, d
     """``serve.jsonl`` (one row per plan × concurrency) and ``run.json`` last, as every vtprune run."""
     import platform
 
-    from vtprune.results import RUN_FILE, now, versions, write_json, write_jsonl
+    from vtprune.results import RUN_FILE, is_micro, is_smoke, now, versions, write_json, write_jsonl
 
     out_dir.mkdir(parents=True, exist_ok=True)
     common = {"model": config.model.path, "engine": "vllm", "device": device, "dtype": dtype}
     write_jsonl(out_dir / "serve.jsonl", [{**common, **row} for row in rows])
     write_json(out_dir / RUN_FILE, {"name": config.name, "kind": "serve-bench", "engine": "vllm",
                                     "config": config.to_dict(), "versions": versions(), "device": device,
+                                    "dtype": dtype, "smoke": is_smoke(config), "micro": is_micro(config),
                                     "platform": platform.platform(), "started": started, "finished": now()})
     return out_dir
