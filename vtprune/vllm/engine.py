@@ -111,7 +111,7 @@ class VllmPipeline:
         """One image and one prompt per sample; greedy unless ``sampling`` says otherwise."""
         import numpy as np
 
-        from vtprune.api import GenerationResult, _as_images
+        from vtprune.samples import GenerationResult, _as_images
         from vtprune.vllm.llava import image_tag
 
         images = _as_images(images)
