@@ -21,7 +21,8 @@ def serve_bench(
     strategies: Annotated[str | None, typer.Option(help="Strategies (default: the config's).")] = None,
     rounds: Annotated[int, typer.Option(help="Measured rounds; each visits every plan at every concurrency.")] = 3,
     warmup: Annotated[int, typer.Option(help="Rounds run first and not counted.")] = 1,
-    requests_per_client: Annotated[int, typer.Option(help="Requests per client in one visit (at least 8 a visit).")] = 2,
+    requests_per_client: Annotated[int, typer.Option(help="Requests per client in one visit.")] = 2,
+    min_requests: Annotated[int, typer.Option(help="Requests in one visit at least (few clients: a longer visit).")] = 8,
     new_tokens: Annotated[int, typer.Option(help="Tokens each request generates (end-of-sequence ignored).")] = 16,
     output_dir: OutputDirOpt = None,
 ) -> None:
@@ -35,7 +36,8 @@ def serve_bench(
     if not levels or any(c < 1 for c in levels):
         raise VtpruneError(f"--concurrency: '{concurrency}' must list positive integers, e.g. 1,4,16,64")
     for option, value, low in (("--rounds", rounds, 1), ("--warmup", warmup, 0),
-                               ("--requests-per-client", requests_per_client, 1), ("--new-tokens", new_tokens, 1)):
+                               ("--requests-per-client", requests_per_client, 1), ("--min-requests", min_requests, 1),
+                               ("--new-tokens", new_tokens, 1)):
         if value < low:
             raise VtpruneError(f"{option}: {value} is not allowed (allowed: an integer >= {low})")
     names = parse_list(strategies, name="--strategies") or [cfg.pruning.strategy]
@@ -56,7 +58,7 @@ def serve_bench(
     samples = [(s.image, s.question) for s in synth.draw_split(synth.MINI_SEED, 32, synth.KINDS)]
     started = now()
     rows = run(base, plans, samples, concurrency=levels, rounds=rounds, warmup=warmup,
-               requests_per_client=requests_per_client, new_tokens=new_tokens, seed=cfg.seed,
+               requests_per_client=requests_per_client, min_requests=min_requests, new_tokens=new_tokens, seed=cfg.seed,
                progress=lambda line: typer.echo(line, err=True))
     import torch
 

@@ -69,9 +69,11 @@ class VllmPipeline:
         from vtprune.strategies import STRATEGIES
 
         check(family, STRATEGIES.get(config.pruning.strategy))
-        # The model's process appends every selection here: the kept sets come back through it.
+        # The model's process appends every selection here: the kept sets come back through it. Not for an engine
+        # of the caller's (a benchmark's), where the writes would weigh on the pruned requests alone.
         kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
-        os.environ["VTPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
+        if start_engine:
+            os.environ["VTPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
         dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
         args = dict(model=path, dtype=dtype, seed=config.seed, limit_mm_per_prompt={"image": 1},
                     hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **(CPU_ENGINE | engine_args))

@@ -184,7 +184,12 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def pruned_embeddings(self, plan: dict, pixel_values, text_ids, keys, tags) -> list[torch.Tensor]:
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("vtprune on vLLM: LLaVA with several vision feature layers is not supported")
-        vectors, cls = self.tower(pixel_values)
+        strategy = STRATEGIES.get(plan["strategy"])
+        # Only the signals the strategy needs: the tower runs layer by layer only when its CLS attention is needed.
+        if "cls_attention" in strategy.needs:
+            vectors, cls = self.tower(pixel_values)
+        else:
+            vectors, cls = self._image_pixels_to_features(self.vision_tower, pixel_values), None
         features = self.multi_modal_projector(vectors)
         batch, n = features.shape[:2]
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
@@ -192,19 +197,19 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         grid = torch.stack([torch.zeros_like(p), p // side, p % side], dim=1)  # (crop, row, column), row-major
         if n == len(p) + 1:  # strategy "full": the CLS token comes first and has no patch
             grid = torch.cat([grid.new_full((1, 3), -1), grid])
-        longest = max(len(t) for t in text_ids)
-        text = torch.zeros(batch, longest, dtype=torch.long, device=features.device)
-        text_valid = torch.zeros(batch, longest, dtype=torch.bool, device=features.device)
-        for b, ids in enumerate(text_ids):
-            text[b, : len(ids)], text_valid[b, : len(ids)] = ids.to(features.device), True
         signals = Signals(
             valid=torch.ones(batch, n, dtype=torch.bool, device=features.device), features=features,
             groups=torch.zeros(batch, n, dtype=torch.long, device=features.device), grid=grid.expand(batch, -1, -1),
-            cls_attention=cls, text_embeds=self.language_model.embed_input_ids(text) * text_valid[..., None],
-            text_valid=text_valid,
+            cls_attention=cls,
             generators=sample_generators(int(plan["seed"]), [bytes(k.cpu().numpy().tobytes()) for k in keys]),
         )
-        strategy = STRATEGIES.get(plan["strategy"])
+        if "text_embeds" in strategy.needs:
+            longest = max(len(t) for t in text_ids)
+            text = torch.zeros(batch, longest, dtype=torch.long, device=features.device)
+            signals.text_valid = torch.zeros(batch, longest, dtype=torch.bool, device=features.device)
+            for b, ids in enumerate(text_ids):
+                text[b, : len(ids)], signals.text_valid[b, : len(ids)] = ids.to(features.device), True
+            signals.text_embeds = self.language_model.embed_input_ids(text) * signals.text_valid[..., None]
         selections = strategy.selections(signals, float(plan["keep_ratio"]), **plan["options"])
         expected = slots_for(plan, n)
         merges_before = strategy.merge_space in ("vision", "input")
