@@ -15,6 +15,9 @@ vtprune side runs before starting an engine.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from vtprune.errors import ConfigError
 
 #: family → (vLLM architecture vtprune registers, the module and class that implement it)
@@ -33,6 +36,23 @@ CONFIG_KEY = "vtprune_pruning"
 #: pruning plan (JSON: strategy, keep_ratio, options, seed), which overrides the engine's
 PROMPT_KEY = "vtprune_prompt"
 PLAN_KEY = "vtprune_plan"
+
+
+def plan_key(plan: dict) -> str:
+    """A plan as the JSON text that travels in ``mm_processor_kwargs`` and keys the kept-set log."""
+    return json.dumps(plan, sort_keys=True)
+
+
+def prompt_ids(tokenizer, prompt: str, image_token: str, num_visual: int) -> list[int]:
+    """The prompt's token ids as the HF processor makes them: the image token expanded to the visual tokens. The
+    vLLM processor and the caller both compute them so: the seed key and the log tag are digests of them."""
+    return list(tokenizer(prompt.replace(image_token, image_token * num_visual))["input_ids"])
+
+
+def image_tag(image, key: bytes) -> int:
+    """A signed 64-bit digest of one image and its prompt: how the caller finds its kept set in the log."""
+    digest = hashlib.sha1(image.convert("RGB").tobytes() + key).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
 
 
 def register() -> None:

@@ -12,9 +12,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from vtprune.errors import ConfigError
-from vtprune.vllm import ARCHITECTURES, PLAN_KEY, PROMPT_KEY, check
+from vtprune.vllm import ARCHITECTURES, PLAN_KEY, PROMPT_KEY, check, image_tag, plan_key, prompt_ids
 
 #: engine arguments for the CPU and the small models vtprune runs offline; a caller's own win
 CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 30}
@@ -29,7 +30,7 @@ class ServedModel:
 
         self.family, self.processor = family, processor
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = type("Served", (), {"dtype": getattr(torch, dtype)})()
+        self.model = SimpleNamespace(dtype=getattr(torch, dtype))
 
     def visual_tokens_for_size(self, height: int, width: int) -> int:
         from vtprune.models.base import Adapter
@@ -64,11 +65,9 @@ class VllmPipeline:
 
         path = resolve_path(config.model.path)
         family = AutoConfig.from_pretrained(path).model_type
-        if family not in ARCHITECTURES:
-            raise ConfigError(f"engine: 'vllm' does not run model family '{family}' (allowed: {', '.join(ARCHITECTURES)})")
         from vtprune.strategies import STRATEGIES
 
-        check(family, STRATEGIES.get(config.pruning.strategy))
+        check(family, STRATEGIES.get(config.pruning.strategy))  # before the engine starts
         # The model's process appends every selection here: the kept sets come back through it. Not for an engine
         # of the caller's (a benchmark's), where the writes would weigh on the pruned requests alone.
         kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
@@ -98,38 +97,32 @@ class VllmPipeline:
         )
         ids = self.processor.tokenizer(text)["input_ids"]
         return {"prompt_token_ids": list(ids), "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {PROMPT_KEY: text, PLAN_KEY: json.dumps(self.plan, sort_keys=True)}}
+                "mm_processor_kwargs": {PROMPT_KEY: text, PLAN_KEY: plan_key(self.plan)}}
 
-    @property
-    def image_token_id(self) -> int:
-        return self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-
-    def expanded_ids(self, image, request: dict) -> list[int]:
-        """The prompt as the HF processor expands it (the seed key and the log tag are digests of it)."""
-        out = self.processor(text=[request["mm_processor_kwargs"][PROMPT_KEY]], images=[image], return_tensors="np")
-        return out["input_ids"][0].tolist()
+    def num_visual(self, image) -> int:
+        """Visual tokens of ``image`` before pruning (the HF processor's count, as vLLM's processor has it)."""
+        return self.adapter.visual_tokens_for_size(image.height, image.width)
 
     def generate(self, images, prompts, max_new_tokens: int | None = None, **sampling) -> list:
         """One image and one prompt per sample; greedy unless ``sampling`` says otherwise."""
         import numpy as np
 
         from vtprune.samples import GenerationResult, _as_images
-        from vtprune.vllm.llava import image_tag
 
         images = _as_images(images)
         requests = [self.request(img, p) for img, p in zip(images, prompts)]
         outputs = self.llm.generate(requests, self.sampling(max_new_tokens, **sampling), use_tqdm=False)
         kept = self.kept_sets()
-        image_id = self.image_token_id
         results = []
         for img, req, out in zip(images, requests, outputs):
-            ids = self.expanded_ids(img, req)
-            num_visual = ids.count(image_id)
+            num_visual = self.num_visual(img)
+            ids = prompt_ids(self.processor.tokenizer, req["mm_processor_kwargs"][PROMPT_KEY],
+                             self.processor.image_token, num_visual)
             if self.plan["strategy"] == "none":
                 record = {"kept": list(range(num_visual)), "merged": []}
             else:
                 tag = image_tag(img, np.asarray(ids, dtype=np.int64).tobytes())
-                record = kept[(tag, json.dumps(self.plan, sort_keys=True))]
+                record = kept[(tag, plan_key(self.plan))]
             first = (out.outputs[0].logprobs or [None])[0]
             ranked = sorted(first.items(), key=lambda item: item[1].rank) if first else []
             results.append(GenerationResult(
@@ -157,5 +150,5 @@ class VllmPipeline:
         out = {}
         for line in self.kept_log.read_text().splitlines():
             row = json.loads(line)
-            out[(row["tag"], json.dumps(row["plan"], sort_keys=True))] = row
+            out[(row["tag"], plan_key(row["plan"]))] = row
         return out

@@ -20,7 +20,6 @@ count a formula of the input, the model returning only the kept embeddings). Dif
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,7 +41,7 @@ from vllm.multimodal.processing import PromptReplacement
 from vtprune.merge import slot_features
 from vtprune.strategies import STRATEGIES, Signals, budget
 from vtprune.strategies.base import sample_generators
-from vtprune.vllm import CONFIG_KEY, PLAN_KEY, PROMPT_KEY
+from vtprune.vllm import CONFIG_KEY, PLAN_KEY, PROMPT_KEY, image_tag, plan_key, prompt_ids
 
 #: a file the model appends one JSON line per image to: its tag, kept slots and visual-token count (the engine
 #: runs in another process; this is how the kept sets reach the caller)
@@ -59,17 +58,6 @@ def plan_of(hf_config, mm_kwargs=None) -> dict:
 def slots_for(plan: dict, num_visual: int) -> int:
     """Placeholders of an image of ``num_visual`` tokens under ``plan``: the strategy's budget."""
     return num_visual if plan["strategy"] == "none" else budget(num_visual, float(plan["keep_ratio"]))
-
-
-def image_tag(image, key: bytes) -> int:
-    """A signed 64-bit digest of one image and its prompt: how the caller finds its kept set in the log."""
-    digest = hashlib.sha1(image.convert("RGB").tobytes() + key).digest()
-    return int.from_bytes(digest[:8], "little", signed=True)
-
-
-def prompt_ids(tokenizer, prompt: str, image_token: str, num_visual: int) -> list[int]:
-    """The prompt's token ids as the HF processor makes them: the image token expanded to the visual tokens."""
-    return list(tokenizer(prompt.replace(image_token, image_token * num_visual))["input_ids"])
 
 
 class VtpruneLlavaInfo(LlavaProcessingInfo):
@@ -90,7 +78,7 @@ class VtpruneLlavaProcessor(LlavaMultiModalProcessor):
         image_token = hf_processor.image_token
         image_id = self.info.get_hf_config().image_token_index
         tokenizer = self.info.get_tokenizer()
-        encoded_plan = torch.frombuffer(bytearray(json.dumps(plan, sort_keys=True).encode()), dtype=torch.uint8)
+        encoded_plan = torch.frombuffer(bytearray(plan_key(plan).encode()), dtype=torch.uint8)
         text_ids, keys, tags = [], [], []
         for i in range(len(images)):
             size = images.get_image_size(i)

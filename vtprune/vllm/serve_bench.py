@@ -94,8 +94,7 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, seed=seed)
     plans = [("none", 1.0)] + [p for p in plans if p != ("none", 1.0)]
     pipes = {p: base.with_pruning(*p) for p in plans}
-    image, question = samples[0]
-    num_visual = base.expanded_ids(image, base.request(image, question)).count(base.image_token_id)
+    num_visual = base.num_visual(samples[0][0])
     visits: dict = {}  # (plan, concurrency) -> figures per round
     counter = 0
 
