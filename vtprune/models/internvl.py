@@ -61,7 +61,7 @@ from vtprune.errors import ConfigError
 from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import register_family
 from vtprune.models.layout import GAP, TokenLayout, to_image
-from vtprune.models.llava import LlavaAdapter, VisualTokens
+from vtprune.models.llava import LlavaAdapter, VisualTokens, first_row_attention
 
 #: The named tokens InternVL's processor reads from its tokenizer (``tokenizer.start_image_token``, ...).
 INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
@@ -187,11 +187,8 @@ class InternVLAdapter(LlavaAdapter):
         layer = self.model.model.vision_tower.encoder.layer[index]
         attn = layer.attention
         x = layer.layernorm_before(layer_input)
-        tiles, length, _ = x.shape
-        q = attn.q_norm(attn.q_proj(x[:, :1])).view(tiles, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x)).view(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [tiles, H, 1, 1+P]
-        return probs.mean(dim=1)[:, 0, 1:]
+        return first_row_attention(attn.q_norm(attn.q_proj(x[:, :1])), attn.k_norm(attn.k_proj(x)), attn.num_heads,
+                                   attn.head_dim, attn.scale)[:, 1:]
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """Per visual token the mean CLS attention of its merged patches, tiles in order (module docstring)."""

@@ -228,11 +228,7 @@ class LlavaAdapter(Adapter):
         layer = _vision_layers(self.model.model.vision_tower)[index]
         attn = layer.self_attn
         x = layer.layer_norm1(layer_input)
-        crops, length, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(crops, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [crops, H, 1, 1+P]
-        scores = probs.mean(dim=1)[:, 0]
+        scores = first_row_attention(attn.q_proj(x[:, :1]), attn.k_proj(x), attn.num_heads, attn.head_dim, attn.scale)
         return scores[:, 1:] if cfg.vision_feature_select_strategy == "default" else scores
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
@@ -513,6 +509,17 @@ class LlavaAdapter(Adapter):
             chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1,
         )
         return model, processor
+
+
+def first_row_attention(q: torch.Tensor, k: torch.Tensor, heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """``[B, L]`` attention of the first token (a vision tower's CLS) to every token, head mean, from that row's
+    projected query ``[B, 1, H·d]`` and every projected key ``[B, L, H·d]``: one layer's scores recomputed, so that the
+    tower keeps its fused attention (the HF adapters and vtprune's vLLM model alike)."""
+    batch, length, _ = k.shape
+    q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, length, heads, head_dim).transpose(1, 2)
+    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, L]
+    return probs.mean(dim=1)[:, 0]
 
 
 def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,

@@ -39,6 +39,7 @@ from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from vtprune.merge import slot_features
+from vtprune.models.llava import first_row_attention
 from vtprune.strategies import STRATEGIES, Signals, budget
 from vtprune.strategies.base import sample_generators
 from vtprune.vllm import CONFIG_KEY, PLAN_KEY, PROMPT_KEY, image_tag, plan_key, prompt_ids
@@ -159,11 +160,7 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             hidden = layer(hidden)
         attn = last.self_attn
         q, k, _ = attn.qkv_proj(last.layer_norm1(hidden))[0].chunk(3, dim=-1)
-        crops, length = hidden.shape[:2]
-        q = q[:, :1].view(crops, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = k.view(crops, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [B, H, 1, 1+P]
-        cls = probs.mean(dim=1)[:, 0]
+        cls = first_row_attention(q[:, :1], k, attn.num_heads, attn.head_dim, attn.scale)
         out = last(hidden)
         if self.config.vision_feature_select_strategy == "default":
             return out[:, 1:], cls[:, 1:]

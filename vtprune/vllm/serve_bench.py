@@ -78,8 +78,8 @@ def serve_bench(base, plans: list[tuple[str, float]], samples: list, *, concurre
                 seed: int = 0, progress=None) -> list[dict]:
     """One row per (plan, concurrency), the unpruned plan ``("none", 1.0)`` included and first.
 
-    ``base`` is a ``VllmPipeline`` whose engine is stopped here and replaced by an ``AsyncLLM`` over the same model;
-    ``samples``: ``(image, question)`` pairs, cycled."""
+    ``base`` is a ``VllmPipeline`` made with ``start_engine=False``: the benchmark runs its own ``AsyncLLM`` on
+    ``base``'s model and engine arguments; ``samples``: ``(image, question)`` pairs, cycled."""
     return asyncio.run(_serve_bench(base, plans, samples, concurrency, rounds, warmup, requests_per_client,
                                     min_requests, new_tokens, seed, progress or (lambda line: None)))
 
@@ -95,6 +95,7 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
     plans = [("none", 1.0)] + [p for p in plans if p != ("none", 1.0)]
     pipes = {p: base.with_pruning(*p) for p in plans}
     num_visual = base.num_visual(samples[0][0])
+    per_visit = {c: max(min_requests, per_client * c) for c in concurrency}
     visits: dict = {}  # (plan, concurrency) -> figures per round
     counter = 0
 
@@ -115,8 +116,7 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
             order = list(plans)
             rng.shuffle(order)
             for plan in order:
-                count = max(min_requests, per_client * c)
-                figures = await run_visit(engine, requests_for(pipes[plan], count), c, params,
+                figures = await run_visit(engine, requests_for(pipes[plan], per_visit[c]), c, params,
                                           f"r{round_index}-c{c}-{plan[0]}-{plan[1]}", kv_peak)
                 if round_index >= 0:
                     visits.setdefault((plan, c), []).append(figures)
@@ -124,7 +124,7 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
                          f"{figures['req_per_s']:.1f} req/s, TTFT p50 {figures['ttft_p50_ms']:.1f} ms")
     engine.shutdown()
     KV_SINKS.remove(kv_peak)
-    counts = {"num_visual": num_visual, "requests_per_visit": {c: max(min_requests, per_client * c) for c in concurrency}}
+    counts = {"num_visual": num_visual, "requests_per_visit": per_visit}
     return [_row(plan, c, visits, blocks, block_size, seed, counts) for plan in plans for c in concurrency]
 
 
