@@ -50,10 +50,12 @@ def test_help_does_not_import_torch():
     assert out.strip().splitlines()[-1] == "False False"
 
 
-def test_list_strategies_says_where_each_prunes():
+def test_list_strategies_says_where_each_prunes_and_its_kind():
     lines = {line.split()[0]: line for line in CliRunner().invoke(app, ["list", "strategies"]).stdout.splitlines()}
-    assert "[before the LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl]" in lines["adav"]
-    assert "[inside the LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl] placement: layer=2" in lines["fastv"]
+    assert "[pre-LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl]" in lines["adav"]
+    assert "[in-LLM; internvl, llava, llava_next, llava_onevision, qwen2_5_vl] placement: layer=2" in lines["fastv"]
+    assert "[in-LLM, multi-stage; internvl, llava, llava_next, llava_onevision, qwen2_5_vl] placement: layers=" in lines["pdrop"]
+    assert "[pre-LLM, merge; internvl, llava, llava_next, llava_onevision, qwen2_5_vl] options:" in lines["visionzip"]
     assert "[mllama: after the 1st cross-attention layer; mllama]" in lines["trimmed_llama"]
-    assert "[before the LLM; mllama: after the 1st cross-attention layer; all families]" in lines["uniform"]
+    assert "[pre-LLM; mllama: after the 1st cross-attention layer; all families]" in lines["uniform"]
     assert "[nothing pruned; all families]" in lines["none"]

@@ -42,4 +42,44 @@ def test_a_family_lists_the_signals_it_computes():
     assert FAMILIES.get("mllama").provides() == ("cls_attention", "cross_attention", "groups")
     llava = FAMILIES.get("llava")
     assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_hidden_states")
-    assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds")
+    assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds", "vision_attention")
+    # Qwen2.5-VL inherits LLaVA's providers but cannot compute this one (its window blocks): it is not listed
+    assert "vision_attention" not in FAMILIES.get("qwen2_5_vl").provides()
+
+
+def _vision_signals(family, images):
+    adapter = vtprune.load(model=f"tiny:{family}", device="cpu", dtype="float32").adapter
+    inputs = adapter.prepare(images, ["What is shown?", "Which colour is it?"][: len(images)])
+    with torch.no_grad():
+        visual = adapter.visual_tokens(inputs)
+        signals = adapter.signals(inputs, visual, ("vision_attention", "cls_attention", "grid"))
+    return adapter, inputs, signals
+
+
+def test_vision_attention_is_the_towers_own_attention_received_per_layer():
+    # LLaVA's CLIP run eagerly with output_attentions: per layer, head and query-row mean, CLS column dropped
+    adapter, inputs, signals = _vision_signals("llava", [_image(3), _image(4)])
+    tower = adapter.model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tower(inputs["pixel_values"], output_attentions=True)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    index, _ = adapter.feature_layer(adapter.visual_tokens(inputs).vision)
+    expected = torch.stack([a.mean(dim=1).mean(dim=1)[:, 1:] for a in out.attentions[: index + 1]], dim=1)
+    assert signals.vision_attention.shape == (2, index + 1, 16)
+    torch.testing.assert_close(signals.vision_attention, expected, atol=1e-5, rtol=1e-5)
+    # every query row's softmax sums to 1: the patches get all of it but what the CLS token receives
+    assert bool((signals.vision_attention.sum(-1) < 1).all()) and bool((signals.vision_attention > 0).all())
+
+
+def test_vision_attention_is_packed_like_the_features():
+    # LLaVA-NeXT: newline tokens (no patch) and padding get 0; a CLS-less tower's last layer is its saliency
+    _, _, signals = _vision_signals("llava_next", [_image(5).resize((112, 56)), _image(6)])
+    patchless = (signals.grid[..., 0] < 0).unsqueeze(1).expand_as(signals.vision_attention)
+    assert bool(patchless.any()) and bool((signals.vision_attention[patchless] == 0).all())
+    assert bool((signals.vision_attention[~patchless] > 0).all())
+    _, _, signals = _vision_signals("llava_onevision", [_image(7), _image(8).resize((80, 50))])
+    assert torch.equal(signals.vision_attention[:, -1], signals.cls_attention)
+    assert not torch.equal(signals.vision_attention[:, 0], signals.vision_attention[:, -1])

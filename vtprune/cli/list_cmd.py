@@ -61,13 +61,13 @@ def placement_text(value) -> str:
 
 
 def where_it_prunes(strategy, families: list[str]) -> str:
-    """Where the kept set is applied: the strategy's stage on self-attention families, the family's own point on
-    families that prune at one point whatever the stage (mllama)."""
+    """Where the kept set is applied and how: the strategy's kind on self-attention families (pre-LLM, in-LLM,
+    multi-stage, merge), the family's own point on families that prune at one point whatever the stage (mllama)."""
     from vtprune.models import FAMILIES
 
     if strategy.name == "none":
         return "nothing pruned"
     classes = [FAMILIES.get(f) for f in families]
-    where = [{"pre_llm": "before the LLM", "in_llm": "inside the LLM"}[strategy.stage]] if any(
+    where = [strategy.kind] if any(
         c.in_llm_signals is not None for c in classes) else []
     return "; ".join(where + [f"{c.family}: {c.prunes_at}" for c in classes if c.prunes_at])

@@ -295,8 +295,9 @@ class Adapter:
     @classmethod
     def provides(cls, stage: str | None = None) -> tuple[str, ...]:
         """The signals this family computes for strategies (of ``stage``): one ``signal_<name>(context, signals)``
-        method each."""
-        names = sorted(name[len("signal_") :] for name in dir(cls) if name.startswith("signal_"))
+        method each; a family that cannot compute one it inherits sets that method to None."""
+        names = sorted(name[len("signal_") :] for name in dir(cls)
+                       if name.startswith("signal_") and getattr(cls, name) is not None)
         if stage is None or cls.in_llm_signals is None:
             return tuple(names)
         return tuple(n for n in names if (n in cls.in_llm_signals) == (stage == "in_llm"))

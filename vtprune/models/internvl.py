@@ -192,10 +192,20 @@ class InternVLAdapter(LlavaAdapter):
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """Per visual token the mean CLS attention of its merged patches, tiles in order (module docstring)."""
-        scores = self.tile_cls_attention(visual.vision)
+        return self.pack_saliency(inputs, self.tile_cls_attention(visual.vision))
+
+    def pack_saliency(self, inputs, crop_map: torch.Tensor) -> list[torch.Tensor]:
+        """A per-patch map of each tile as per-token maps: the mean over the patches pixel shuffle merges."""
         _, side, _ = self.geometry(self.model.config)
-        pooled = self.shuffle_maps(scores.reshape(len(scores), side, side, 1))[..., 0].mean(dim=-1)  # [tiles, N]
+        pooled = self.shuffle_maps(crop_map.reshape(len(crop_map), side, side, 1))[..., 0].mean(dim=-1)  # [tiles, N]
         return [s.flatten() for s in torch.split(pooled, self.tiles_per_sample(inputs))]
+
+    def vision_layer_qk(self, index: int, layer_input: torch.Tensor):
+        """InternViT's layer ``index``: its own norm, q/k projections and q/k norms."""
+        layer = self.model.model.vision_tower.encoder.layer[index]
+        attn = layer.attention
+        x = layer.layernorm_before(layer_input)
+        return attn.q_norm(attn.q_proj(x)), attn.k_norm(attn.k_proj(x)), attn.num_heads, attn.head_dim, attn.scale
 
     # -- where the tokens sit (vtprune show) ------------------------------------------------------------
 

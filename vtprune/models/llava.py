@@ -197,6 +197,10 @@ class LlavaAdapter(Adapter):
     def signal_cls_attention(self, ctx: _PreLLM, signals: Signals) -> None:
         signals.cls_attention = _pad_right(self.cls_attention(ctx.inputs, ctx.visual), 0)
 
+    def signal_vision_attention(self, ctx: _PreLLM, signals: Signals) -> None:
+        maps = self.vision_attention(ctx.inputs, ctx.visual)  # [L, N_b] each: pad the token axis
+        signals.vision_attention = _pad_right([m.T for m in maps], 0).transpose(1, 2)
+
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
         head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.state.projected)
         rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.image_pos)]  # [H, N_b]
@@ -233,7 +237,38 @@ class LlavaAdapter(Adapter):
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """CLS→patch attention of the vision encoder per visual token, in the features' order."""
-        return list(self.crop_cls_attention(visual.vision))
+        return self.pack_saliency(inputs, self.crop_cls_attention(visual.vision))
+
+    def pack_saliency(self, inputs, crop_map: torch.Tensor) -> list[torch.Tensor]:
+        """A per-patch map ``[crops, P]`` of the tower's output as each sample's ``[N_b]`` map in the features'
+        order: what every saliency signal goes through. LLaVA-1.5: one crop per sample, as it is."""
+        return list(crop_map)
+
+    def vision_layer_qk(self, index: int, layer_input: torch.Tensor):
+        """``(q, k, heads, head_dim, scale)`` of vision encoder layer ``index`` on its input ``[crops, T, C]``: the
+        projected queries and keys ``[crops, T, H·d]`` its attention computes (CLIP / SigLIP layout)."""
+        attn = _vision_layers(self.model.model.vision_tower)[index].self_attn
+        x = _vision_layers(self.model.model.vision_tower)[index].layer_norm1(layer_input)
+        return attn.q_proj(x), attn.k_proj(x), attn.num_heads, attn.head_dim, attn.scale
+
+    def crop_vision_attention(self, vision_output) -> torch.Tensor:
+        """``[L, crops, P]`` attention each patch receives in vision layers 1..L (L: the layer producing the used
+        features), head and query-row mean over the crop's every token (CLS included), the CLS column dropped
+        with the ``default`` select strategy. Recomputed from each layer's own norm and q/k projections on its
+        captured input, one crop at a time, so that the tower keeps its fused attention."""
+        index, _ = self.feature_layer(vision_output)
+        hidden = vision_output.hidden_states  # hidden[i] is encoder layer i's input
+        maps = []
+        for i in range(index + 1):
+            q, k, heads, head_dim, scale = self.vision_layer_qk(i, hidden[i])
+            maps.append(torch.stack([received_attention(qc, kc, heads, head_dim, scale) for qc, kc in zip(q, k)]))
+        out = torch.stack(maps)
+        return out[..., 1:] if self.model.config.vision_feature_select_strategy == "default" else out
+
+    def vision_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
+        """Each sample's ``[L, N_b]`` received attention per vision layer, packed like the features."""
+        per_layer = [self.pack_saliency(inputs, layer_map) for layer_map in self.crop_vision_attention(visual.vision)]
+        return [torch.stack(maps) for maps in zip(*per_layer)]
 
     # -- pruning before the LLM ----------------------------------------------------------------------------
 
@@ -520,6 +555,15 @@ def first_row_attention(q: torch.Tensor, k: torch.Tensor, heads: int, head_dim: 
     k = k.view(batch, length, heads, head_dim).transpose(1, 2)
     probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1)  # [B, H, 1, L]
     return probs.mean(dim=1)[:, 0]
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """``[T]`` attention each of one crop's ``T`` tokens receives, mean over heads and every query row, from the
+    projected queries and keys ``[T, H·d]`` (softmax over the crop's tokens, in float32)."""
+    length = k.shape[0]
+    q = q.view(length, heads, head_dim).transpose(0, 1).float()
+    k = k.view(length, heads, head_dim).transpose(0, 1).float()
+    return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1).mean(dim=0).mean(dim=0)  # [H, T, T] → [T]
 
 
 def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,

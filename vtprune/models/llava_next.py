@@ -85,9 +85,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return [torch.stack([torch.where(r < 0, -1, g), r.round().long(), c.round().long()], dim=1)
                 for g, r, c in zip(visual.groups, *maps)]
 
-    def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
-        """CLS saliency per crop, packed like the features; newline tokens score 0 (no patch behind them)."""
-        return self.pack_maps(self.crop_cls_attention(visual.vision), inputs["image_sizes"], 0.0)
+    def pack_saliency(self, inputs, crop_map: torch.Tensor) -> list[torch.Tensor]:
+        """A saliency map per crop, packed like the features; newline tokens score 0 (no patch behind them)."""
+        return self.pack_maps(crop_map, inputs["image_sizes"], 0.0)
 
     # -- where the tokens sit (vtprune show) ------------------------------------------------------------
 

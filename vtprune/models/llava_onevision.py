@@ -43,7 +43,7 @@ from PIL import Image
 from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import register_family
 from vtprune.models.layout import GAP, TokenLayout, grid_boxes, to_image
-from vtprune.models.llava import VisualTokens, _vision_layers
+from vtprune.models.llava import VisualTokens, received_attention
 from vtprune.models.llava_next import LlavaNextAdapter
 
 
@@ -170,17 +170,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         Recomputed from that layer's ``layer_norm1``/``q_proj``/``k_proj``, one crop at a time (a crop's
         ``[heads, P, P]`` is 34 MB in float32 on the 7B model)."""
         index, layer_input = self.feature_layer(vision_output)
-        layer = _vision_layers(self.model.model.vision_tower)[index]
-        attn = layer.self_attn
-        x = layer.layer_norm1(layer_input)
-        length = x.shape[1]
-        received = []
-        for crop in x:
-            q = attn.q_proj(crop).view(length, attn.num_heads, attn.head_dim).transpose(0, 1)
-            k = attn.k_proj(crop).view(length, attn.num_heads, attn.head_dim).transpose(0, 1)
-            probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)  # [H, P, P]
-            received.append(probs.mean(dim=0).mean(dim=0))
-        return torch.stack(received)
+        q, k, heads, head_dim, scale = self.vision_layer_qk(index, layer_input)
+        return torch.stack([received_attention(qc, kc, heads, head_dim, scale) for qc, kc in zip(q, k)])
 
     # -- where the tokens sit (vtprune show) ------------------------------------------------------------
 

@@ -20,6 +20,10 @@ The family questions, answered here; the pruning itself is LLaVA's pre-LLM splic
   order, which ``argsort(window_index)`` undoes, as the tower does for its output. This follows the issue's
   definition; VisionZip's and VisPruner's Qwen ports were not consulted (no network here), so it is not
   claimed to match them.
+- **No per-layer received attention** (``vision_attention``, what ``hiprune`` ranks by): most of the tower's blocks
+  attend within 112-pixel windows, and only the last full-attention block's input is captured; a global
+  received-attention map per layer is not defined there the way HiPrune defines it on CLIP, so the signal is not
+  provided (left for when a window-aware definition is chosen).
 - **Downsampling** (``downsample``, merges in the *input* space): dynamic resolution lets the image itself shrink.
   Each image is rebuilt from its patches, resized (bilinear, antialiased, in normalised pixel space) to the largest
   merged grid ``H' × W'`` within the budget that keeps its aspect ratio (within a factor 1.5), re-patchified, and its
@@ -111,6 +115,8 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
             i = torch.arange(len(f), device=f.device) % (h // self.merge_size * width)  # frames repeat the grid
             out.append(torch.stack([torch.zeros_like(i), i // width, i % width], dim=1))
         return out
+
+    signal_vision_attention = None  # module docstring: the window blocks have no global attention map
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """Attention received per merged token in the last full-attention block (module docstring), per image."""

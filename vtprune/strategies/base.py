@@ -27,6 +27,9 @@ SIGNALS = {
     "last_token_attention": "[B, H, N] per-head attention of the last prompt token to each visual token at the LLM "
     "layer where an in-LLM strategy prunes (self-attention models)",
     "cls_attention": "[B, N] vision encoder CLS→patch attention, averaged over heads",
+    "vision_attention": "[B, L, N] attention each visual token receives in vision encoder layers 1..L (L: the layer "
+    "whose output the projector reads), averaged over heads and over every query row of its crop / tile (CLS "
+    "included where the tower has one): HiPrune's global attention; 0 on tokens without a patch and on padding",
     "features": "[B, N, D] visual tokens as the language model sees them (projector outputs)",
     "text_embeds": "[B, T, D] language-model input embeddings of the prompt's text tokens (with text_valid)",
     "grid": "[B, N, 3] long (group, row, column) of each visual token on its tile / crop / image grid; -1 on "
@@ -46,6 +49,7 @@ class Signals:
     cross_attention: torch.Tensor | None = None  # [B, H, N]
     last_token_attention: torch.Tensor | None = None  # [B, H, N]
     cls_attention: torch.Tensor | None = None  # [B, N]
+    vision_attention: torch.Tensor | None = None  # [B, L, N]
     features: torch.Tensor | None = None  # [B, N, D]
     text_embeds: torch.Tensor | None = None  # [B, T, D]
     text_valid: torch.Tensor | None = None  # [B, T] bool
@@ -119,6 +123,16 @@ class Strategy:
     #: before the projector, then projected), or "input" (the image itself, downsampled, where the family's tower
     #: takes any resolution; "vision" on the others)
     merge_space: str = "features"
+    #: the strategy's result may hold merged tokens (``Selection.anchors``): shown as its kind, checked by the tests
+    merges: bool = False
+
+    @property
+    def kind(self) -> str:
+        """Where it acts and how, for listings and docs: "pre-LLM", "in-LLM" or "in-LLM, multi-stage", plus
+        ", merge" for a strategy that merges tokens."""
+        kind = {"pre_llm": "pre-LLM", "in_llm": "in-LLM"}[self.stage]
+        kind += ", multi-stage" if "layers" in self.placement else ""
+        return kind + (", merge" if self.merges else "")
 
     @property
     def description(self) -> str:
@@ -139,14 +153,15 @@ class Strategy:
 STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
-def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features"):
+def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features",
+                      merges=False):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
         STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {}),
-                                      merge_space))
+                                      merge_space, merges))
         return fn
 
     return wrap

@@ -62,6 +62,7 @@ def contextual(unit: torch.Tensor, rest: torch.Tensor, count: int) -> list[list[
 @register_strategy(
     "visionzip",
     needs=("cls_attention", "features"),
+    merges=True,
     options={
         "dominant_fraction": Option(
             54 / 64,
