@@ -102,7 +102,11 @@ def _stage_layers(values: dict, settings: dict, decoder_layers: int | None, mode
     if "layers" not in settings:  # the strategy's default: fractions of the depth
         if decoder_layers is None:
             return ()
-        layers = [max(1, round(f * decoder_layers)) for f in layers]
+        # on a shallow model two fractions may round to one layer: each stage at least one layer after the last
+        resolved: list[int] = []
+        for f in layers:
+            resolved.append(max(1, round(f * decoder_layers), resolved[-1] + 1 if resolved else 1))
+        layers = resolved
     if not isinstance(layers, (list, tuple)) or not layers:
         raise ConfigError(f"{KEY}.layers: {layers!r} is not allowed (allowed: {SETTINGS['in_llm']['layers']})")
     for k in layers:

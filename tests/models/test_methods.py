@@ -77,7 +77,7 @@ def test_batched_equals_per_sample_within_budget(loaded, family, name):
 
 # The strategies that declare merges; Qwen2.5-VL downsamples the image itself (tested in test_qwen2_5_vl.py), the
 # others merge in the splice.
-MERGING = [(f, s) for f, s in cases() if STRATEGIES.get(s).merges
+MERGING = [(f, s) for f, s in cases() if STRATEGIES.get(s).merges and STRATEGIES.get(s).stage == "pre_llm"
            and not (f == "qwen2_5_vl" and STRATEGIES.get(s).merge_space == "input")]
 
 

@@ -83,3 +83,36 @@ def test_vision_attention_is_packed_like_the_features():
     _, _, signals = _vision_signals("llava_onevision", [_image(7), _image(8).resize((80, 50))])
     assert torch.equal(signals.vision_attention[:, -1], signals.cls_attention)
     assert not torch.equal(signals.vision_attention[:, 0], signals.vision_attention[:, -1])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_text_attention_is_the_layers_own_attention_of_the_text_rows(family):
+    # the eager model's attentions (left padded batch of two prompts of different lengths), head mean, text rows
+    # after the image, image columns; Qwen2.5-VL's M-RoPE cos/sin go through the same formula
+    from vtprune.models.llava import text_attention
+
+    adapter = vtprune.load(model=f"tiny:{family}", device="cpu", dtype="float32").adapter
+    inputs = adapter.prepare([_image(9), _image(10)], ["What is shown?", "How many objects are in the picture?"])
+    lm = adapter.model.model.language_model
+    adapter.model.config.get_text_config()._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = adapter.model(**inputs, position_ids=adapter.prompt_positions(inputs), output_attentions=True,
+                                output_hidden_states=True)
+            captured = {}
+            handle = lm.layers[1].register_forward_pre_hook(
+                lambda m, a, kw: captured.update(kw), with_kwargs=True)
+            adapter.model(**inputs, position_ids=adapter.prompt_positions(inputs))
+            handle.remove()
+    finally:
+        adapter.model.config.get_text_config()._attn_implementation = "sdpa"
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    text_pos = adapter.text_positions(ids, mask)
+    image_pos = [torch.nonzero(row == adapter.image_token_id).flatten() for row in ids]
+    with torch.no_grad():
+        maps = text_attention(lm.layers[1], out.hidden_states[1], captured["position_embeddings"], mask, text_pos,
+                              image_pos)
+    assert not mask[0].all() and mask[1].all()  # the shorter prompt is left padded
+    for b in range(2):
+        expected = out.attentions[1][b].mean(dim=0)[text_pos[b]][:, image_pos[b]]
+        torch.testing.assert_close(maps[b], expected, atol=1e-5, rtol=1e-4)

@@ -93,7 +93,7 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
     for strategy, settings in strategies:
         placement = placement_for_config(strategy, settings, hf_config)
         for ratio in [1.0] if strategy.name == "none" else ratios:
-            kept = n if strategy.name == "none" else stage_budgets(n, ratio, placement)
+            kept = n if strategy.name == "none" else stage_budgets(n, ratio, placement, strategy.schedule)
             for batch in batch_sizes:
                 rows.append({
                     "model": model, "family": hf_config.model_type, "strategy": strategy.name, "keep_ratio": ratio,
@@ -135,10 +135,14 @@ def resized_ratio(strategy, ratio: float) -> float | None:
     return ratio if strategy.merge_space == "input" and ratio < 1 else None
 
 
-def stage_budgets(n: int, ratio: float, placement):
-    """Tokens kept: ``ceil(r · N)``; over several in-LLM stages, each stage keeps ``ceil(r · ·)`` of the last one's."""
+def stage_budgets(n: int, ratio: float, placement, schedule=None):
+    """Tokens kept: ``ceil(r · N)``; over several in-LLM stages, each stage keeps ``ceil(r · ·)`` of the last one's,
+    or what the strategy's own ``schedule`` says."""
     from vtprune.strategies.base import budget
 
+    if schedule is not None and placement.layers:
+        counts = schedule(n, ratio, len(placement.layers))
+        return counts if len(counts) > 1 else counts[0]
     counts = [n]
     for _ in placement.layers or [None]:
         counts.append(budget(counts[-1], ratio))

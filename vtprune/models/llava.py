@@ -56,6 +56,9 @@ class _Stage:
     rope: tuple | None = None
     position_ids: torch.Tensor | None = None
     visual: list[torch.Tensor] = field(default_factory=list)  # per sample: which of its visual tokens (sorted)
+    #: per sample, the merges made entering this stage, in the previous stage's sequence: (anchor positions [M],
+    #: source positions [N_b], weights [M, N_b]); the anchor's hidden state becomes the weighted mean of the sources'
+    merges: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +71,8 @@ class _InLLMState:
     ids: torch.Tensor  # [B, S] the prompt
     mask: torch.Tensor  # [B, S] its padding mask
     remaining: list[torch.Tensor]  # per sample: indices into its visual tokens still in the sequence
+    merged: list[set] = field(default_factory=list)  # per sample: which of them carry a merged token
+    num_visual: torch.Tensor | None = None  # [B] each sample's visual tokens before any stage
     records: list[SampleRecord] = field(default_factory=list)
     decoding: bool = False
     select_seconds: float = 0.0
@@ -100,7 +105,7 @@ class LlavaAdapter(Adapter):
     model_class = "LlavaForConditionalGeneration"
     model_types = ("llava",)
     tiny_text_layers = 4
-    in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states")
+    in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states", "text_attention")
 
     @property
     def image_token_id(self) -> int:
@@ -136,12 +141,16 @@ class LlavaAdapter(Adapter):
     def text_rows(self, ids, mask, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``vectors`` ``[B, S, D]`` over a sequence of ``ids`` at each one's text tokens after its image tokens,
         padded: ``[B, T, D]``, ``[B, T]``."""
-        rows = []
+        return _pad_rows([vectors[b, pos] for b, pos in enumerate(self.text_positions(ids, mask))])
+
+    def text_positions(self, ids, mask) -> list[torch.Tensor]:
+        """Each sample's positions of its text tokens after its image tokens (padding excluded)."""
+        out = []
         for b in range(len(ids)):
             image_pos = torch.nonzero((ids[b] == self.image_token_id) & mask[b]).flatten()
             start = int(image_pos[-1]) + 1 if len(image_pos) else 0
-            rows.append(vectors[b, start:][mask[b, start:]])
-        return _pad_rows(rows)
+            out.append(start + torch.nonzero(mask[b, start:]).flatten())
+        return out
 
     def pre_projector(self, inputs, visual: VisualTokens):
         """Each sample's visual tokens before the projector (``[N_b, D_vision]``, in the features' order) and the
@@ -200,6 +209,16 @@ class LlavaAdapter(Adapter):
     def signal_vision_attention(self, ctx: _PreLLM, signals: Signals) -> None:
         maps = self.vision_attention(ctx.inputs, ctx.visual)  # [L, N_b] each: pad the token axis
         signals.vision_attention = _pad_right([m.T for m in maps], 0).transpose(1, 2)
+
+    def signal_text_attention(self, ctx: _Layer, signals: Signals) -> None:
+        text_pos = self.text_positions(ctx.ids, ctx.mask)
+        maps = text_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, text_pos, ctx.image_pos)
+        padded = ctx.hidden.new_zeros(len(maps), max(len(p) for p in text_pos), signals.valid.shape[1]).float()
+        for b, m in enumerate(maps):
+            padded[b, padded.shape[1] - m.shape[0] :, : m.shape[1]] = m  # text rows left padded, as text_valid
+        signals.text_attention = padded
+        signals.text_valid = _pad_rows([torch.ones(len(p), dtype=torch.bool, device=ctx.hidden.device)
+                                        for p in text_pos])[0]
 
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
         head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.state.projected)
@@ -340,7 +359,9 @@ class LlavaAdapter(Adapter):
         stages = [_Stage(k) for k in self.placement(plan).layers]
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         state = _InLLMState(plan=plan, stages=stages, keys=sample_keys(inputs), ids=ids, mask=mask,
-                            remaining=[torch.arange(int((row == self.image_token_id).sum()), device=ids.device) for row in ids])
+                            remaining=[torch.arange(int((row == self.image_token_id).sum()), device=ids.device) for row in ids],
+                            merged=[set() for _ in ids])
+        state.num_visual = torch.tensor([len(r) for r in state.remaining])
         for index in range(stages[0].layer - 1, len(layers)):
             handles.append(layers[index].register_forward_pre_hook(self._in_llm_hook(state, index), with_kwargs=True))
         for stage in stages:
@@ -387,6 +408,7 @@ class LlavaAdapter(Adapter):
                 if state.decoding:
                     starts.mask = torch.cat([starts.mask, starts.mask.new_ones(len(hidden), hidden.shape[1])], dim=1)
                 else:
+                    hidden = _merged(hidden, starts.merges)
                     hidden = _take(hidden, starts.index)
                     starts.rope = tuple(_take(t.expand(len(hidden), *t.shape[1:]), starts.full_index)
                                         for t in kwargs["position_embeddings"])
@@ -415,11 +437,23 @@ class LlavaAdapter(Adapter):
         context = _Layer(state, layer, hidden, rope, ids, mask, image_pos)
         signals = self.compute_signals(context, valid, state.plan.strategy.needs,
                                        sample_generators(state.plan.seed, state.keys))
-        kept, _ = state.plan.select_kept(signals, "inside the LLM")
+        signals.stage = state.stages.index(upcoming)
+        signals.num_visual = state.num_visual
+        selections, _ = state.plan.select(signals)
         rows = []
-        for b, keep in enumerate(kept):
-            rows.append(torch.nonzero(_without_pruned(mask[b], image_pos[b], keep)).flatten())
-            state.remaining[b] = state.remaining[b][keep.to(state.remaining[b].device)]
+        upcoming.merges = []
+        for b, selection in enumerate(selections):
+            # a merged token stays in its anchor's slot: the sequence keeps every slot, kept or merged
+            slots = selection.slots.to(state.remaining[b].device)
+            rows.append(torch.nonzero(_without_pruned(mask[b], image_pos[b], slots)).flatten())
+            anchors = state.remaining[b][selection.anchors.to(slots.device)]
+            state.remaining[b] = state.remaining[b][slots]
+            state.merged[b] = (state.merged[b] | set(anchors.tolist())) & set(state.remaining[b].tolist())
+            if selection.num_merged:
+                weights = selection.weights[:, : len(image_pos[b])].to(hidden.device)
+                upcoming.merges.append((image_pos[b][selection.anchors.to(hidden.device)], image_pos[b], weights))
+            else:
+                upcoming.merges.append(None)
         upcoming.index, upcoming.mask = _pad_rows(rows)
         upcoming.full_index, upcoming.ids = _take(full_index, upcoming.index), _take(ids, upcoming.index)
         state.select_seconds += time.perf_counter() - start
@@ -436,7 +470,8 @@ class LlavaAdapter(Adapter):
             seen = bounds[0] * n + sum((end - s.layer) * c for s, end, c in zip(state.stages, bounds[1:], counts))
             state.records.append(SampleRecord(kept=remaining.sort().values.tolist(), num_visual=n,
                                               select_seconds=state.select_seconds / len(state.remaining),
-                                              equivalent_tokens=seen / total, stage_kept=counts))
+                                              equivalent_tokens=seen / total, stage_kept=counts,
+                                              merged=sorted(state.merged[b])))
 
     # -- calls ---------------------------------------------------------------------------------------------
 
@@ -598,6 +633,47 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, paddi
     logits = torch.stack(rows) * attn.scaling  # [B, H, S]
     logits = logits.masked_fill(~padding_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def text_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,
+                   text_pos: list[torch.Tensor], image_pos: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per sample ``[T_b, N_b]``: the attention of each text row (``text_pos``) to each visual token (``image_pos``)
+    in one Llama decoder layer, head mean: the eager causal formula over the layer's ``q_proj``/``k_proj`` with
+    rotary embeddings, recomputed from ``input_layernorm`` on the layer's input (as ``last_token_attention``)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    cos, sin = position_embeddings
+    out = []
+    for b in range(len(hidden)):  # one sample at a time, as last_token_attention
+        c, s = (cos[b], sin[b]) if len(cos) > 1 else (cos[0], sin[0])
+        rows = text_pos[b]
+        q, k = attn.q_proj(x[b, rows]), attn.k_proj(x[b])
+        heads, kv_heads = q.shape[-1] // attn.head_dim, k.shape[-1] // attn.head_dim
+        q = q.view(len(rows), heads, attn.head_dim).transpose(0, 1)
+        q = q * c[rows] + rotate_half(q) * s[rows]
+        k = k.view(-1, kv_heads, attn.head_dim).transpose(0, 1)
+        k = k * c + rotate_half(k) * s
+        grouped = q.reshape(kv_heads, heads // kv_heads, len(rows), attn.head_dim)
+        logits = torch.einsum("kgtd,ksd->kgts", grouped.float(), k.float()).reshape(heads, len(rows), -1) * attn.scaling
+        keys = torch.arange(logits.shape[-1], device=hidden.device)
+        visible = padding_mask[b][None, :] & (keys[None, :] <= rows[:, None])  # [T, S]: causal, no padding
+        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+        out.append(probs.mean(dim=0)[:, image_pos[b]])
+    return out
+
+
+def _merged(hidden: torch.Tensor, merges: list) -> torch.Tensor:
+    """``hidden`` with each merge's anchor rows replaced by the weighted mean of its source rows (per sample)."""
+    if not any(m is not None for m in merges):
+        return hidden
+    hidden = hidden.clone()
+    for b, merge in enumerate(merges):
+        if merge is not None:
+            anchors, sources, weights = merge
+            hidden[b, anchors] = (weights.to(hidden.dtype) @ hidden[b, sources]).to(hidden.dtype)
+    return hidden
 
 
 def _without_pruned(mask: torch.Tensor, image_pos: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

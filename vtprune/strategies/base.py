@@ -37,6 +37,8 @@ SIGNALS = {
     "hidden_states": "[B, N, D] the LLM's hidden states of the visual tokens entering the layer where an in-LLM "
     "strategy prunes (self-attention models)",
     "text_hidden_states": "[B, T, D] the same for the prompt's text tokens after the image (with text_valid)",
+    "text_attention": "[B, T, N] attention of each prompt text token after the image to each visual token at the "
+    "LLM layer where an in-LLM strategy prunes, averaged over heads (with text_valid; self-attention models)",
 }
 
 
@@ -56,9 +58,16 @@ class Signals:
     grid: torch.Tensor | None = None  # [B, N, 3] long
     hidden_states: torch.Tensor | None = None  # [B, N, D]
     text_hidden_states: torch.Tensor | None = None  # [B, T, D]
+    text_attention: torch.Tensor | None = None  # [B, T, N]
     #: one seeded generator per sample (random strategies); seeded from the sample itself so that a
     #: sample's selection does not depend on which other samples share its batch
     generators: list[torch.Generator] | None = None
+    #: context, not signals: the in-LLM stage being selected (0-based), each sample's visual tokens before any
+    #: stage (None: ``num_valid``), and the plan's keep ratio (set by ``Strategy.selections``) — for strategies whose
+    #: stages follow their own schedule (SparseVLM) rather than keep_ratio of what is left
+    stage: int = 0
+    num_visual: torch.Tensor | None = None  # [B] long
+    keep_ratio: float | None = None
 
     @property
     def num_valid(self) -> torch.Tensor:
@@ -125,6 +134,10 @@ class Strategy:
     merge_space: str = "features"
     #: the strategy's result may hold merged tokens (``Selection.anchors``): shown as its kind, checked by the tests
     merges: bool = False
+    #: in-LLM strategies with their own stage counts (SparseVLM): ``schedule(num_visual, keep_ratio, stages)`` →
+    #: the tokens each stage keeps, what cost and kv figures assume; None: each stage keeps ceil(keep_ratio · n) of
+    #: the n the last one kept
+    schedule: Callable[[int, float, int], list[int]] | None = None
 
     @property
     def kind(self) -> str:
@@ -142,6 +155,7 @@ class Strategy:
     def selections(self, signals: Signals, keep_ratio: float, **options) -> list[Selection]:
         """Each sample's ``Selection`` (kept indices, and merges if the strategy makes any): what adapters apply."""
         opts = {name: opt.default for name, opt in self.options.items()} | options
+        signals.keep_ratio = keep_ratio
         out = self.fn(signals, budgets(signals.num_valid, keep_ratio), **opts)
         return [s if isinstance(s, Selection) else Selection(s) for s in out]
 
@@ -154,14 +168,14 @@ STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
 def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features",
-                      merges=False):
+                      merges=False, schedule=None):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
         STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {}),
-                                      merge_space, merges))
+                                      merge_space, merges, schedule))
         return fn
 
     return wrap
