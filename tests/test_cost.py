@@ -314,3 +314,15 @@ def test_cost_cli_table_shows_the_ideal():
     for header in ("vision", "total", "TTFT ideal", "decode ideal"):
         assert header in result.stdout
     assert "2.86" in result.stdout and "0.390" in result.stdout
+
+
+def test_a_strategy_with_its_own_stage_schedule_is_costed_by_it():
+    from vtprune.bench.cost import stage_budgets
+    from vtprune.placement import Placement
+    from vtprune.strategies import STRATEGIES
+
+    sparsevlm = STRATEGIES.get("sparsevlm")
+    # SparseVLM's table for 192 of 576 tokens; PyramidDrop's rule halves what is left at each stage
+    assert stage_budgets(576, 1 / 3, Placement("in_llm", layers=(3, 7, 16)), sparsevlm.schedule) == [300, 200, 110]
+    assert stage_budgets(576, 0.5, Placement("in_llm", layers=(8, 16, 24))) == [288, 144, 72]
+    assert stage_budgets(576, 1.0, Placement("in_llm", layers=(3, 7, 16)), sparsevlm.schedule) == [576] * 3

@@ -112,3 +112,15 @@ def test_a_merged_token_is_the_weighted_mean_of_its_sources(loaded, family, name
         for k in selection.kept.tolist():
             torch.testing.assert_close(row[place[int(image_pos[k])]], feats[k])
         assert records[b].merged == selection.anchors.tolist()
+
+
+IN_LLM_MERGING = [(f, s) for f, s in cases() if STRATEGIES.get(s).merges and STRATEGIES.get(s).stage == "in_llm"]
+
+
+@pytest.mark.parametrize("family,name", IN_LLM_MERGING)
+def test_an_in_llm_strategy_that_merges_does(loaded, family, name):
+    # the hidden states it merges are checked in test_in_llm_merge.py; here, that its merges reach the records
+    adapter, inputs = loaded[family]
+    with torch.no_grad():
+        _, records = adapter.prefill_logits(inputs, plan(name, 0.3))
+    assert any(r.merged for r in records)

@@ -125,10 +125,19 @@ def scores(signals, b: int) -> torch.Tensor:
     return attention[chosen].double().mean(dim=0)
 
 
+def schedule(num_visual: int, keep_ratio: float, stages: int) -> list[int]:
+    """The visual tokens left after each of ``stages`` stages (what cost and kv figures assume)."""
+    counts = [num_visual]
+    for stage in range(stages):
+        counts.append(stage_count(counts[-1], num_visual, keep_ratio, stage))
+    return counts[1:]
+
+
 @register_strategy(
     "sparsevlm",
     needs=("text_attention", "hidden_states", "text_hidden_states"),
     stage="in_llm",
+    schedule=schedule,
     placement={"layers": (3 / 32, 7 / 32, 16 / 32)},
     merges=True,
 )
