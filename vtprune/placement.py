@@ -6,6 +6,8 @@ A strategy says *which* visual tokens to keep; the placement says *where* the ke
 - ``in_llm``: after decoder layer ``layer`` = K (1-based): ``layers[:K]`` see every token, ``layers[K:]`` and
   their KV cache only the kept ones (fastv); or in several stages, ``layers: [K1, K2, ...]`` (PyramidDrop): from
   each K_s on, the layers see only what that stage kept of the previous stage's tokens;
+- ``vision``: inside the vision tower, in every layer up to the one the projector reads (ToMe); the LLM sees the
+  survivors, each in its own slot;
 - ``cross_attention`` (cross-attention models, mllama): the first cross-attention layer sees every visual token
   during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache;
   ``prune_first_layer: true`` gives the first layer only the kept tokens too (pruning before the LLM, for the
@@ -30,8 +32,10 @@ SETTINGS = {
     "in_llm": {"layer": "an integer in [1, decoder layers - 1]",
                "layers": "a list of increasing integers in [1, decoder layers - 1]"},
     "cross_attention": {"prune_first_layer_cache": "true or false", "prune_first_layer": "true or false"},
+    "vision": {},
 }
-_SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers"}
+_SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers",
+         "vision": "inside the vision tower"}
 
 
 @dataclass(frozen=True)

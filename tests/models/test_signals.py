@@ -41,10 +41,12 @@ def test_cls_saliency_and_fastervlm_are_one_rule_on_every_family(family):
 def test_a_family_lists_the_signals_it_computes():
     assert FAMILIES.get("mllama").provides() == ("cls_attention", "cross_attention", "groups")
     llava = FAMILIES.get("llava")
-    assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_hidden_states")
+    assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_attention", "text_hidden_states")
     assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds", "vision_attention")
-    # Qwen2.5-VL inherits LLaVA's providers but cannot compute this one (its window blocks): it is not listed
-    assert "vision_attention" not in FAMILIES.get("qwen2_5_vl").provides()
+    assert llava.provides("vision") == ("vision_keys",)
+    # Qwen2.5-VL inherits LLaVA's providers but cannot compute these (its window blocks, its merger): not listed
+    assert not {"vision_attention", "vision_keys"} & set(FAMILIES.get("qwen2_5_vl").provides())
+    assert FAMILIES.get("llava_next").provides("vision") == ()
 
 
 def _vision_signals(family, images):

@@ -61,12 +61,13 @@ def decoder_weight_bytes(config, element_size: int) -> int:
 
 
 def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement,
-                  element_size: int, resized_to: float | None = None) -> dict:
+                  element_size: int, resized_to: float | None = None, merged=None) -> dict:
     """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.
 
     ``total_prefill_flops`` (vision + LLM prefill) bounds the time to first token; ``decode_bytes_per_step``
     (weights + the cache after prefill) bounds a decode step, which is memory-bound at these batch sizes.
-    ``resized_to``: the keep ratio of a strategy that shrinks the input image (the vision tower then runs on less).
+    ``resized_to``: the keep ratio of a strategy that shrinks the input image (the vision tower then runs on less);
+    ``merged``: ``(keep ratio, schedule)`` of a strategy that merges inside the vision tower (ToMe).
     """
     def figures(kept, where, vision):
         kv = analytic_kv_bytes(config, batch_size=batch_size, text_tokens=text_tokens, num_visual=num_visual,
@@ -78,7 +79,7 @@ def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int,
                 "decode_bytes_per_step": weights + kv["self"] + kv["cross"]}
 
     full = batch_size * vision_flops(config)
-    resized = full if resized_to is None else batch_size * vision_flops(config, resized_to)
+    resized = full if resized_to is None and merged is None else batch_size * vision_flops(config, resized_to, merged)
     weights = decoder_weight_bytes(config, element_size)
     point, none = figures(num_kept, placement, resized), figures(num_visual, Placement(), full)
     return {**point, "ideal_ttft_speedup": none["total_prefill_flops"] / point["total_prefill_flops"],
@@ -102,7 +103,8 @@ def cost_rows(hf_config, *, strategies: list, ratios: list[float], batch_sizes: 
                     **({"stage_kept": kept} if isinstance(kept, list) else {}),
                     **ideal_figures(hf_config, batch_size=batch, text_tokens=prompt_tokens, num_visual=n, num_kept=kept,
                                     placement=placement, element_size=DTYPE_BYTES[dtype],
-                                    resized_to=resized_ratio(strategy, ratio)),
+                                    resized_to=resized_ratio(strategy, ratio),
+                                    merged=tower_merge(strategy, ratio)),
                 })
     return rows
 
@@ -130,6 +132,11 @@ def cost_for_config(config, *, batch_sizes=None, ratios=None, strategies=None) -
                      dtype=dtype, model=config.model.path)
 
 
+def tower_merge(strategy, ratio: float):
+    """``(ratio, schedule)`` for a strategy that merges inside the vision tower (``ideal_figures``' ``merged``)."""
+    return (ratio, strategy.schedule) if strategy.stage == "vision" and ratio < 1 else None
+
+
 def resized_ratio(strategy, ratio: float) -> float | None:
     """The keep ratio the input image is resized to, for a strategy that merges in the input space; else None."""
     return ratio if strategy.merge_space == "input" and ratio < 1 else None
@@ -140,7 +147,7 @@ def stage_budgets(n: int, ratio: float, placement, schedule=None):
     or what the strategy's own ``schedule`` says."""
     from vtprune.strategies.base import budget
 
-    if schedule is not None and placement.layers:
+    if schedule is not None and placement.layers and placement.where == "in_llm":
         counts = schedule(n, ratio, len(placement.layers))
         return counts if len(counts) > 1 else counts[0]
     counts = [n]

@@ -86,11 +86,14 @@ def num_visual_tokens(config) -> int:
     return resolve_family(config.model_type, "auto").max_visual_tokens(config)
 
 
-def vision_flops(config, resized_to: float | None = None) -> int:
+def vision_flops(config, resized_to: float | None = None, merged=None) -> int:
     """Multiply-adds × 2 of the vision tower and projector for one image at the model's largest input (its family's);
-    with ``resized_to``, of that image as an input-space strategy (``downsample``) resizes it at that keep ratio."""
+    with ``resized_to``, of that image as an input-space strategy (``downsample``) resizes it at that keep ratio;
+    with ``merged`` (keep ratio, schedule), as a strategy inside the tower (ToMe) merges it layer by layer."""
     from vtprune.models import resolve_family
 
     family = resolve_family(config.model_type, "auto")
+    if merged is not None:
+        return family.merged_vision_flops(config, *merged)
     return family.vision_flops(config) if resized_to is None else family.resized_vision_flops(config, resized_to)
 

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from vtprune.bench.cost import check_ratios, ideal_figures, resized_ratio
+from vtprune.bench.cost import check_ratios, ideal_figures, resized_ratio, tower_merge
 from vtprune.bench.kv import analytic_kv_bytes, cross_layer_indices, measured_kv_bytes
 from vtprune.bench.memory import memory_kind, peak_bytes, reset_peak
 from vtprune.bench.timing import median_spread, paired_ratio, step_clock, timed, too_wide
@@ -206,7 +206,8 @@ def bench_point(pipe, batch_size: int, inputs, visits: list[Visit], reference: l
              "num_kept": cached_visual if plan.is_noop else batch_kept(records),
              "placement": pipe.adapter.placement(plan), "element_size": model.dtype.itemsize}
     analytic = analytic_kv_bytes(model.config, **shape, decoded=n - 1)  # the last new token is never fed back
-    ideal = ideal_figures(model.config, **shape, resized_to=resized_ratio(plan.strategy, plan.keep_ratio))
+    ideal = ideal_figures(model.config, **shape, resized_to=resized_ratio(plan.strategy, plan.keep_ratio),
+                          merged=tower_merge(plan.strategy, plan.keep_ratio))
     figures, ratios, intervals = {}, {}, {}
     for column, attr in (("ttft_ms", "ttft"), ("decode_ms_per_token", "decode"), ("e2e_ms", "e2e")):
         values = [getattr(v, attr) for v in visits]

@@ -286,9 +286,11 @@ class Adapter:
 
     # -- signals -------------------------------------------------------------------------------------------
 
-    #: self-attention families: the signals only an in-LLM strategy gets (computed inside the LLM); the others
-    #: are computed before it. None: the family prunes at one point whatever a strategy's stage (mllama).
+    #: self-attention families: the signals only an in-LLM strategy gets (computed inside the LLM), and those only
+    #: a strategy placed inside the vision tower gets; the others are computed before the LLM. None: the family
+    #: prunes at one point whatever a strategy's stage (mllama).
     in_llm_signals: ClassVar[tuple[str, ...] | None] = None
+    vision_signals: ClassVar[tuple[str, ...]] = ()
     #: where such a family prunes, for `vtprune list strategies`
     prunes_at: ClassVar[str | None] = None
 
@@ -300,7 +302,11 @@ class Adapter:
                        if name.startswith("signal_") and getattr(cls, name) is not None)
         if stage is None or cls.in_llm_signals is None:
             return tuple(names)
-        return tuple(n for n in names if (n in cls.in_llm_signals) == (stage == "in_llm"))
+
+        def where(name):
+            return "in_llm" if name in cls.in_llm_signals else "vision" if name in cls.vision_signals else "pre_llm"
+
+        return tuple(n for n in names if where(n) == stage)
 
     @classmethod
     def runs(cls, strategy: Strategy) -> bool:
@@ -328,7 +334,7 @@ class Adapter:
         return signals
 
 
-_WHERE = {"pre_llm": "before the LLM ", "in_llm": "inside the LLM "}
+_WHERE = {"pre_llm": "before the LLM ", "in_llm": "inside the LLM ", "vision": "inside the vision tower "}
 
 FAMILIES: Registry[type[Adapter]] = Registry("model family", "model.family")
 

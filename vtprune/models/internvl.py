@@ -79,6 +79,10 @@ def _first(value) -> int:
 class InternVLAdapter(LlavaAdapter):
     """InternVL3 (InternVLForConditionalGeneration): dynamic tiles + thumbnail, InternViT CLS saliency, pixel shuffle."""
 
+    # Merging inside the tower (ToMe): pixel shuffle needs the tile's whole patch grid after the tower, and
+    # InternViT's layers (layer scale) are not CLIP's: not provided.
+    signal_vision_keys = None
+
     family = "internvl"
     model_class = "InternVLForConditionalGeneration"
     model_types = ("internvl",)

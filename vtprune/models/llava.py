@@ -24,7 +24,7 @@ from vtprune.flops import encoder_layer_flops
 from vtprune.merge import slot_features
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
-from vtprune.strategies.base import Signals, sample_generators
+from vtprune.strategies.base import Selection, Signals, sample_generators
 
 
 @dataclass
@@ -42,6 +42,25 @@ class _PreLLM:
 
     inputs: dict
     visual: VisualTokens
+
+
+@dataclass
+class _VisionLayer:
+    """What signal providers see inside the vision tower: one layer's head-mean keys of each crop's tokens."""
+
+    keys: torch.Tensor  # [crops, T, d]
+
+
+@dataclass
+class _VisionMerge:
+    """Per-call state of a strategy placed inside the vision tower (ToMe)."""
+
+    plan: PrunePlan
+    counts: list[int]  # patches each crop keeps after each merging layer
+    origin: torch.Tensor | None = None  # [crops, T_now] each current token's index in the tower's input
+    merged: torch.Tensor | None = None  # [crops, T_now] whether it carries a merge
+    length: int = 0  # tokens per crop entering the tower
+    seconds: float = 0.0
 
 
 @dataclass
@@ -106,6 +125,7 @@ class LlavaAdapter(Adapter):
     model_types = ("llava",)
     tiny_text_layers = 4
     in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states", "text_attention")
+    vision_signals = ("vision_keys",)
 
     @property
     def image_token_id(self) -> int:
@@ -220,6 +240,9 @@ class LlavaAdapter(Adapter):
         signals.text_valid = _pad_rows([torch.ones(len(p), dtype=torch.bool, device=ctx.hidden.device)
                                         for p in text_pos])[0]
 
+    def signal_vision_keys(self, ctx: _VisionLayer, signals: Signals) -> None:
+        signals.vision_keys = ctx.keys
+
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
         head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.state.projected)
         rows = [head_scores[b][:, pos] for b, pos in enumerate(ctx.image_pos)]  # [H, N_b]
@@ -299,18 +322,22 @@ class LlavaAdapter(Adapter):
     def spliced(self, inputs, plan: PrunePlan) -> tuple[dict, list[SampleRecord]]:
         """The model inputs of the shortened sequences (``inputs_embeds``, ``attention_mask``, ``position_ids``)
         and the records: the pre-LLM splice. Positions are the family's (``spliced_positions``)."""
-        # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
-        visual = self.visual_tokens(inputs)
-        start = time.perf_counter()
-        signals = self.signals(inputs, visual, plan.strategy.needs)
-        signals.generators = sample_generators(plan.seed, sample_keys(inputs))
-        scoring = time.perf_counter() - start
-        selections, selecting = plan.select(signals)
-        per_sample = (scoring + selecting) / len(selections)
+        if plan.strategy.stage == "vision":  # the tower merged: its outputs are the survivors, in their slots
+            visual, selections, seconds = self.merged_visual_tokens(inputs, plan)
+            per_sample = seconds / len(selections)
+        else:
+            # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
+            visual = self.visual_tokens(inputs)
+            start = time.perf_counter()
+            signals = self.signals(inputs, visual, plan.strategy.needs)
+            signals.generators = sample_generators(plan.seed, sample_keys(inputs))
+            scoring = time.perf_counter() - start
+            selections, selecting = plan.select(signals)
+            per_sample = (scoring + selecting) / len(selections)
 
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         embeds = self.model.get_input_embeddings()(ids)
-        merging = any(s.num_merged for s in selections)
+        merging = plan.strategy.stage != "vision" and any(s.num_merged for s in selections)
         # Fixed-resolution towers cannot resize their input: "input" merges are made just before the projector.
         before_projector = (self.pre_projector(inputs, visual) if merging and plan.strategy.merge_space in ("vision", "input")
                             else None)
@@ -321,8 +348,9 @@ class LlavaAdapter(Adapter):
             if len(image_pos) != len(feats):
                 raise ValueError(f"sample {b}: {len(image_pos)} image tokens in the prompt for {len(feats)} features")
             # A merged token sits in its anchor's slot (and keeps the anchor's position).
-            feats = slot_features(selection, feats, None if before_projector is None
-                                  else (before_projector[0][b], before_projector[1]))
+            if merging:
+                feats = slot_features(selection, feats, None if before_projector is None
+                                      else (before_projector[0][b], before_projector[1]))
             row = embeds[b].clone()
             row[image_pos] = feats.to(row.dtype)
             keep = selection.slots
@@ -336,6 +364,79 @@ class LlavaAdapter(Adapter):
         spliced = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                    "position_ids": self.spliced_positions(inputs, torch.stack(stays), attention_mask)}
         return spliced, records
+
+    # -- merging inside the vision tower (placement "vision": ToMe) ---------------------------------------
+
+    def merged_visual_tokens(self, inputs, plan: PrunePlan):
+        """``(visual, selections, seconds)``: the visual tokens of a tower whose layers up to the one the projector
+        reads merge tokens between their attention and their MLP, as the strategy selects at each (its
+        ``schedule`` says how many patches each layer leaves); the CLS token is never merged. The feature layer's
+        output is put back at full length, survivors in their own rows, so that the projector and the model's own
+        feature selection run unchanged; each sample's selection names the survivors (``kept``) and those that
+        carry merges (``anchors``, weights None: their vectors are the tower's). ``seconds``: keys and matching."""
+        cfg = self.model.config
+        layers = _vision_layers(self.model.model.vision_tower)
+        index = self.feature_layer_index()
+        patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        state = _VisionMerge(plan, plan.strategy.schedule(patches, plan.keep_ratio, index + 1))
+        try:
+            for i in range(index + 1):  # an instance attribute over the class's forward, for this call only
+                layers[i].forward = self._merging_forward(layers[i], state, i, last=i == index)
+            visual = self.visual_tokens(inputs)
+        finally:
+            for i in range(index + 1):
+                vars(layers[i]).pop("forward", None)
+        drop_cls = 1 if cfg.vision_feature_select_strategy == "default" else 0
+        selections = []
+        for origin, merged in zip(state.origin, state.merged):
+            stay = origin[origin >= drop_cls] - drop_cls
+            carries = merged[origin >= drop_cls]
+            selections.append(Selection(stay[~carries], stay[carries]))
+        return visual, selections, state.seconds
+
+    def _merging_forward(self, layer, state: _VisionMerge, i: int, last: bool):
+        """A CLIP encoder layer's forward that merges after its attention (``_VisionMerge``)."""
+        attn = layer.self_attn
+
+        def forward(hidden_states, attention_mask=None, **kwargs):
+            crops, length, _ = hidden_states.shape
+            if i == 0:
+                state.length = length
+                state.origin = torch.arange(length, device=hidden_states.device).expand(crops, -1)
+                state.merged = torch.zeros(crops, length, dtype=torch.bool, device=hidden_states.device)
+            x = layer.layer_norm1(hidden_states)
+            out, _ = attn(hidden_states=x, attention_mask=attention_mask, **kwargs)
+            hidden = hidden_states + out
+            start = time.perf_counter()
+            keys = attn.k_proj(x).view(crops, length, attn.num_heads, attn.head_dim).mean(dim=2)
+            valid = torch.ones(crops, length, dtype=torch.bool, device=x.device)
+            valid[:, 0] = False  # the CLS token
+            signals = self.compute_signals(_VisionLayer(keys), valid, state.plan.strategy.needs)
+            counts = torch.full((crops,), state.counts[i], dtype=torch.long)
+            selections = state.plan.strategy.selections(signals, state.plan.keep_ratio, counts, **state.plan.options)
+            state.seconds += time.perf_counter() - start
+            rows, origin, merged = [], [], []
+            for c, selection in enumerate(selections):
+                keep = torch.cat([selection.slots.new_zeros(1), selection.slots.to(x.device)])
+                rows.append(slot_features(selection, hidden[c])[keep])
+                origin.append(state.origin[c][keep])
+                merged.append(state.merged[c][keep] | torch.isin(keep, selection.anchors.to(x.device)))
+            hidden, state.origin, state.merged = torch.stack(rows), torch.stack(origin), torch.stack(merged)
+            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            if last:  # back to full length: the model's own feature selection and projector read it
+                full = hidden.new_zeros(crops, state.length, hidden.shape[-1])
+                full[torch.arange(crops)[:, None], state.origin] = hidden
+                return full
+            return hidden
+
+        return forward
+
+    def feature_layer_index(self) -> int:
+        """The 0-based vision encoder layer whose output the projector reads (from the config)."""
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise ConfigError("pruning.strategy: merging inside the vision tower needs a single vision_feature_layer")
+        return cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1) - 1
 
     def prompt_positions(self, inputs) -> torch.Tensor:
         """Position ids of the whole prompt, as the model computes them (``[B, S]``; M-RoPE families ``[3, B, S]``)."""
@@ -544,14 +645,29 @@ class LlavaAdapter(Adapter):
         """One crop through the CLIP ViT (patch embedding; patches + CLS through every encoder layer up to the one
         whose features are used: 23 of 24 with ``vision_feature_layer`` −2), then the projector MLP over the used
         tokens. transformers also runs the layers after that one, whose output nobody reads: the ideal skips them."""
+        return cls._tower_flops(hf_config)
+
+    @classmethod
+    def merged_vision_flops(cls, hf_config, keep_ratio: float, schedule) -> int:
+        """``vision_flops`` when a strategy placed inside the tower (ToMe) merges to ``keep_ratio``: each layer's
+        attention runs on the tokens entering it, its MLP on those it leaves (``schedule``), the projector on the
+        survivors."""
+        return cls._tower_flops(hf_config, keep_ratio, schedule)
+
+    @classmethod
+    def _tower_flops(cls, hf_config, keep_ratio: float = 1.0, schedule=None) -> int:
         vision, hidden = hf_config.vision_config, hf_config.text_config.hidden_size
         patches = (vision.image_size // vision.patch_size) ** 2
         feature_layers = hf_config.vision_feature_layer
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
         layers = max(i % (vision.num_hidden_layers + 1) for i in feature_layers)  # hidden_states[0] is the embedding
+        left = schedule(patches, keep_ratio, layers) if schedule else [patches] * layers
         embed = 2 * patches * vision.num_channels * vision.patch_size**2 * vision.hidden_size
-        tower = embed + layers * encoder_layer_flops(patches + 1, vision.hidden_size, vision.intermediate_size)
-        used = patches + (hf_config.vision_feature_select_strategy == "full")
+        tower = embed
+        for entering, leaving in zip([patches, *left], left):  # + 1: the CLS token, never merged
+            attention = encoder_layer_flops(entering + 1, vision.hidden_size, vision.intermediate_size, mlp_matrices=0)
+            tower += attention + 2 * 2 * (leaving + 1) * vision.hidden_size * vision.intermediate_size
+        used = left[-1] + (hf_config.vision_feature_select_strategy == "full")
         projector = 2 * used * (len(feature_layers) * vision.hidden_size * hidden + hidden * hidden)
         return tower + projector
 

@@ -22,6 +22,10 @@ from vtprune.models.llava import LlavaAdapter, VisualTokens
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (LlavaNextForConditionalGeneration): anyres crops, unpad and newlines followed exactly."""
 
+    # Merging inside the tower (ToMe) leaves no patch grid for the anyres packing (unpadding, row newlines) to lay
+    # out: not provided on the packed multi-crop families.
+    signal_vision_keys = None
+
     family = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"
     model_types = ("llava_next",)

@@ -37,6 +37,8 @@ SIGNALS = {
     "hidden_states": "[B, N, D] the LLM's hidden states of the visual tokens entering the layer where an in-LLM "
     "strategy prunes (self-attention models)",
     "text_hidden_states": "[B, T, D] the same for the prompt's text tokens after the image (with text_valid)",
+    "vision_keys": "[C, T, d] the keys of one vision encoder layer, averaged over heads, of each crop's tokens (CLS "
+    "included, marked not valid): what a strategy placed inside the vision tower (ToMe) matches at that layer",
     "text_attention": "[B, T, N] attention of each prompt text token after the image to each visual token at the "
     "LLM layer where an in-LLM strategy prunes, averaged over heads (with text_valid; self-attention models)",
 }
@@ -59,6 +61,7 @@ class Signals:
     hidden_states: torch.Tensor | None = None  # [B, N, D]
     text_hidden_states: torch.Tensor | None = None  # [B, T, D]
     text_attention: torch.Tensor | None = None  # [B, T, N]
+    vision_keys: torch.Tensor | None = None  # [C, T, d]
     #: one seeded generator per sample (random strategies); seeded from the sample itself so that a
     #: sample's selection does not depend on which other samples share its batch
     generators: list[torch.Generator] | None = None
@@ -122,8 +125,9 @@ class Strategy:
     fn: Callable[..., list[torch.Tensor]]
     needs: tuple[str, ...] = ()
     options: dict[str, Option] = field(default_factory=dict)
-    #: where the strategy's signals exist on a self-attention model: "pre_llm" (before the language model) or
-    #: "in_llm" (inside it). On cross-attention models (mllama) every strategy prunes at the cross-attention layers.
+    #: where the strategy's signals exist on a self-attention model: "pre_llm" (before the language model), "in_llm"
+    #: (inside it) or "vision" (inside the vision tower, layer by layer: ToMe). On cross-attention models (mllama)
+    #: every strategy prunes at the cross-attention layers.
     stage: str = "pre_llm"
     #: defaults of the placement settings (``vtprune.placement``), e.g. fastv's ``{"layer": 2}``: the adapter owns
     #: where pruning happens, the strategy only proposes its authors' default
@@ -134,16 +138,16 @@ class Strategy:
     merge_space: str = "features"
     #: the strategy's result may hold merged tokens (``Selection.anchors``): shown as its kind, checked by the tests
     merges: bool = False
-    #: in-LLM strategies with their own stage counts (SparseVLM): ``schedule(num_visual, keep_ratio, stages)`` →
-    #: the tokens each stage keeps, what cost and kv figures assume; None: each stage keeps ceil(keep_ratio · n) of
-    #: the n the last one kept
+    #: in-LLM strategies with their own stage counts (SparseVLM) and vision strategies (ToMe, a stage per vision
+    #: layer): ``schedule(num_visual, keep_ratio, stages)`` → the tokens each stage keeps, what the adapter asks for
+    #: and cost and kv figures assume; None: each stage keeps ceil(keep_ratio · n) of the n the last one kept
     schedule: Callable[[int, float, int], list[int]] | None = None
 
     @property
     def kind(self) -> str:
-        """Where it acts and how, for listings and docs: "pre-LLM", "in-LLM" or "in-LLM, multi-stage", plus
-        ", merge" for a strategy that merges tokens."""
-        kind = {"pre_llm": "pre-LLM", "in_llm": "in-LLM"}[self.stage]
+        """Where it acts and how, for listings and docs: "pre-LLM", "in-LLM", "in-LLM, multi-stage" or "vision"
+        (inside the vision tower), plus ", merge" for a strategy that merges tokens."""
+        kind = {"pre_llm": "pre-LLM", "in_llm": "in-LLM", "vision": "vision"}[self.stage]
         kind += ", multi-stage" if "layers" in self.placement else ""
         return kind + (", merge" if self.merges else "")
 
@@ -152,11 +156,14 @@ class Strategy:
         doc = (self.fn.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def selections(self, signals: Signals, keep_ratio: float, **options) -> list[Selection]:
-        """Each sample's ``Selection`` (kept indices, and merges if the strategy makes any): what adapters apply."""
+    def selections(self, signals: Signals, keep_ratio: float, counts: torch.Tensor | None = None,
+                   **options) -> list[Selection]:
+        """Each sample's ``Selection`` (kept indices, and merges if the strategy makes any): what adapters apply.
+        ``counts``: the tokens each sample keeps where the adapter follows the strategy's ``schedule`` (a vision
+        layer's); by default ``ceil(keep_ratio · valid)``."""
         opts = {name: opt.default for name, opt in self.options.items()} | options
         signals.keep_ratio = keep_ratio
-        out = self.fn(signals, budgets(signals.num_valid, keep_ratio), **opts)
+        out = self.fn(signals, budgets(signals.num_valid, keep_ratio) if counts is None else counts, **opts)
         return [s if isinstance(s, Selection) else Selection(s) for s in out]
 
     def select(self, signals: Signals, keep_ratio: float, **options) -> list[torch.Tensor]:
