@@ -33,6 +33,9 @@ BAD = [
     ("unknown engine", {**GOOD, "engine": "tgi"}, "engine: 'tgi' is not allowed (allowed: hf, vllm)"),
     ("in-LLM strategy on vllm", {**with_("pruning", strategy="fastv"), "engine": "vllm"},
      "pruning.strategy: 'fastv' cannot run on vLLM: it prunes inside the LLM (vLLM's paged KV cache gives every layer one length) (allowed on vllm: adav,"),
+    ("vision-tower strategy on vllm", {**with_("pruning", strategy="tome"), "engine": "vllm"},
+     "pruning.strategy: 'tome' cannot run on vLLM: it merges inside the vision tower, which vtprune's vLLM model runs "
+     "as vLLM's own (allowed on vllm: adav,"),
     ("family vllm does not serve", {**with_("model", path="tiny:mllama"), "engine": "vllm"},
      "engine: 'vllm' does not run model family 'mllama' (allowed: llava)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),

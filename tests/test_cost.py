@@ -326,3 +326,23 @@ def test_a_strategy_with_its_own_stage_schedule_is_costed_by_it():
     assert stage_budgets(576, 1 / 3, Placement("in_llm", layers=(3, 7, 16)), sparsevlm.schedule) == [300, 200, 110]
     assert stage_budgets(576, 0.5, Placement("in_llm", layers=(8, 16, 24))) == [288, 144, 72]
     assert stage_budgets(576, 1.0, Placement("in_llm", layers=(3, 7, 16)), sparsevlm.schedule) == [576] * 3
+
+
+def test_a_strategy_inside_the_vision_tower_is_costed_on_the_smaller_tower():
+    from transformers import AutoConfig
+
+    from vtprune.bench.cost import cost_rows
+    from vtprune.models import FAMILIES
+    from vtprune.strategies import STRATEGIES
+
+    hf = AutoConfig.from_pretrained(REPO / "configs/architectures/llava-1.5-7b")
+    tome, uniform = (STRATEGIES.get(s) for s in ("tome", "uniform"))
+    rows = cost_rows(hf, strategies=[(tome, {}), (uniform, {})], ratios=[0.25], batch_sizes=[1], prompt_tokens=64,
+                     dtype="bfloat16")
+    assert [r["num_kept"] for r in rows] == [144, 144]
+    # the same LLM and cache; a smaller tower: 23 layers whose MLPs (and, after the first, attention) see fewer
+    assert rows[0]["prefill_flops"] == rows[1]["prefill_flops"] and rows[0]["kv_bytes"] == rows[1]["kv_bytes"]
+    assert rows[0]["vision_flops"] < 0.75 * rows[1]["vision_flops"]
+    assert rows[0]["ideal_ttft_speedup"] > rows[1]["ideal_ttft_speedup"]
+    llava = FAMILIES.get("llava")
+    assert llava.merged_vision_flops(hf, 1.0, tome.schedule) == llava.vision_flops(hf)

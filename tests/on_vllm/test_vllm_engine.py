@@ -57,7 +57,7 @@ def test_unpruned_answers_equal_hf(engines, samples):
 def test_kept_sets_equal_hf(engines, samples, strategy):
     hf_out, vllm_out = both(engines, samples, strategy, 0.25)
     assert [(r.kept, r.merged) for r in vllm_out] == [(r.kept, r.merged) for r in hf_out]
-    assert all(len(r.kept) == budget(r.num_visual, 0.25) for r in vllm_out)
+    assert all(1 <= len(r.kept) <= budget(r.num_visual, 0.25) for r in vllm_out)
     assert [r.text for r in vllm_out] == [r.text for r in hf_out]
 
 

@@ -66,8 +66,10 @@ def register() -> None:
 
 def runs_on_vllm(strategy) -> bool | str:
     """True, or why not: the families aside, a strategy runs on vLLM when it prunes before the LLM."""
-    if strategy.stage != "pre_llm":
+    if strategy.stage == "in_llm":
         return "it prunes inside the LLM (vLLM's paged KV cache gives every layer one length)"
+    if strategy.stage == "vision":
+        return "it merges inside the vision tower, which vtprune's vLLM model runs as vLLM's own"
     return True
 
 
