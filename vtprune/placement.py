@@ -6,8 +6,9 @@ A strategy says *which* visual tokens to keep; the placement says *where* the ke
 - ``in_llm``: after decoder layer ``layer`` = K (1-based): ``layers[:K]`` see every token, ``layers[K:]`` and
   their KV cache only the kept ones (fastv); or in several stages, ``layers: [K1, K2, ...]`` (PyramidDrop): from
   each K_s on, the layers see only what that stage kept of the previous stage's tokens;
-- ``vision``: inside the vision tower, in every layer up to the one the projector reads (ToMe); the LLM sees the
-  survivors, each in its own slot;
+- ``vision``: inside the vision tower, in every layer up to the one the projector reads, between its attention and
+  MLP (``after: attention``, ToMe) or after the whole layer (``after: layer``, FlowCut); the LLM sees the survivors,
+  each in its own slot;
 - ``cross_attention`` (cross-attention models, mllama): the first cross-attention layer sees every visual token
   during prefill, the later ones only the kept; ``prune_first_layer_cache`` also cuts that layer's own cache;
   ``prune_first_layer: true`` gives the first layer only the kept tokens too (pruning before the LLM, for the
@@ -32,7 +33,7 @@ SETTINGS = {
     "in_llm": {"layer": "an integer in [1, decoder layers - 1]",
                "layers": "a list of increasing integers in [1, decoder layers - 1]"},
     "cross_attention": {"prune_first_layer_cache": "true or false", "prune_first_layer": "true or false"},
-    "vision": {},
+    "vision": {"after": "attention or layer"},
 }
 _SAYS = {"pre_llm": "before the LLM", "in_llm": "inside the LLM", "cross_attention": "at the cross-attention layers",
          "vision": "inside the vision tower"}
@@ -46,6 +47,13 @@ class Placement:
     layers: tuple[int, ...] = ()
     prune_first_layer_cache: bool = True  # cross_attention only
     prune_first_layer: bool = False  # cross_attention only: the first cross layer, too, sees only the kept tokens
+    after: str = "attention"  # vision only: select between each layer's attention and MLP, or after the whole layer
+    before_llm: bool = False  # in_llm only: a first selection before the LLM (VScan), as if a stage at layer 0
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        """Where each stage's kept set takes effect, a selection before the LLM at 0: what cost and kv count."""
+        return ((0,) if self.before_llm else ()) + self.layers
 
     @property
     def layer(self) -> int:
@@ -54,11 +62,15 @@ class Placement:
 
     def describe(self) -> str:
         if self.where == "in_llm":
-            return f"inside the LLM after layer{'s' if len(self.layers) > 1 else ''} {', '.join(map(str, self.layers))}"
+            return (("before the LLM, then " if self.before_llm else "") +
+                    f"inside the LLM after layer{'s' if len(self.layers) > 1 else ''} {', '.join(map(str, self.layers))}")
         if self.where == "cross_attention":
             if self.prune_first_layer:
                 return "before the first cross-attention layer"
             return "after the first cross-attention layer" + ("" if self.prune_first_layer_cache else " (its cache kept whole)")
+        if self.where == "vision":
+            return "inside the vision tower, " + ("between each layer's attention and MLP" if self.after == "attention"
+                                                  else "after each layer")
         return _SAYS[self.where]
 
 
@@ -84,13 +96,15 @@ def resolve_placement(strategy, settings: dict, *, cross_attention: bool | None,
     for key in ("prune_first_layer_cache", "prune_first_layer"):
         if key in values and not isinstance(values[key], bool):
             raise ConfigError(f"{KEY}.{key}: {values[key]!r} is not allowed (allowed: true or false)")
+    if values.get("after", "attention") not in ("attention", "layer"):
+        raise ConfigError(f"{KEY}.after: {values['after']!r} is not allowed (allowed: {SETTINGS['vision']['after']})")
     layers = _stage_layers(values, settings, decoder_layers, model)
     if cross_attention is None:
         return None
     if wheres[0] == "in_llm":
         if not layers:
             raise ValueError(f"strategy '{strategy.name}' prunes inside the LLM but declares no default placement layer")
-        return Placement("in_llm", layers=layers)
+        return Placement("in_llm", layers=layers, before_llm=strategy.before_llm)
     return Placement(wheres[0], **{k: v for k, v in values.items() if k not in ("layer", "layers")})
 
 
@@ -103,9 +117,11 @@ def _stage_layers(values: dict, settings: dict, decoder_layers: int | None, mode
     if "layers" not in values:
         return ()
     layers = values["layers"]
-    if "layers" not in settings:  # the strategy's default: fractions of the depth
+    if "layers" not in settings:  # the strategy's default: fractions of the depth, or "all" (every layer, FitPrune)
         if decoder_layers is None:
             return ()
+        if layers == "all":
+            return tuple(range(1, decoder_layers))
         # on a shallow model two fractions may round to one layer: each stage at least one layer after the last
         resolved: list[int] = []
         for f in layers:

@@ -41,9 +41,11 @@ def test_cls_saliency_and_fastervlm_are_one_rule_on_every_family(family):
 def test_a_family_lists_the_signals_it_computes():
     assert FAMILIES.get("mllama").provides() == ("cls_attention", "cross_attention", "groups")
     llava = FAMILIES.get("llava")
-    assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_attention", "text_hidden_states")
-    assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds", "vision_attention")
-    assert llava.provides("vision") == ("vision_keys",)
+    assert llava.provides("in_llm") == ("hidden_states", "last_token_attention", "text_attention", "text_attention_max",
+                                        "text_hidden_states", "visual_attention_max")
+    assert llava.provides("pre_llm") == ("cls_attention", "features", "grid", "groups", "text_embeds", "vision_attention",
+                                         "vision_cls_attention")
+    assert llava.provides("vision") == ("vision_keys", "vision_layer_attention", "vision_semantic", "vision_values")
     # Qwen2.5-VL inherits LLaVA's providers but cannot compute these (its window blocks, its merger): not listed
     assert not {"vision_attention", "vision_keys"} & set(FAMILIES.get("qwen2_5_vl").provides())
     assert FAMILIES.get("llava_next").provides("vision") == ()
@@ -54,7 +56,8 @@ def _vision_signals(family, images):
     inputs = adapter.prepare(images, ["What is shown?", "Which colour is it?"][: len(images)])
     with torch.no_grad():
         visual = adapter.visual_tokens(inputs)
-        signals = adapter.signals(inputs, visual, ("vision_attention", "cls_attention", "grid"))
+        needs = ("vision_attention", "cls_attention", "grid", "vision_cls_attention")
+        signals = adapter.signals(inputs, visual, tuple(n for n in needs if n in adapter.provides()))
     return adapter, inputs, signals
 
 
@@ -91,7 +94,7 @@ def test_vision_attention_is_packed_like_the_features():
 def test_text_attention_is_the_layers_own_attention_of_the_text_rows(family):
     # the eager model's attentions (left padded batch of two prompts of different lengths), head mean, text rows
     # after the image, image columns; Qwen2.5-VL's M-RoPE cos/sin go through the same formula
-    from vtprune.models.llava import text_attention
+    from vtprune.models.llava import rows_attention
 
     adapter = vtprune.load(model=f"tiny:{family}", device="cpu", dtype="float32").adapter
     inputs = adapter.prepare([_image(9), _image(10)], ["What is shown?", "How many objects are in the picture?"])
@@ -112,9 +115,39 @@ def test_text_attention_is_the_layers_own_attention_of_the_text_rows(family):
     text_pos = adapter.text_positions(ids, mask)
     image_pos = [torch.nonzero(row == adapter.image_token_id).flatten() for row in ids]
     with torch.no_grad():
-        maps = text_attention(lm.layers[1], out.hidden_states[1], captured["position_embeddings"], mask, text_pos,
+        maps = rows_attention(lm.layers[1], out.hidden_states[1], captured["position_embeddings"], mask, text_pos,
                               image_pos)
+        most = rows_attention(lm.layers[1], out.hidden_states[1], captured["position_embeddings"], mask, image_pos,
+                              image_pos, "max")
     assert not mask[0].all() and mask[1].all()  # the shorter prompt is left padded
     for b in range(2):
         expected = out.attentions[1][b].mean(dim=0)[text_pos[b]][:, image_pos[b]]
         torch.testing.assert_close(maps[b], expected, atol=1e-5, rtol=1e-4)
+        # the visual rows, head max (FitPrune's map): causal, so each visual token sees only those before it
+        expected = out.attentions[1][b].max(dim=0).values[image_pos[b]][:, image_pos[b]]
+        torch.testing.assert_close(most[b], expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(most[b].triu(1), torch.zeros_like(most[b]))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "internvl"])
+def test_vision_cls_attention_ends_at_the_saliency_every_cls_strategy_ranks_by(family):
+    # its last layer is the one cls_attention reads, packed the same way (crops, newlines, pixel shuffle)
+    _, _, signals = _vision_signals(family, [_image(11), _image(12).resize((112, 56))])
+    torch.testing.assert_close(signals.vision_cls_attention[:, -1], signals.cls_attention)
+    assert not torch.allclose(signals.vision_cls_attention[:, 0], signals.vision_cls_attention[:, -1])
+
+
+def test_vision_cls_attention_is_the_towers_own_cls_row_per_layer():
+    adapter, inputs, _ = _vision_signals("llava", [_image(13), _image(14)])
+    with torch.no_grad():
+        signals = adapter.signals(inputs, adapter.visual_tokens(inputs), ("vision_cls_attention",))
+    tower = adapter.model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tower(inputs["pixel_values"], output_attentions=True)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    layers = signals.vision_cls_attention.shape[1]
+    expected = torch.stack([a.mean(dim=1)[:, 0, 1:] for a in out.attentions[:layers]], dim=1)
+    torch.testing.assert_close(signals.vision_cls_attention, expected, atol=1e-5, rtol=1e-5)

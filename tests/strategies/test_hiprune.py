@@ -6,7 +6,8 @@ import torch
 import vtprune.strategies.hiprune  # noqa: F401  (registers "hiprune" before the registry lists it)
 from vtprune.errors import ConfigError
 from vtprune.strategies import STRATEGIES, Signals, budget
-from vtprune.strategies.hiprune import keep_hiprune, object_layer_index
+from vtprune.strategies.base import fraction_layer
+from vtprune.strategies.hiprune import keep_hiprune
 
 HIPRUNE = STRATEGIES.get("hiprune")
 
@@ -46,10 +47,10 @@ def signals(layers=LAYERS, cells=None):
 
 def test_object_layer_is_a_fraction_of_the_deep_layer():
     # LLaVA's CLIP-L: the projector reads layer 23 of 24, 0.375 · 23 = 8.625 -> 9, their layer; 9/24 of 24 is 9 too
-    assert object_layer_index(0.375, 23) == 9 and object_layer_index(9 / 24, 24) == 9
+    assert fraction_layer(0.375, 23) == 9 and fraction_layer(9 / 24, 24) == 9
     # their Qwen2.5-VL setting, 16 of 32; half up at 1.5; clamped into 1..L
-    assert object_layer_index(0.5, 32) == 16 and object_layer_index(0.375, 4) == 2
-    assert object_layer_index(0.375, 3) == 1 and object_layer_index(0.0, 4) == 1 and object_layer_index(1.0, 4) == 4
+    assert fraction_layer(0.5, 32) == 16 and fraction_layer(0.375, 4) == 2
+    assert fraction_layer(0.375, 3) == 1 and fraction_layer(0.0, 4) == 1 and fraction_layer(1.0, 4) == 4
 
 
 def test_anchors_buffers_registers_by_hand():

@@ -35,7 +35,8 @@ def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept, placeme
     Cross-attention models: the self-attention layers see only the text; the cross layers see the image.
     ``num_kept``: the visual tokens kept, or for a multi-stage placement a list, the count after each stage.
     """
-    stages = list(num_kept) if isinstance(num_kept, (list, tuple)) else [num_kept] * max(1, len(placement.layers))
+    stage_layers = placement.stage_layers
+    stages = list(num_kept) if isinstance(num_kept, (list, tuple)) else [num_kept] * max(1, len(stage_layers))
     num_kept = stages[-1]
     text = config.get_text_config(decoder=True)
     cross = cross_layer_indices(config)
@@ -51,8 +52,8 @@ def layer_tokens(config, *, text_tokens: int, num_visual: int, num_kept, placeme
         elif cross:
             out.append(("self", text_tokens, text_tokens, text_tokens))
         else:
-            seen = num_visual if placement.layers else num_kept
-            for k, count in zip(placement.layers, stages):
+            seen = num_visual if stage_layers else num_kept
+            for k, count in zip(stage_layers, stages):
                 seen = count if index >= k else seen
             seq = text_tokens + seen
             out.append(("self", seq, seq, seq))

@@ -55,6 +55,8 @@ def option_text(name: str, option) -> str:
 
 def placement_text(value) -> str:
     """A default placement value; fractional layers are fractions of the model's depth."""
+    if value == "all":
+        return "every layer"
     if isinstance(value, (list, tuple)) and any(isinstance(v, float) for v in value):
         return "[" + ", ".join(f"{v:g}" for v in value) + "]·depth"
     return str(value)

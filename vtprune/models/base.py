@@ -309,13 +309,18 @@ class Adapter:
         return tuple(n for n in names if where(n) == stage)
 
     @classmethod
+    def usable_signals(cls, strategy: Strategy) -> set[str]:
+        """What the family computes where ``strategy`` selects (before the LLM too, for one that also does)."""
+        return set(cls.provides(strategy.stage)) | (set(cls.provides("pre_llm")) if strategy.before_llm else set())
+
+    @classmethod
     def runs(cls, strategy: Strategy) -> bool:
         """A strategy runs on a family when the family provides every signal it needs where it prunes."""
-        return set(strategy.needs) <= set(cls.provides(strategy.stage))
+        return set(strategy.needs) <= cls.usable_signals(strategy)
 
     @classmethod
     def check_strategy(cls, strategy: Strategy) -> None:
-        missing = [name for name in strategy.needs if name not in cls.provides(strategy.stage)]
+        missing = [name for name in strategy.needs if name not in cls.usable_signals(strategy)]
         if missing:
             from vtprune.strategies import STRATEGIES
 

@@ -79,9 +79,9 @@ def _first(value) -> int:
 class InternVLAdapter(LlavaAdapter):
     """InternVL3 (InternVLForConditionalGeneration): dynamic tiles + thumbnail, InternViT CLS saliency, pixel shuffle."""
 
-    # Merging inside the tower (ToMe): pixel shuffle needs the tile's whole patch grid after the tower, and
+    # Selecting inside the tower (ToMe, FlowCut): pixel shuffle needs the tile's whole patch grid after the tower, and
     # InternViT's layers (layer scale) are not CLIP's: not provided.
-    signal_vision_keys = None
+    signal_vision_keys = signal_vision_layer_attention = signal_vision_semantic = signal_vision_values = None
 
     family = "internvl"
     model_class = "InternVLForConditionalGeneration"

@@ -24,7 +24,7 @@ from vtprune.flops import encoder_layer_flops
 from vtprune.merge import slot_features
 from vtprune.models.base import Adapter, PrunePlan, SampleRecord, left_pad_positions, register_family, sample_keys
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
-from vtprune.strategies.base import Selection, Signals, sample_generators
+from vtprune.strategies.base import Selection, Signals, budget, sample_generators
 
 
 @dataclass
@@ -46,9 +46,18 @@ class _PreLLM:
 
 @dataclass
 class _VisionLayer:
-    """What signal providers see inside the vision tower: one layer's head-mean keys of each crop's tokens."""
+    """What signal providers see inside the vision tower: one layer's attention module and its normed input."""
 
-    keys: torch.Tensor  # [crops, T, d]
+    attn: torch.nn.Module
+    x: torch.Tensor  # [crops, T, C] the layer's input after its first norm
+    projected: dict = field(default_factory=dict)  # k_proj / v_proj outputs, each computed once
+
+    def heads(self, name: str) -> torch.Tensor:
+        """``[crops, T, H, d]`` the layer's ``name`` projection (``k_proj``, ``v_proj``) split into heads."""
+        if name not in self.projected:
+            self.projected[name] = getattr(self.attn, name)(self.x)
+        crops, length, _ = self.x.shape
+        return self.projected[name].view(crops, length, self.attn.num_heads, self.attn.head_dim)
 
 
 @dataclass
@@ -56,9 +65,10 @@ class _VisionMerge:
     """Per-call state of a strategy placed inside the vision tower (ToMe)."""
 
     plan: PrunePlan
-    counts: list[int]  # patches each crop keeps after each merging layer
+    counts: list[int]  # patches each crop keeps after each layer (or the final budget, every layer)
     origin: torch.Tensor | None = None  # [crops, T_now] each current token's index in the tower's input
     merged: torch.Tensor | None = None  # [crops, T_now] whether it carries a merge
+    carry: torch.Tensor | None = None  # [crops, T_now] what the strategy carries from layer to layer
     length: int = 0  # tokens per crop entering the tower
     seconds: float = 0.0
 
@@ -92,6 +102,7 @@ class _InLLMState:
     remaining: list[torch.Tensor]  # per sample: indices into its visual tokens still in the sequence
     merged: list[set] = field(default_factory=list)  # per sample: which of them carry a merged token
     num_visual: torch.Tensor | None = None  # [B] each sample's visual tokens before any stage
+    before: list[int] | None = None  # a strategy that also selects before the LLM: the tokens that stage left
     records: list[SampleRecord] = field(default_factory=list)
     decoding: bool = False
     select_seconds: float = 0.0
@@ -124,8 +135,9 @@ class LlavaAdapter(Adapter):
     model_class = "LlavaForConditionalGeneration"
     model_types = ("llava",)
     tiny_text_layers = 4
-    in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states", "text_attention")
-    vision_signals = ("vision_keys",)
+    in_llm_signals = ("last_token_attention", "hidden_states", "text_hidden_states", "text_attention",
+                      "text_attention_max", "visual_attention_max")
+    vision_signals = ("vision_keys", "vision_layer_attention", "vision_semantic", "vision_values")
 
     @property
     def image_token_id(self) -> int:
@@ -230,18 +242,53 @@ class LlavaAdapter(Adapter):
         maps = self.vision_attention(ctx.inputs, ctx.visual)  # [L, N_b] each: pad the token axis
         signals.vision_attention = _pad_right([m.T for m in maps], 0).transpose(1, 2)
 
+    def signal_vision_cls_attention(self, ctx: _PreLLM, signals: Signals) -> None:
+        maps = self.vision_attention(ctx.inputs, ctx.visual, cls_row=True)
+        signals.vision_cls_attention = _pad_right([m.T for m in maps], 0).transpose(1, 2)
+
     def signal_text_attention(self, ctx: _Layer, signals: Signals) -> None:
+        signals.text_attention = self._text_rows_attention(ctx, signals, "mean")
+
+    def signal_text_attention_max(self, ctx: _Layer, signals: Signals) -> None:
+        signals.text_attention_max = self._text_rows_attention(ctx, signals, "max")
+
+    def signal_visual_attention_max(self, ctx: _Layer, signals: Signals) -> None:
+        maps = rows_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.image_pos, ctx.image_pos,
+                              "max")
+        width = signals.valid.shape[1]
+        padded = ctx.hidden.new_zeros(len(maps), width, width).float()
+        for b, m in enumerate(maps):
+            padded[b, : m.shape[0], : m.shape[1]] = m
+        signals.visual_attention_max = padded
+
+    def _text_rows_attention(self, ctx: _Layer, signals: Signals, reduce: str) -> torch.Tensor:
+        """``[B, T, N]`` the text rows' attention to the visual tokens (heads reduced), text rows left padded as
+        ``text_valid``, which it sets."""
         text_pos = self.text_positions(ctx.ids, ctx.mask)
-        maps = text_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, text_pos, ctx.image_pos)
+        maps = rows_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, text_pos, ctx.image_pos, reduce)
         padded = ctx.hidden.new_zeros(len(maps), max(len(p) for p in text_pos), signals.valid.shape[1]).float()
         for b, m in enumerate(maps):
-            padded[b, padded.shape[1] - m.shape[0] :, : m.shape[1]] = m  # text rows left padded, as text_valid
-        signals.text_attention = padded
+            padded[b, padded.shape[1] - m.shape[0] :, : m.shape[1]] = m
         signals.text_valid = _pad_rows([torch.ones(len(p), dtype=torch.bool, device=ctx.hidden.device)
                                         for p in text_pos])[0]
+        return padded
 
     def signal_vision_keys(self, ctx: _VisionLayer, signals: Signals) -> None:
-        signals.vision_keys = ctx.keys
+        signals.vision_keys = ctx.heads("k_proj").mean(dim=2)
+
+    def signal_vision_layer_attention(self, ctx: _VisionLayer, signals: Signals) -> None:
+        attn = ctx.attn
+        keys = ctx.projected.setdefault("k_proj", attn.k_proj(ctx.x))
+        signals.vision_layer_attention = first_row_attention(attn.q_proj(ctx.x[:, :1]), keys, attn.num_heads,
+                                                             attn.head_dim, attn.scale)
+
+    def signal_vision_semantic(self, ctx: _VisionLayer, signals: Signals) -> None:
+        values = ctx.heads("v_proj").float()  # [crops, T, H, d]
+        logits = torch.einsum("chd,cthd->cht", values[:, 0], values)  # the CLS value with every value, unscaled
+        signals.vision_semantic = torch.softmax(logits, dim=-1).mean(dim=1)
+
+    def signal_vision_values(self, ctx: _VisionLayer, signals: Signals) -> None:
+        signals.vision_values = ctx.heads("v_proj").mean(dim=2)
 
     def signal_last_token_attention(self, ctx: _Layer, signals: Signals) -> None:
         head_scores = last_token_attention(ctx.layer, ctx.hidden, ctx.position_embeddings, ctx.mask, ctx.state.projected)
@@ -293,23 +340,28 @@ class LlavaAdapter(Adapter):
         x = _vision_layers(self.model.model.vision_tower)[index].layer_norm1(layer_input)
         return attn.q_proj(x), attn.k_proj(x), attn.num_heads, attn.head_dim, attn.scale
 
-    def crop_vision_attention(self, vision_output) -> torch.Tensor:
+    def crop_vision_attention(self, vision_output, cls_row: bool = False) -> torch.Tensor:
         """``[L, crops, P]`` attention each patch receives in vision layers 1..L (L: the layer producing the used
-        features), head and query-row mean over the crop's every token (CLS included), the CLS column dropped
-        with the ``default`` select strategy. Recomputed from each layer's own norm and q/k projections on its
-        captured input, one crop at a time, so that the tower keeps its fused attention."""
+        features), head and query-row mean over the crop's every token (CLS included) — or, ``cls_row``, the CLS
+        token's row alone — the CLS column dropped with the ``default`` select strategy. Recomputed from each
+        layer's own norm and q/k projections on its captured input, one crop at a time, so that the tower keeps
+        its fused attention."""
         index, _ = self.feature_layer(vision_output)
         hidden = vision_output.hidden_states  # hidden[i] is encoder layer i's input
         maps = []
         for i in range(index + 1):
             q, k, heads, head_dim, scale = self.vision_layer_qk(i, hidden[i])
-            maps.append(torch.stack([received_attention(qc, kc, heads, head_dim, scale) for qc, kc in zip(q, k)]))
+            if cls_row:
+                maps.append(first_row_attention(q[:, :1], k, heads, head_dim, scale))
+            else:
+                maps.append(torch.stack([received_attention(qc, kc, heads, head_dim, scale) for qc, kc in zip(q, k)]))
         out = torch.stack(maps)
         return out[..., 1:] if self.model.config.vision_feature_select_strategy == "default" else out
 
-    def vision_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
-        """Each sample's ``[L, N_b]`` received attention per vision layer, packed like the features."""
-        per_layer = [self.pack_saliency(inputs, layer_map) for layer_map in self.crop_vision_attention(visual.vision)]
+    def vision_attention(self, inputs, visual: VisualTokens, cls_row: bool = False) -> list[torch.Tensor]:
+        """Each sample's ``[L, N_b]`` received (or CLS) attention per vision layer, packed like the features."""
+        per_layer = [self.pack_saliency(inputs, layer_map)
+                     for layer_map in self.crop_vision_attention(visual.vision, cls_row)]
         return [torch.stack(maps) for maps in zip(*per_layer)]
 
     # -- pruning before the LLM ----------------------------------------------------------------------------
@@ -329,7 +381,10 @@ class LlavaAdapter(Adapter):
             # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
             visual = self.visual_tokens(inputs)
             start = time.perf_counter()
-            signals = self.signals(inputs, visual, plan.strategy.needs)
+            needs = plan.strategy.needs
+            if plan.strategy.before_llm:  # its stage 0: the signals that exist before the LLM
+                needs = tuple(n for n in needs if n in self.provides("pre_llm"))
+            signals = self.signals(inputs, visual, needs)
             signals.generators = sample_generators(plan.seed, sample_keys(inputs))
             scoring = time.perf_counter() - start
             selections, selecting = plan.select(signals)
@@ -378,25 +433,37 @@ class LlavaAdapter(Adapter):
         layers = _vision_layers(self.model.model.vision_tower)
         index = self.feature_layer_index()
         patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        state = _VisionMerge(plan, plan.strategy.schedule(patches, plan.keep_ratio, index + 1))
-        try:
-            for i in range(index + 1):  # an instance attribute over the class's forward, for this call only
-                layers[i].forward = self._merging_forward(layers[i], state, i, last=i == index)
-            visual = self.visual_tokens(inputs)
-        finally:
-            for i in range(index + 1):
-                vars(layers[i]).pop("forward", None)
+        # each layer's count: the strategy's schedule, or the final budget (a strategy that decides its own pace)
+        counts = (plan.strategy.schedule(patches, plan.keep_ratio, index + 1) if plan.strategy.schedule
+                  else [patches if plan.keep_ratio >= 1 else budget(patches, plan.keep_ratio)] * (index + 1))
+        # A strategy without a schedule decides each crop's count itself (FlowCut: from its attention's entropy):
+        # crops may then leave different numbers of tokens, so each sample's image goes through the tower alone.
+        parts = [slice(None)] if plan.strategy.schedule else [slice(b, b + 1) for b in range(len(inputs["input_ids"]))]
+        visuals, selections, seconds = [], [], 0.0
         drop_cls = 1 if cfg.vision_feature_select_strategy == "default" else 0
-        selections = []
-        for origin, merged in zip(state.origin, state.merged):
-            stay = origin[origin >= drop_cls] - drop_cls
-            carries = merged[origin >= drop_cls]
-            selections.append(Selection(stay[~carries], stay[carries]))
-        return visual, selections, state.seconds
+        for part in parts:
+            state = _VisionMerge(plan, counts)
+            try:
+                for i in range(index + 1):  # an instance attribute over the class's forward, for this call only
+                    layers[i].forward = self._merging_forward(layers[i], state, i, last=i == index)
+                visuals.append(self.visual_tokens({**inputs, "pixel_values": inputs["pixel_values"][part]}))
+            finally:
+                for i in range(index + 1):
+                    vars(layers[i]).pop("forward", None)
+            seconds += state.seconds
+            for origin, merged in zip(state.origin, state.merged):
+                stay = origin[origin >= drop_cls] - drop_cls
+                carries = merged[origin >= drop_cls]
+                selections.append(Selection(stay[~carries], stay[carries]))
+        visual = visuals[0] if len(visuals) == 1 else VisualTokens(
+            [f for v in visuals for f in v.features], [g for v in visuals for g in v.groups])
+        return visual, selections, seconds
 
     def _merging_forward(self, layer, state: _VisionMerge, i: int, last: bool):
-        """A CLIP encoder layer's forward that merges after its attention (``_VisionMerge``)."""
+        """A CLIP encoder layer's forward that selects (and merges) tokens after its attention or after the whole
+        layer, as the placement says (``_VisionMerge``)."""
         attn = layer.self_attn
+        after_attention = self.placement(state.plan).after == "attention"
 
         def forward(hidden_states, attention_mask=None, **kwargs):
             crops, length, _ = hidden_states.shape
@@ -407,22 +474,12 @@ class LlavaAdapter(Adapter):
             x = layer.layer_norm1(hidden_states)
             out, _ = attn(hidden_states=x, attention_mask=attention_mask, **kwargs)
             hidden = hidden_states + out
-            start = time.perf_counter()
-            keys = attn.k_proj(x).view(crops, length, attn.num_heads, attn.head_dim).mean(dim=2)
-            valid = torch.ones(crops, length, dtype=torch.bool, device=x.device)
-            valid[:, 0] = False  # the CLS token
-            signals = self.compute_signals(_VisionLayer(keys), valid, state.plan.strategy.needs)
-            counts = torch.full((crops,), state.counts[i], dtype=torch.long)
-            selections = state.plan.strategy.selections(signals, state.plan.keep_ratio, counts, **state.plan.options)
-            state.seconds += time.perf_counter() - start
-            rows, origin, merged = [], [], []
-            for c, selection in enumerate(selections):
-                keep = torch.cat([selection.slots.new_zeros(1), selection.slots.to(x.device)])
-                rows.append(slot_features(selection, hidden[c])[keep])
-                origin.append(state.origin[c][keep])
-                merged.append(state.merged[c][keep] | torch.isin(keep, selection.anchors.to(x.device)))
-            hidden, state.origin, state.merged = torch.stack(rows), torch.stack(origin), torch.stack(merged)
+            context = _VisionLayer(attn, x)
+            if after_attention:
+                hidden = self._vision_select(state, i, context, hidden)
             hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+            if not after_attention:
+                hidden = self._vision_select(state, i, context, hidden)
             if last:  # back to full length: the model's own feature selection and projector read it
                 full = hidden.new_zeros(crops, state.length, hidden.shape[-1])
                 full[torch.arange(crops)[:, None], state.origin] = hidden
@@ -430,6 +487,30 @@ class LlavaAdapter(Adapter):
             return hidden
 
         return forward
+
+    def _vision_select(self, state: _VisionMerge, i: int, context: _VisionLayer, hidden: torch.Tensor) -> torch.Tensor:
+        """The strategy's selection at vision layer ``i`` on each crop's current tokens, applied to ``hidden``."""
+        crops, length, _ = hidden.shape
+        strategy = state.plan.strategy
+        start = time.perf_counter()
+        valid = torch.ones(crops, length, dtype=torch.bool, device=hidden.device)
+        valid[:, 0] = False  # the CLS token
+        signals = self.compute_signals(context, valid, strategy.needs)
+        signals.stage, signals.stages, signals.carry = i, len(state.counts), state.carry
+        counts = torch.full((crops,), state.counts[i], dtype=torch.long)
+        selections = strategy.selections(signals, state.plan.keep_ratio, counts, **state.plan.options)
+        state.seconds += time.perf_counter() - start
+        rows, origin, merged, carry = [], [], [], []
+        for c, selection in enumerate(selections):
+            keep = torch.cat([selection.slots.new_zeros(1), selection.slots.to(hidden.device)])
+            rows.append(slot_features(selection, hidden[c])[keep])
+            origin.append(state.origin[c][keep])
+            merged.append(state.merged[c][keep] | torch.isin(keep, selection.anchors.to(hidden.device)))
+            if selection.carry is not None:
+                carry.append(selection.carry.to(hidden.device)[keep])
+        state.origin, state.merged = torch.stack(origin), torch.stack(merged)
+        state.carry = torch.stack(carry) if carry else None
+        return torch.stack(rows)
 
     def feature_layer_index(self) -> int:
         """The 0-based vision encoder layer whose output the projector reads (from the config)."""
@@ -463,6 +544,13 @@ class LlavaAdapter(Adapter):
                             remaining=[torch.arange(int((row == self.image_token_id).sum()), device=ids.device) for row in ids],
                             merged=[set() for _ in ids])
         state.num_visual = torch.tensor([len(r) for r in state.remaining])
+        before = inputs.get("before")  # records of the selection made before the LLM (``before_llm_inputs``)
+        if before is not None:
+            state.remaining = [torch.tensor(r.kept, dtype=torch.long, device=ids.device) for r in before]
+            state.merged = [set(r.merged) for r in before]
+            state.num_visual = torch.tensor([r.num_visual for r in before])
+            state.before = [r.num_kept for r in before]
+            state.select_seconds = sum(r.select_seconds for r in before)
         for index in range(stages[0].layer - 1, len(layers)):
             handles.append(layers[index].register_forward_pre_hook(self._in_llm_hook(state, index), with_kwargs=True))
         for stage in stages:
@@ -536,9 +624,12 @@ class LlavaAdapter(Adapter):
         image_pos = [torch.nonzero((row == self.image_token_id) & m).flatten() for row, m in zip(ids, mask)]
         valid = _pad_right([torch.ones(len(p), dtype=torch.bool, device=hidden.device) for p in image_pos], False)
         context = _Layer(state, layer, hidden, rope, ids, mask, image_pos)
-        signals = self.compute_signals(context, valid, state.plan.strategy.needs,
-                                       sample_generators(state.plan.seed, state.keys))
-        signals.stage = state.stages.index(upcoming)
+        needs = state.plan.strategy.needs
+        if state.plan.strategy.before_llm:  # its pre-LLM signals were read before the LLM
+            needs = tuple(n for n in needs if n in self.provides("in_llm"))
+        signals = self.compute_signals(context, valid, needs, sample_generators(state.plan.seed, state.keys))
+        signals.stage = state.stages.index(upcoming) + (state.before is not None)
+        signals.stages = len(state.stages) + (state.before is not None)
         signals.num_visual = state.num_visual
         selections, _ = state.plan.select(signals)
         rows = []
@@ -566,9 +657,11 @@ class LlavaAdapter(Adapter):
         total = len(self.decoder_layers)
         bounds = [s.layer for s in state.stages] + [total]
         for b, remaining in enumerate(state.remaining):
-            n = int((state.ids[b][state.mask[b]] == self.image_token_id).sum())
+            n = int(state.num_visual[b])
             counts = [len(s.visual[b]) for s in state.stages]
-            seen = bounds[0] * n + sum((end - s.layer) * c for s, end, c in zip(state.stages, bounds[1:], counts))
+            first = n if state.before is None else state.before[b]  # what the layers before the first cut see
+            seen = bounds[0] * first + sum((end - s.layer) * c for s, end, c in zip(state.stages, bounds[1:], counts))
+            counts = counts if state.before is None else [state.before[b], *counts]
             state.records.append(SampleRecord(kept=remaining.sort().values.tolist(), num_visual=n,
                                               select_seconds=state.select_seconds / len(state.remaining),
                                               equivalent_tokens=seen / total, stage_kept=counts,
@@ -580,6 +673,11 @@ class LlavaAdapter(Adapter):
         if plan.is_noop:
             out = self.model.generate(**inputs, **gen)
             return out[:, inputs["input_ids"].shape[1] :], self.unpruned_records(inputs)
+        if plan.strategy.before_llm:
+            spliced, hooked = self.before_llm_inputs(inputs, plan)
+            with self.applied(hooked, plan) as state:
+                out = self.model.generate(**spliced, **gen)
+            return out, state.records
         if plan.strategy.stage == "in_llm":
             with self.applied(inputs, plan) as state:
                 out = self.model.generate(**inputs, **gen)
@@ -588,6 +686,11 @@ class LlavaAdapter(Adapter):
         return self.model.generate(**spliced, **gen), records
 
     def _prefill_logits(self, inputs, plan: PrunePlan):
+        if plan.strategy.before_llm:
+            spliced, hooked = self.before_llm_inputs(inputs, plan)
+            with self.applied(hooked, plan) as state:
+                logits = self.model(**spliced).logits[:, -1]
+            return logits, state.records
         if plan.is_noop or plan.strategy.stage == "in_llm":
             positions = self.prompt_positions(inputs)
             if plan.is_noop:
@@ -597,6 +700,20 @@ class LlavaAdapter(Adapter):
             return logits, state.records
         spliced, records = self.spliced(inputs, plan)
         return self.model(**spliced).logits[:, -1], records
+
+    def before_llm_inputs(self, inputs, plan: PrunePlan) -> tuple[dict, dict]:
+        """A strategy that selects before the LLM and then inside it (VScan): the pre-LLM splice (its stage 0), and
+        what the in-LLM hooks read instead of the prompt: the shortened sequence's token ids and mask, and the
+        splice's records (the tokens left, in the original numbering)."""
+        spliced, records = self.spliced(inputs, plan)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        rows = []
+        for b, record in enumerate(records):
+            image_pos = torch.nonzero(ids[b] == self.image_token_id).flatten()
+            keep = torch.tensor(record.kept, dtype=torch.long, device=ids.device)
+            rows.append(ids[b][_without_pruned(mask[b], image_pos, keep)])
+        short_ids, short_mask = _pad_rows(rows, fill=self.model.config.get_text_config().pad_token_id or 0)
+        return spliced, {"input_ids": short_ids, "attention_mask": short_mask.long(), "before": records}
 
     def unpruned_records(self, inputs) -> list[SampleRecord]:
         counts = (inputs["input_ids"] == self.image_token_id).sum(dim=1).tolist()
@@ -751,11 +868,12 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, paddi
     return torch.softmax(logits, dim=-1)
 
 
-def text_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,
-                   text_pos: list[torch.Tensor], image_pos: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per sample ``[T_b, N_b]``: the attention of each text row (``text_pos``) to each visual token (``image_pos``)
-    in one Llama decoder layer, head mean: the eager causal formula over the layer's ``q_proj``/``k_proj`` with
-    rotary embeddings, recomputed from ``input_layernorm`` on the layer's input (as ``last_token_attention``)."""
+def rows_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mask: torch.Tensor,
+                   rows_pos: list[torch.Tensor], image_pos: list[torch.Tensor], reduce: str = "mean") -> list[torch.Tensor]:
+    """Per sample ``[R_b, N_b]``: the attention of each row (positions ``rows_pos``: the text after the image, or the
+    visual tokens themselves) to each visual token (``image_pos``) in one Llama decoder layer, the mean or the max
+    over heads: the eager causal formula over the layer's ``q_proj``/``k_proj`` with rotary embeddings, recomputed
+    from ``input_layernorm`` on the layer's input (as ``last_token_attention``)."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     attn = layer.self_attn
@@ -764,7 +882,7 @@ def text_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mas
     out = []
     for b in range(len(hidden)):  # one sample at a time, as last_token_attention
         c, s = (cos[b], sin[b]) if len(cos) > 1 else (cos[0], sin[0])
-        rows = text_pos[b]
+        rows = rows_pos[b]
         q, k = attn.q_proj(x[b, rows]), attn.k_proj(x[b])
         heads, kv_heads = q.shape[-1] // attn.head_dim, k.shape[-1] // attn.head_dim
         q = q.view(len(rows), heads, attn.head_dim).transpose(0, 1)
@@ -776,7 +894,8 @@ def text_attention(layer, hidden: torch.Tensor, position_embeddings, padding_mas
         keys = torch.arange(logits.shape[-1], device=hidden.device)
         visible = padding_mask[b][None, :] & (keys[None, :] <= rows[:, None])  # [T, S]: causal, no padding
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-        out.append(probs.mean(dim=0)[:, image_pos[b]])
+        heads_reduced = probs.mean(dim=0) if reduce == "mean" else probs.max(dim=0).values
+        out.append(heads_reduced[:, image_pos[b]])
     return out
 
 

@@ -22,9 +22,9 @@ from vtprune.models.llava import LlavaAdapter, VisualTokens
 class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT (LlavaNextForConditionalGeneration): anyres crops, unpad and newlines followed exactly."""
 
-    # Merging inside the tower (ToMe) leaves no patch grid for the anyres packing (unpadding, row newlines) to lay
+    # Selecting inside the tower (ToMe, FlowCut) leaves no patch grid for the anyres packing (unpadding, row newlines) to lay
     # out: not provided on the packed multi-crop families.
-    signal_vision_keys = None
+    signal_vision_keys = signal_vision_layer_attention = signal_vision_semantic = signal_vision_values = None
 
     family = "llava_next"
     model_class = "LlavaNextForConditionalGeneration"

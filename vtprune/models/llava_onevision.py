@@ -53,6 +53,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     Saliency (``cls_attention``) is the attention each SigLIP patch receives: the tower has no CLS token."""
 
+    signal_vision_cls_attention = None  # SigLIP has no CLS token
+
     family = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     model_types = ("llava_onevision",)

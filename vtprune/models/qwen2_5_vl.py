@@ -117,8 +117,9 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         return out
 
     signal_vision_attention = None  # module docstring: the window blocks have no global attention map
-    # Merging inside the tower (ToMe): window attention and the 2×2 patch merger need the whole patch grid
-    signal_vision_keys = None
+    # Selecting inside the tower (ToMe, FlowCut): window attention and the 2×2 patch merger need the whole patch grid
+    signal_vision_keys = signal_vision_layer_attention = signal_vision_semantic = signal_vision_values = None
+    signal_vision_cls_attention = None  # no CLS token
 
     def cls_attention(self, inputs, visual: VisualTokens) -> list[torch.Tensor]:
         """Attention received per merged token in the last full-attention block (module docstring), per image."""

@@ -27,6 +27,9 @@ SIGNALS = {
     "last_token_attention": "[B, H, N] per-head attention of the last prompt token to each visual token at the LLM "
     "layer where an in-LLM strategy prunes (self-attention models)",
     "cls_attention": "[B, N] vision encoder CLS→patch attention, averaged over heads",
+    "vision_cls_attention": "[B, L, N] the CLS→patch attention of vision encoder layers 1..L (L: the layer whose "
+    "output the projector reads), head mean, per crop / tile; 0 on tokens without a patch and on padding (towers "
+    "with a CLS token)",
     "vision_attention": "[B, L, N] attention each visual token receives in vision encoder layers 1..L (L: the layer "
     "whose output the projector reads), averaged over heads and over every query row of its crop / tile (CLS "
     "included where the tower has one): HiPrune's global attention; 0 on tokens without a patch and on padding",
@@ -39,8 +42,15 @@ SIGNALS = {
     "text_hidden_states": "[B, T, D] the same for the prompt's text tokens after the image (with text_valid)",
     "vision_keys": "[C, T, d] the keys of one vision encoder layer, averaged over heads, of each crop's tokens (CLS "
     "included, marked not valid): what a strategy placed inside the vision tower (ToMe) matches at that layer",
+    "vision_layer_attention": "[C, T] the CLS row of that layer's attention over each crop's current tokens, head mean",
+    "vision_semantic": "[C, T] that layer's softmax over each crop's tokens of the CLS value · each value, head mean "
+    "(FlowCut's semantic attention)",
+    "vision_values": "[C, T, d] that layer's values of each crop's tokens, averaged over heads",
     "text_attention": "[B, T, N] attention of each prompt text token after the image to each visual token at the "
     "LLM layer where an in-LLM strategy prunes, averaged over heads (with text_valid; self-attention models)",
+    "text_attention_max": "[B, T, N] the same, the maximum over heads",
+    "visual_attention_max": "[B, N, N] attention of each visual token (row) to each visual token (causal) at that "
+    "layer, the maximum over heads",
 }
 
 
@@ -54,6 +64,7 @@ class Signals:
     last_token_attention: torch.Tensor | None = None  # [B, H, N]
     cls_attention: torch.Tensor | None = None  # [B, N]
     vision_attention: torch.Tensor | None = None  # [B, L, N]
+    vision_cls_attention: torch.Tensor | None = None  # [B, L, N]
     features: torch.Tensor | None = None  # [B, N, D]
     text_embeds: torch.Tensor | None = None  # [B, T, D]
     text_valid: torch.Tensor | None = None  # [B, T] bool
@@ -61,7 +72,12 @@ class Signals:
     hidden_states: torch.Tensor | None = None  # [B, N, D]
     text_hidden_states: torch.Tensor | None = None  # [B, T, D]
     text_attention: torch.Tensor | None = None  # [B, T, N]
+    text_attention_max: torch.Tensor | None = None  # [B, T, N]
+    visual_attention_max: torch.Tensor | None = None  # [B, N, N]
     vision_keys: torch.Tensor | None = None  # [C, T, d]
+    vision_layer_attention: torch.Tensor | None = None  # [C, T]
+    vision_semantic: torch.Tensor | None = None  # [C, T]
+    vision_values: torch.Tensor | None = None  # [C, T, d]
     #: one seeded generator per sample (random strategies); seeded from the sample itself so that a
     #: sample's selection does not depend on which other samples share its batch
     generators: list[torch.Generator] | None = None
@@ -71,6 +87,10 @@ class Signals:
     stage: int = 0
     num_visual: torch.Tensor | None = None  # [B] long
     keep_ratio: float | None = None
+    #: vision strategies: the layers the adapter calls it at, and what it carried over from the last one for each
+    #: current token (``Selection.carry``, gathered for the survivors; None at the first layer)
+    stages: int | None = None
+    carry: torch.Tensor | None = None  # [C, T]
 
     @property
     def num_valid(self) -> torch.Tensor:
@@ -89,6 +109,8 @@ class Selection:
     kept: torch.Tensor  # [K] long
     anchors: torch.Tensor | None = None  # [M] long
     weights: torch.Tensor | None = None  # [M, N] float
+    #: vision strategies: a state per token (over all N, by index) handed to the next layer's call (``Signals.carry``)
+    carry: torch.Tensor | None = None  # [N]
 
     def __post_init__(self):
         self.kept = self.kept.sort().values
@@ -142,12 +164,16 @@ class Strategy:
     #: layer): ``schedule(num_visual, keep_ratio, stages)`` → the tokens each stage keeps, what the adapter asks for
     #: and cost and kv figures assume; None: each stage keeps ceil(keep_ratio · n) of the n the last one kept
     schedule: Callable[[int, float, int], list[int]] | None = None
+    #: in-LLM strategies that also select once before the LLM (VScan): called first with ``Signals.stage`` 0 and
+    #: their pre-LLM signals (merges allowed there), then at each in-LLM stage (``stage`` 1, 2, ...)
+    before_llm: bool = False
 
     @property
     def kind(self) -> str:
         """Where it acts and how, for listings and docs: "pre-LLM", "in-LLM", "in-LLM, multi-stage" or "vision"
         (inside the vision tower), plus ", merge" for a strategy that merges tokens."""
-        kind = {"pre_llm": "pre-LLM", "in_llm": "in-LLM", "vision": "vision"}[self.stage]
+        kind = ("pre-LLM + " if self.before_llm else "") + {"pre_llm": "pre-LLM", "in_llm": "in-LLM",
+                                                                "vision": "vision"}[self.stage]
         kind += ", multi-stage" if "layers" in self.placement else ""
         return kind + (", merge" if self.merges else "")
 
@@ -175,14 +201,14 @@ STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
 def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features",
-                      merges=False, schedule=None):
+                      merges=False, schedule=None, before_llm=False):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
         STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {}),
-                                      merge_space, merges, schedule))
+                                      merge_space, merges, schedule, before_llm))
         return fn
 
     return wrap
@@ -193,6 +219,17 @@ def sample_generators(seed: int, keys: list[bytes]) -> list[torch.Generator]:
     import zlib
 
     return [torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key)) for key in keys]
+
+
+def half_up(x: float) -> int:
+    """``x`` rounded half up (Python's ``round`` goes half to even), after rounding off float noise."""
+    return math.floor(round(x, 6) + 0.5)
+
+
+def fraction_layer(fraction: float, layers: int) -> int:
+    """The 1-based layer at ``fraction`` of ``layers`` (half up, within 1..layers): a strategy names a vision layer
+    as a fraction of the depth, so that one default fits the 24-layer towers and the tiny ones."""
+    return min(layers, max(1, half_up(fraction * layers)))
 
 
 def budget(num_valid: int, keep_ratio: float) -> int:

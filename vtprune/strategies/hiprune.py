@@ -33,23 +33,12 @@ Deliberate differences:
 - ties → the lower index (stable sorts; theirs ``torch.topk``); each sample separately, padding never a candidate.
 """
 
-import math
-
 import torch
 
-from vtprune.strategies.base import Option, register_strategy, topk_valid
+from vtprune.strategies.base import Option, fraction_layer, half_up, register_strategy, topk_valid
 
 #: a buffer's place next to its anchor, (Δrow, Δcolumn): their order of -1, +1, -width, +width
 NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0))
-
-
-def half_up(x: float) -> int:
-    return math.floor(round(x, 6) + 0.5)
-
-
-def object_layer_index(fraction: float, layers: int) -> int:
-    """The 1-based object layer for ``object_layer = fraction`` over ``layers`` vision layers."""
-    return min(layers, max(1, half_up(fraction * layers)))
 
 
 def anchors_and_buffers(grid: torch.Tensor, patch: torch.Tensor, anchors: list[int]) -> list[int]:
@@ -89,7 +78,7 @@ def keep_hiprune(signals, budgets, alpha=0.1, object_layer=9 / 24):
         raise ValueError(f"hiprune: object_layer must be between 0 and 1, got {object_layer}")
     attention = signals.vision_attention.float()
     layers = attention.shape[1]
-    middle = object_layer_index(object_layer, layers) - 1
+    middle = fraction_layer(object_layer, layers) - 1
     kept = []
     for b, k in enumerate(budgets.tolist()):
         valid, grid = signals.valid[b], signals.grid[b]

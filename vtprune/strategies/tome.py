@@ -68,7 +68,8 @@ def matching_round(metric: torch.Tensor, seq: list[int], valid: set[int], r: int
     return merges
 
 
-@register_strategy("tome", needs=("vision_keys",), stage="vision", merges=True, schedule=schedule)
+@register_strategy("tome", needs=("vision_keys",), stage="vision", merges=True, schedule=schedule,
+                   placement={"after": "attention"})
 def keep_tome(signals, budgets):
     """ToMe: bipartite soft matching of the vision tower's tokens by key similarity, merged in every layer (as llmc)."""
     out = []
