@@ -36,6 +36,12 @@ BAD = [
     ("vision-tower strategy on vllm", {**with_("pruning", strategy="tome"), "engine": "vllm"},
      "pruning.strategy: 'tome' cannot run on vLLM: it merges inside the vision tower, which vtprune's vLLM model runs "
      "as vLLM's own (allowed on vllm: adav,"),
+    ("a strategy that may keep fewer than the budget on vllm", {**with_("pruning", strategy="pool"), "engine": "vllm"},
+     "pruning.strategy: 'pool' cannot run on vLLM: it may keep fewer tokens than the budget, and the prompt vLLM "
+     "schedules holds one placeholder per token of the budget before the model runs (allowed on vllm: adav,"),
+    ("prumerge's adaptive count on vllm",
+     {**with_("pruning", strategy="prumerge", options={"mode": "adaptive"}), "engine": "vllm"},
+     "pruning.strategy: 'prumerge' cannot run on vLLM: it may keep fewer tokens than the budget"),
     ("family vllm does not serve", {**with_("model", path="tiny:mllama"), "engine": "vllm"},
      "engine: 'vllm' does not run model family 'mllama' (allowed: llava)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),

@@ -303,7 +303,7 @@ def validate(config: Config) -> None:
     if config.engine == "vllm":
         from vtprune.vllm import check
 
-        check(family, strategy)  # in-LLM placements are refused with their strategy
+        check(family, strategy, p.options)  # in-LLM placements are refused with their strategy
     # Names are checked against lmms-eval's task index by vtprune.eval.tasks.check_tasks, where a run needs them:
     # indexing every lmms-eval task takes seconds, too slow for each config load.
     if not config.eval.tasks or not all(isinstance(t, str) and t for t in config.eval.tasks):

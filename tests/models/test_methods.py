@@ -124,3 +124,17 @@ def test_an_in_llm_strategy_that_merges_does(loaded, family, name):
     with torch.no_grad():
         _, records = adapter.prefill_logits(inputs, plan(name, 0.3))
     assert any(r.merged for r in records)
+
+
+@pytest.mark.parametrize("name", [s for f, s in cases() if f == "llava" and STRATEGIES.get(s).stage == "pre_llm"])
+def test_a_strategy_that_says_it_fills_the_budget_does(loaded, name):
+    # what vLLM relies on (its prompt holds one placeholder per token of the budget): the others it refuses
+    adapter, inputs = loaded["llava"]
+    strategy = STRATEGIES.get(name)
+    counts = {}
+    for ratio in (0.1, 0.3, 0.5, 0.7, 0.9):
+        with torch.no_grad():
+            _, records = adapter.prefill_logits(inputs, plan(name, ratio))
+        counts[ratio] = [(r.num_kept, budget(r.num_visual, ratio)) for r in records]
+    exact = all(kept == b for pairs in counts.values() for kept, b in pairs)
+    assert exact == strategy.fills(), counts

@@ -167,6 +167,16 @@ class Strategy:
     #: in-LLM strategies that also select once before the LLM (VScan): called first with ``Signals.stage`` 0 and
     #: their pre-LLM signals (merges allowed there), then at each in-LLM stage (``stage`` 1, 2, ...)
     before_llm: bool = False
+    #: whether a selection always holds exactly the budget (kept + merged), under given options: what vLLM needs, whose
+    #: prompt holds one placeholder per token of the budget before the model runs. A bool, or a function of the
+    #: options (PruMerge's adaptive mode keeps fewer)
+    fills_budget: bool | Callable[[dict], bool] = True
+
+    def fills(self, options: dict | None = None) -> bool:
+        """``fills_budget`` under ``options`` (the defaults where absent)."""
+        if callable(self.fills_budget):
+            return self.fills_budget({name: opt.default for name, opt in self.options.items()} | (options or {}))
+        return self.fills_budget
 
     @property
     def kind(self) -> str:
@@ -201,14 +211,14 @@ STRATEGIES: Registry[Strategy] = Registry("strategy", "pruning.strategy")
 
 
 def register_strategy(name: str, *, needs=(), options=None, stage="pre_llm", placement=None, merge_space="features",
-                      merges=False, schedule=None, before_llm=False):
+                      merges=False, schedule=None, before_llm=False, fills_budget=True):
     unknown = [n for n in needs if n not in SIGNALS]
     if unknown:
         raise ValueError(f"strategy '{name}' needs unknown signal '{unknown[0]}' (known: {', '.join(SIGNALS)})")
 
     def wrap(fn):
         STRATEGIES.add(name, Strategy(name, fn, tuple(needs), dict(options or {}), stage, dict(placement or {}),
-                                      merge_space, merges, schedule, before_llm))
+                                      merge_space, merges, schedule, before_llm, fills_budget))
         return fn
 
     return wrap

@@ -20,7 +20,7 @@ from vtprune.strategies.base import register_strategy
 from vtprune.strategies.pool import keep_pool
 
 
-@register_strategy("downsample", needs=("grid",), merge_space="input", merges=True)
+@register_strategy("downsample", needs=("grid",), merge_space="input", merges=True, fills_budget=False)
 def keep_downsample(signals, budgets):
     """Downsampling: the image resized (any-resolution towers) or its patch grid pooled before the projector."""
     return keep_pool(signals, budgets)

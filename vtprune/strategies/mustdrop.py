@@ -93,6 +93,7 @@ def merge_windows(unit, patch, cells, n, k, side, mode, threshold):
     needs=("grid", "features"),
     merges=True,
     merge_space="vision",
+    fills_budget=False,  # whole windows: at most the budget, often fewer
     options={
         "window": Option(3, help="side of the square windows merged (grows where the budget needs it)",
                          bounds=(2, 8)),

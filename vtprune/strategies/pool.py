@@ -37,7 +37,7 @@ def pooled(members: list[list[int]], patchless: list[int], width: int, device) -
                      torch.tensor([m[0] for m in merged], dtype=torch.long, device=device), weights)
 
 
-@register_strategy("pool", needs=("grid",), merges=True)
+@register_strategy("pool", needs=("grid",), merges=True, fills_budget=False)
 def keep_pool(signals, budgets):
     """Average pooling of each crop's token grid with the smallest square stride that meets the budget (a merge)."""
     out = []

@@ -127,7 +127,7 @@ def sample_inputs(signals, b: int):
 
 
 @register_strategy("prumerge", needs=("cls_attention", "features"), options=options("PruMerge"),
-                   merge_space="vision", merges=True)
+                   merge_space="vision", merges=True, fills_budget=lambda options: options["mode"] == "budget")
 def keep_prumerge(signals, budgets, mode="budget", neighbours=NEIGHBOURS, extra_token=True):
     """PruMerge: CLS-attention outliers (IQR), each merged with its nearest tokens weighted by CLS attention."""
     check("prumerge", mode, neighbours)

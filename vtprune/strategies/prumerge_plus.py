@@ -61,7 +61,7 @@ def spread(outliers: torch.Tensor, patches: torch.Tensor, order: torch.Tensor, c
 
 
 @register_strategy("prumerge_plus", needs=("cls_attention", "features", "grid"), options=options("PruMerge+"),
-                   merge_space="vision", merges=True)
+                   merge_space="vision", merges=True, fills_budget=lambda options: options["mode"] == "budget")
 def keep_prumerge_plus(signals, budgets, mode="budget", neighbours=NEIGHBOURS, extra_token=True):
     """PruMerge+: CLS-attention outliers plus spatially uniform tokens, each merged with its nearest tokens."""
     check("prumerge_plus", mode, neighbours)

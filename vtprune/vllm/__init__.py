@@ -64,22 +64,26 @@ def register() -> None:
             ModelRegistry.register_model(architecture, target)
 
 
-def runs_on_vllm(strategy) -> bool | str:
-    """True, or why not: the families aside, a strategy runs on vLLM when it prunes before the LLM."""
+def runs_on_vllm(strategy, options: dict | None = None) -> bool | str:
+    """True, or why not: the families aside, a strategy runs on vLLM when it prunes before the LLM and its selection
+    holds exactly the budget (under ``options``)."""
     if strategy.stage == "in_llm":
         return "it prunes inside the LLM (vLLM's paged KV cache gives every layer one length)"
     if strategy.stage == "vision":
         return "it merges inside the vision tower, which vtprune's vLLM model runs as vLLM's own"
+    if not strategy.fills(options):
+        return ("it may keep fewer tokens than the budget, and the prompt vLLM schedules holds one placeholder per "
+                "token of the budget before the model runs")
     return True
 
 
-def check(family: str | None, strategy) -> None:
+def check(family: str | None, strategy, options: dict | None = None) -> None:
     """One line, before any engine starts, when ``strategy`` cannot run on ``family`` under vLLM (``None``: a family
     not known yet, before its config is read: only what holds for every family is checked)."""
     if family is not None and family not in ARCHITECTURES:
         raise ConfigError(f"engine: 'vllm' does not run model family '{family}' (allowed: {', '.join(ARCHITECTURES)})")
     usable = [name for name, s in _strategies() if supported(family or "llava", s)]
-    why = runs_on_vllm(strategy)
+    why = runs_on_vllm(strategy, options)
     if why is not True:
         raise ConfigError(f"pruning.strategy: '{strategy.name}' cannot run on vLLM: {why} (allowed on vllm: "
                           f"{', '.join(usable)})")

@@ -46,7 +46,7 @@ class VllmPipeline:
         self.kept_log, self.engine_args = kept_log, engine_args
         self.adapter = ServedModel(family, processor, engine_args["dtype"])
         strategy = STRATEGIES.get(config.pruning.strategy)
-        check(family, strategy)
+        check(family, strategy, config.pruning.options)
         p = config.pruning
         self.plan = {"strategy": p.strategy, "keep_ratio": p.keep_ratio, "options": dict(p.options), "seed": config.seed}
 
@@ -67,7 +67,7 @@ class VllmPipeline:
         family = AutoConfig.from_pretrained(path).model_type
         from vtprune.strategies import STRATEGIES
 
-        check(family, STRATEGIES.get(config.pruning.strategy))  # before the engine starts
+        check(family, STRATEGIES.get(config.pruning.strategy), config.pruning.options)  # before the engine starts
         # The model's process appends every selection here: the kept sets come back through it. Not for an engine
         # of the caller's (a benchmark's), where the writes would weigh on the pruned requests alone.
         kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
