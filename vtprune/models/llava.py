@@ -420,12 +420,13 @@ class LlavaAdapter(Adapter):
                    "position_ids": self.spliced_positions(inputs, torch.stack(stays), attention_mask)}
         return spliced, records
 
-    # -- merging inside the vision tower (placement "vision": ToMe) ---------------------------------------
+    # -- selecting inside the vision tower (placement "vision": ToMe, FlowCut) ----------------------------
 
     def merged_visual_tokens(self, inputs, plan: PrunePlan):
         """``(visual, selections, seconds)``: the visual tokens of a tower whose layers up to the one the projector
-        reads merge tokens between their attention and their MLP, as the strategy selects at each (its
-        ``schedule`` says how many patches each layer leaves); the CLS token is never merged. The feature layer's
+        reads select (and merge) tokens between their attention and their MLP, or after the whole layer, as the
+        strategy selects at each (its ``schedule`` says how many patches each layer leaves; without one, the final
+        budget, and the strategy paces itself); the CLS token always stays. The feature layer's
         output is put back at full length, survivors in their own rows, so that the projector and the model's own
         feature selection run unchanged; each sample's selection names the survivors (``kept``) and those that
         carry merges (``anchors``, weights None: their vectors are the tower's). ``seconds``: keys and matching."""
