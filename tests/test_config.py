@@ -231,3 +231,21 @@ def test_duplicate_keys_are_refused(tmp_path, label, text, message):
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == "error: " + message.format(p=path)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_config_key_is_documented_and_every_documented_key_exists():
+    # docs/reference/config.md is generated from CONFIG_DOCS and the dataclasses: neither may drift from the other
+    import dataclasses
+
+    from vtprune.config import CONFIG_DOCS, Config
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(nested):
+                yield from keys(nested, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    assert list(keys(Config)) == list(CONFIG_DOCS)
+    assert all(meaning is not None and allowed for allowed, meaning in CONFIG_DOCS.values())

@@ -57,6 +57,51 @@ GENERATION = {
 GENERATION_KEYS = tuple(GENERATION)
 
 
+#: the config reference (docs/reference/config.md is generated from it and the dataclasses' defaults): per key,
+#: its allowed values and its meaning; {families}, {strategies} and {offline} stand for the registries' names
+CONFIG_DOCS = {
+    "name": ("a folder name: letters, digits, spaces and `. _ - + @ =`; not `.` or `..` (default: the file's stem)",
+             "run name; results go to `<output_dir>/<name>/`"),
+    "model.path": ("HF id, local dir, {offline}",
+                   "the model (required in a YAML file); a relative path that exists next to the YAML is taken from "
+                   "there"),
+    "model.family": ("{families}", "adapter; `auto` reads `model_type` from the HF config"),
+    "model.weights": ("`pretrained`, `random`", "`random`: architecture only, for speed/memory benchmarks of "
+                      "full-size models"),
+    "model.dtype": ("`auto`, `float32`, `float16`, `bfloat16`", "`auto`: bfloat16 on CUDA, float32 on CPU"),
+    "model.device": ("`auto`, `cpu`, `cuda`, `cuda:N`", ""),
+    "model.attn_implementation": ("`sdpa`, `eager`, `flash_attention_2`",
+                                  "the model keeps it; scores are recomputed for the one layer that needs them"),
+    "pruning.strategy": ("{strategies}", "see [Strategies](../strategies/index.md)"),
+    "pruning.keep_ratio": ("(0, 1]", "target fraction of visual tokens kept (the achieved one is recorded)"),
+    "pruning.options": ("the strategy's declared options", "selection only, e.g. `{{budget_thres: 0.25}}` for adav"),
+    "pruning.placement": ("in-LLM: `layer` (in [1, decoder layers − 1]) or `layers` (increasing: several stages); "
+                          "vision: `after` (`attention`, `layer`); cross-attention models (mllama): "
+                          "`prune_first_layer_cache`, `prune_first_layer` (true/false); pre-LLM: none",
+                          "where the kept set takes effect (default: the strategy's); checked from the model's config "
+                          "when it can be read offline, again once the model is loaded"),
+    "eval.tasks": ("any task lmms-eval knows (`vtprune list tasks` lists vtprune's)",
+                   "checked by `vtprune eval` / `sweep` (and `--dry-run`)"),
+    "eval.limit": ("positive integer or null", "samples per task"),
+    "eval.batch_size": ("positive integer", ""),
+    "eval.generation": ("`max_new_tokens` (≥ 1), `min_new_tokens` (≥ 0), `do_sample`, `use_cache` (true/false), "
+                        "`temperature` (≥ 0), `top_p` ((0, 1]), `top_k` (≥ 0), `num_beams` (≥ 1), "
+                        "`repetition_penalty` (> 0), `length_penalty`, `no_repeat_ngram_size` (≥ 0)",
+                        "`generate()` keywords, under a task's own and lmms-eval's `--gen_kwargs`"),
+    "bench.batch_sizes": ("positive integers", ""),
+    "bench.prompt_tokens": ("positive integer", "synthetic prompt length (text tokens)"),
+    "bench.new_tokens": ("positive integer", "tokens generated per timed run"),
+    "bench.warmup": ("≥ 0", "untimed runs first"),
+    "bench.repeats": ("positive integer", "timed rounds; paired ratios with a bootstrap interval from 3 on"),
+    "bench.threads": ("positive integer or null", "torch CPU threads while measuring (`--threads`); null leaves "
+                      "torch's default (one per core)"),
+    "output_dir": ("a folder you can write to (checked before anything loads)", ""),
+    "seed": ("integer", "seeds `random` (per sample, from the sample's own tokens) and sampling"),
+    "engine": ("`hf`, `vllm`", "transformers' `generate`, or the vLLM serving engine (its own environment; "
+               "pre-LLM strategies on the families it serves)"),
+}
+
+
 @dataclass
 class ModelConfig:
     path: str = "tiny:llava"
