@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 
 # Each module adds its commands to `app` on import (one file per command group).
-for _module in ("list_cmd", "generate", "eval_cmd", "sweep", "bench", "serve_bench", "report", "show"):
+for _module in ("list_cmd", "generate", "eval_cmd", "sweep", "bench", "serve_bench", "report", "show", "tasks_cmd"):
     importlib.import_module(f"vtprune.cli.{_module}")
 
 
