@@ -45,6 +45,12 @@ def module_doc(obj) -> str:
     return inspect.cleandoc(inspect.getmodule(obj).__doc__ or "")
 
 
+def notes(kind: str, name: str) -> list[str]:
+    """The hand-written notes of a strategy or family (docs/_notes/<kind>/<name>.md), where there are any."""
+    path = ROOT / "docs" / "_notes" / kind / f"{name}.md"
+    return ["", path.read_text().strip(), ""] if path.is_file() else []
+
+
 # -- strategies -----------------------------------------------------------------------------------------------
 
 index = ["# Strategies", "",
@@ -68,7 +74,10 @@ for name, strategy in STRATEGIES.items():
     if strategy.options:
         page += ["", "## Options", "", "| option | default | allowed | meaning |", "|---|---|---|---|",
                  *option_rows(strategy)]
-    page += ["", "## The rule, its source and its differences", "", module_doc(strategy.fn), ""]
+    doc = module_doc(strategy.fn)
+    if doc:
+        page += ["", "## The rule, its source and its differences", "", doc, ""]
+    page += notes("strategies", name)
     write(f"strategies/{name}.md", "\n".join(page))
 write("strategies/index.md", "\n".join(index) + "\n")
 
@@ -88,7 +97,8 @@ for name, cls in FAMILIES.items():
             f"- **Signals inside the LLM**: {', '.join(f'`{s}`' for s in cls.provides('in_llm')) or 'none'}",
             f"- **Signals inside the vision tower**: {', '.join(f'`{s}`' for s in cls.provides('vision')) or 'none'}",
             f"- **Strategies that run**: {', '.join(f'[`{s}`](../strategies/{s}.md)' for s in runs)}",
-            "", "## How the adapter answers the family questions", "", module_doc(cls), ""]
+            "", "## How the adapter answers the family questions", "", module_doc(cls), "",
+            *notes("models", name)]
     write(f"models/{name}.md", "\n".join(page))
 write("models/index.md", "\n".join(index) + "\n")
 
@@ -163,9 +173,12 @@ write("reference/cli.md", cli_page())
 
 # -- committed reports --------------------------------------------------------------------------------------------
 
-for report in sorted((ROOT / "results").glob("*/REPORT.md")):
-    folder = report.parent
-    write(f"results/{folder.name}/index.md", report.read_text())
+for folder in sorted(p for p in (ROOT / "results").iterdir() if p.is_dir()):
+    # the folder's README (how its runs were made, what they showed), then its report
+    parts = [(folder / name).read_text() for name in ("README.md", "REPORT.md") if (folder / name).is_file()]
+    if not parts:
+        continue
+    write(f"results/{folder.name}/index.md", "\n\n---\n\n".join(parts))
     for picture in sorted(folder.glob("plots/*.png")):
         with mkdocs_gen_files.open(f"results/{folder.name}/plots/{picture.name}", "wb") as f:
             f.write(picture.read_bytes())

@@ -1,4 +1,4 @@
-"""The YAML config (DESIGN §2) as typed dataclasses, validated on load.
+"""The YAML config as typed dataclasses, validated on load.
 
 Every problem raises ``ConfigError`` with one line naming the key and the allowed values; the CLI prints
 it and exits with code 2 before anything is written.

@@ -1,4 +1,4 @@
-"""Where a plan prunes: one validated object, owned by the adapter, bounded by the model's config (DESIGN §3).
+"""Where a plan prunes: one validated object, owned by the adapter, bounded by the model's config.
 
 A strategy says *which* visual tokens to keep; the placement says *where* the kept set takes effect:
 

@@ -1,4 +1,4 @@
-"""The results layout (DESIGN §7): one folder per run, tidy JSONL rows, every file written atomically.
+"""The results layout (docs: Results layout): one folder per run, tidy JSONL rows, every file written atomically.
 
 ``results/<name>/``
 - ``run.json``      — written LAST; its ``finished`` time marks the folder complete (a sweep redoes others).

@@ -83,7 +83,7 @@ def greedy_scores(adapter, inputs, steps=4):
 
 def test_keep_all_equals_unpruned(adapter):
     # All tiles real: with padded tiles, HF lets masked-out text rows (before the image) attend to padding tiles,
-    # which pruning (padding is never kept) removes from the later layers; see docs/readme/trimmed_llama.md.
+    # which pruning (padding is never kept) removes from the later layers; see docs/_notes/models/mllama.md.
     inputs = adapter.prepare(FULL, PROMPTS)
     with torch.no_grad():
         ref, ref_records = adapter.prefill_logits(inputs, plan("none"))

@@ -1,4 +1,4 @@
-"""``run_bench``: latency, memory and KV cache per (strategy, keep_ratio, batch_size) on synthetic inputs (DESIGN §6).
+"""``run_bench``: latency, memory and KV cache per (strategy, keep_ratio, batch_size) on synthetic inputs.
 
 Per batch size every point is warmed up (``bench.warmup`` untimed visits each), then measured in ``bench.repeats``
 rounds: each round visits every point once, in an order shuffled per round, so that machine drift hits all points
@@ -97,7 +97,7 @@ def torch_threads(threads: int | None):
     """torch's CPU thread count set to ``threads`` for the measurement (None: left as it is), then restored.
 
     Beside other jobs, torch's default (one thread per core) oversubscribes the cores (a busy 2-core run was 12 times
-    slower, not two; README: CPU proxies); fewer threads than cores leave room for the other jobs. Every row records
+    slower, not two; docs: Benchmarking, CPU proxies); fewer threads than cores leave room for the other jobs. Every row records
     the count it ran with."""
     import torch
 

@@ -13,7 +13,7 @@ import typer
 
 from vtprune.errors import ConfigError, VtpruneError, shown
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see README: Config reference).")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (see the docs: Reference, Config).")]
 OutputDirOpt = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Results folder (overrides output_dir).")]
 StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="Override pruning.strategy.")]
 ImageOpt = Annotated[Path, typer.Option("--image", help="Image file.")]

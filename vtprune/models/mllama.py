@@ -1,7 +1,7 @@
 """LLaMA-3.2-Vision (``MllamaForConditionalGeneration``): visual tokens pruned between cross-attention layers.
 
-Every pruning strategy on this family (``trimmed_llama``, ``random``, ``uniform``, ``cls_saliency``) prunes at
-one point, so that comparisons differ only in the selection signal: during prefill the first cross-attention
+Every pruning strategy on this family (``trimmed_llama``, ``random``, ``uniform``, ``cls_saliency``, ``fastervlm``,
+``hired``) prunes at one point, so that comparisons differ only in the selection signal: during prefill the first cross-attention
 layer sees every visual token; a forward pre-hook on it computes the strategy's signals and selects the kept
 set; every later cross-attention layer then receives only the kept features (each sample's set padded to the
 batch maximum, pad columns masked in its cross-attention mask), so its K/V projections, attention and KV cache

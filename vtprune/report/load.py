@@ -1,5 +1,5 @@
-"""Read every run below a results folder (DESIGN §7) into pandas frames: accuracy (``metrics.jsonl``), speed on
-Hugging Face (``bench.jsonl``) and serving under load on vLLM (``serve.jsonl``, DESIGN §6b)."""
+"""Read every run below a results folder (docs: Results layout) into pandas frames: accuracy (``metrics.jsonl``),
+speed on Hugging Face (``bench.jsonl``) and serving under load on vLLM (``serve.jsonl``)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def load_results(root: str | Path) -> Results:
 
 
 def _engine(run: dict) -> str:
-    """Where a run's rows were measured (DESIGN §6b): its run.json's ``engine``, else its config's, else ``hf`` (every
+    """Where a run's rows were measured: its run.json's ``engine``, else its config's, else ``hf`` (every
     run from before vLLM)."""
     config = run.get("config")
     engine = run.get("engine") or (config.get("engine") if isinstance(config, dict) else None)

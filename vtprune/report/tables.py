@@ -486,7 +486,7 @@ def speed_section(speed: pd.DataFrame, plots: dict, relative, notes: list[str], 
     return out + [""]
 
 
-# -- serving under load (vtprune serve-bench, DESIGN §6b) --------------------------------------------------------
+# -- serving under load (vtprune serve-bench) --------------------------------------------------------------------
 
 SERVE_COLUMNS = {  # serve column → (table header, unit); each has a paired speed-up in the row
     "req_per_s": ("req/s", "/s"),
