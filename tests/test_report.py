@@ -391,3 +391,17 @@ def test_micro_models_are_labelled_micro_model_figures(tmp_path):
     assert "smoke figures" not in text
     assert text.count("micro-model figures") == 2  # the banner and the model's table
     assert "### micro:llava — micro-model figures" in text
+
+
+def test_an_eval_on_vllm_is_its_own_row_beside_the_hf_one_against_its_own_unpruned_run(tmp_path):
+    root = build_results(tmp_path / "results", bench=False)
+    vllm_scores = {("none", 1.0): 0.9, ("uniform", 0.5): 0.45}  # another engine, other answers
+    for (strategy, ratio), score in vllm_scores.items():
+        run = root / "vllm" / f"eval-{strategy}-{ratio}"
+        write_jsonl(run / "metrics.jsonl", [_metric(strategy, ratio, "task_a", "exact_match", score)])
+        write_json(run / "run.json", {**_run_json(run.name, "eval"), "engine": "vllm"})
+    result = _invoke(root, "-o", "-")
+    assert result.exit_code == 0, result.output
+    hf_rows, vllm_rows = (_table_rows(part, "uniform") for part in result.stdout.split(f"### {MODEL} (vllm)"))
+    assert any("| 0.5 |" in r and "0.6 (75.0%)" in r for r in hf_rows)  # HF's own: 0.6 of 0.8
+    assert [r for r in vllm_rows if "| 0.5 |" in r and "0.45 (50.0%)" in r]  # vLLM's: 0.45 of its own 0.9

@@ -71,6 +71,10 @@ def load_results(root: str | Path) -> Results:
                     row.setdefault(flag, run.get(flag, str(row["model"]).startswith(prefix)))
                 row["model"] = model_name(row["model"])
                 row.setdefault("engine", _engine(run))
+                if name != "serve.jsonl" and row["engine"] != "hf":
+                    # An eval (or bench) on another engine is another measurement of the same point: its own model
+                    # label keeps it from replacing the HF one and pairs it with its own engine's unpruned run.
+                    row["model"] = f"{row['model']} ({row['engine']})"
                 row["run_dir"] = str(run_dir)
                 row.setdefault("run", run.get("name"))
                 row["finished"] = run["finished"]
