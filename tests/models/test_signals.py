@@ -3,6 +3,7 @@
 import pytest
 import torch
 from PIL import Image
+from reference import eager_copy
 
 import vtprune
 from vtprune.models import FAMILIES
@@ -64,13 +65,8 @@ def _vision_signals(family, images):
 def test_vision_attention_is_the_towers_own_attention_received_per_layer():
     # LLaVA's CLIP run eagerly with output_attentions: per layer, head and query-row mean, CLS column dropped
     adapter, inputs, signals = _vision_signals("llava", [_image(3), _image(4)])
-    tower = adapter.model.model.vision_tower
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            out = tower(inputs["pixel_values"], output_attentions=True)
-    finally:
-        tower.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        out = eager_copy(adapter.model.model.vision_tower)(inputs["pixel_values"], output_attentions=True)
     index, _ = adapter.feature_layer(adapter.visual_tokens(inputs).vision)
     expected = torch.stack([a.mean(dim=1).mean(dim=1)[:, 1:] for a in out.attentions[: index + 1]], dim=1)
     assert signals.vision_attention.shape == (2, index + 1, 16)
@@ -141,13 +137,7 @@ def test_vision_cls_attention_is_the_towers_own_cls_row_per_layer():
     adapter, inputs, _ = _vision_signals("llava", [_image(13), _image(14)])
     with torch.no_grad():
         signals = adapter.signals(inputs, adapter.visual_tokens(inputs), ("vision_cls_attention",))
-    tower = adapter.model.model.vision_tower
-    tower.config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            out = tower(inputs["pixel_values"], output_attentions=True)
-    finally:
-        tower.config._attn_implementation = "sdpa"
+        out = eager_copy(adapter.model.model.vision_tower)(inputs["pixel_values"], output_attentions=True)
     layers = signals.vision_cls_attention.shape[1]
     expected = torch.stack([a.mean(dim=1)[:, 0, 1:] for a in out.attentions[:layers]], dim=1)
     torch.testing.assert_close(signals.vision_cls_attention, expected, atol=1e-5, rtol=1e-5)

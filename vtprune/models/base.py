@@ -314,6 +314,14 @@ class Adapter:
         return set(cls.provides(strategy.stage)) | (set(cls.provides("pre_llm")) if strategy.before_llm else set())
 
     @classmethod
+    def needs_at(cls, strategy: Strategy, stage: str) -> tuple[str, ...]:
+        """The signals ``strategy`` needs at ``stage``: all of them, but for one that selects both before and inside
+        the LLM (VScan), only those computed there."""
+        if not strategy.before_llm:
+            return strategy.needs
+        return tuple(n for n in strategy.needs if n in cls.provides(stage))
+
+    @classmethod
     def runs(cls, strategy: Strategy) -> bool:
         """A strategy runs on a family when the family provides every signal it needs where it prunes."""
         return set(strategy.needs) <= cls.usable_signals(strategy)

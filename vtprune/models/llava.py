@@ -52,12 +52,16 @@ class _VisionLayer:
     x: torch.Tensor  # [crops, T, C] the layer's input after its first norm
     projected: dict = field(default_factory=dict)  # k_proj / v_proj outputs, each computed once
 
-    def heads(self, name: str) -> torch.Tensor:
-        """``[crops, T, H, d]`` the layer's ``name`` projection (``k_proj``, ``v_proj``) split into heads."""
+    def projection(self, name: str) -> torch.Tensor:
+        """``[crops, T, H·d]`` the layer's ``name`` projection (``k_proj``, ``v_proj``) of its normed input."""
         if name not in self.projected:
             self.projected[name] = getattr(self.attn, name)(self.x)
+        return self.projected[name]
+
+    def heads(self, name: str) -> torch.Tensor:
+        """``[crops, T, H, d]`` that projection split into heads."""
         crops, length, _ = self.x.shape
-        return self.projected[name].view(crops, length, self.attn.num_heads, self.attn.head_dim)
+        return self.projection(name).view(crops, length, self.attn.num_heads, self.attn.head_dim)
 
 
 @dataclass
@@ -278,9 +282,8 @@ class LlavaAdapter(Adapter):
 
     def signal_vision_layer_attention(self, ctx: _VisionLayer, signals: Signals) -> None:
         attn = ctx.attn
-        keys = ctx.projected.setdefault("k_proj", attn.k_proj(ctx.x))
-        signals.vision_layer_attention = first_row_attention(attn.q_proj(ctx.x[:, :1]), keys, attn.num_heads,
-                                                             attn.head_dim, attn.scale)
+        signals.vision_layer_attention = first_row_attention(attn.q_proj(ctx.x[:, :1]), ctx.projection("k_proj"),
+                                                             attn.num_heads, attn.head_dim, attn.scale)
 
     def signal_vision_semantic(self, ctx: _VisionLayer, signals: Signals) -> None:
         values = ctx.heads("v_proj").float()  # [crops, T, H, d]
@@ -381,10 +384,7 @@ class LlavaAdapter(Adapter):
             # The vision tower runs pruned or not: only scoring (signals) and selection count as pruning overhead.
             visual = self.visual_tokens(inputs)
             start = time.perf_counter()
-            needs = plan.strategy.needs
-            if plan.strategy.before_llm:  # its stage 0: the signals that exist before the LLM
-                needs = tuple(n for n in needs if n in self.provides("pre_llm"))
-            signals = self.signals(inputs, visual, needs)
+            signals = self.signals(inputs, visual, self.needs_at(plan.strategy, "pre_llm"))
             signals.generators = sample_generators(plan.seed, sample_keys(inputs))
             scoring = time.perf_counter() - start
             selections, selecting = plan.select(signals)
@@ -436,7 +436,7 @@ class LlavaAdapter(Adapter):
         patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         # each layer's count: the strategy's schedule, or the final budget (a strategy that decides its own pace)
         counts = (plan.strategy.schedule(patches, plan.keep_ratio, index + 1) if plan.strategy.schedule
-                  else [patches if plan.keep_ratio >= 1 else budget(patches, plan.keep_ratio)] * (index + 1))
+                  else [budget(patches, plan.keep_ratio)] * (index + 1))
         # A strategy without a schedule decides each crop's count itself (FlowCut: from its attention's entropy):
         # crops may then leave different numbers of tokens, so each sample's image goes through the tower alone.
         parts = [slice(None)] if plan.strategy.schedule else [slice(b, b + 1) for b in range(len(inputs["input_ids"]))]
@@ -625,10 +625,8 @@ class LlavaAdapter(Adapter):
         image_pos = [torch.nonzero((row == self.image_token_id) & m).flatten() for row, m in zip(ids, mask)]
         valid = _pad_right([torch.ones(len(p), dtype=torch.bool, device=hidden.device) for p in image_pos], False)
         context = _Layer(state, layer, hidden, rope, ids, mask, image_pos)
-        needs = state.plan.strategy.needs
-        if state.plan.strategy.before_llm:  # its pre-LLM signals were read before the LLM
-            needs = tuple(n for n in needs if n in self.provides("in_llm"))
-        signals = self.compute_signals(context, valid, needs, sample_generators(state.plan.seed, state.keys))
+        signals = self.compute_signals(context, valid, self.needs_at(state.plan.strategy, "in_llm"),
+                                       sample_generators(state.plan.seed, state.keys))
         signals.stage = state.stages.index(upcoming) + (state.before is not None)
         signals.stages = len(state.stages) + (state.before is not None)
         signals.num_visual = state.num_visual
