@@ -16,6 +16,8 @@ from vtprune.models import FAMILIES, micro_families
 from vtprune.models.tiny import TINY_FAMILIES
 from vtprune.strategies import STRATEGIES
 
+VLLM = importlib.import_module("vtprune.vllm")  # the plugin's checks; it imports no vLLM
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,7 +72,8 @@ for name, strategy in STRATEGIES.items():
         page.append(f"- **Default placement**: {', '.join(f'`{k}: {v}`' for k, v in strategy.placement.items())}")
     if strategy.merges:
         page.append(f"- **Merges** in the space of: `{strategy.merge_space}`")
-    page.append(f"- **Runs on vLLM**: {'yes (LLaVA)' if importlib.import_module('vtprune.vllm').supported('llava', strategy) else 'no'}")
+    on_vllm = [f for f in VLLM.ARCHITECTURES if VLLM.supported(f, strategy)]
+    page.append(f"- **Runs on vLLM**: {'yes (' + ', '.join(on_vllm) + ')' if on_vllm else 'no'}")
     if strategy.options:
         page += ["", "## Options", "", "| option | default | allowed | meaning |", "|---|---|---|---|",
                  *option_rows(strategy)]

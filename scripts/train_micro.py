@@ -330,6 +330,10 @@ def main(argv=None) -> int:
     model.eval()
     model.half().save_pretrained(out)
     processor.save_pretrained(out)
+    if args.family == "qwen2_5_vl":
+        from vtprune.models.qwen2_5_vl import write_video_processor_config
+
+        write_video_processor_config(out)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     print(f"saved {out} ({size:.1f} MB) in {time.perf_counter() - start:.0f}s", flush=True)
     return 0

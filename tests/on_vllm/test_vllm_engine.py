@@ -1,8 +1,8 @@
-"""vtprune on vLLM against vtprune on Hugging Face, on the shipped micro:llava (CPU, greedy).
+"""vtprune on vLLM against vtprune on Hugging Face, on the shipped micro:llava and micro:qwen2_5_vl (CPU, greedy).
 
 Runs in the vLLM environment only (``scripts/install-vllm.sh``; `.ci/run` runs it there); the main environment skips
-it. One engine serves every test: each request carries its own pruning plan. The HF engine runs in the same
-process, on the same checkpoint, as the reference.
+it. One engine per family serves every test: each request carries its own pruning plan. The HF engine runs in the
+same process, on the same checkpoint, as the reference.
 """
 
 import pytest
@@ -13,9 +13,11 @@ from vtprune.eval import synth  # noqa: E402
 from vtprune.strategies import STRATEGIES, budget  # noqa: E402
 from vtprune.vllm import check, supported  # noqa: E402
 
-CONFIG = "configs/micro/micro-llava-adav.yaml"
+CONFIGS = {"llava": "configs/micro/micro-llava-adav.yaml", "qwen2_5_vl": "configs/micro/micro-qwen2.5-vl.yaml"}
+#: visual tokens of a 64 x 64 mini image: 8 x 8 CLIP patches; 8 x 8 patches merged 2 x 2
+NUM_VISUAL = {"llava": 64, "qwen2_5_vl": 16}
 POST = "\nAnswer the question using a single word or phrase."  # the mini tasks' post_prompt
-ON_VLLM = [name for name, s in STRATEGIES.items() if name != "none" and supported("llava", s)]
+ON_VLLM = [name for name, s in STRATEGIES.items() if name != "none" and all(supported(f, s) for f in CONFIGS)]
 
 
 def mini_samples():
@@ -26,13 +28,18 @@ def mini_samples():
         (s.image, f"{s.question.capitalize()}{POST}", s.answer) for s in words]
 
 
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def engines():
+def engines(family):
     import vtprune
     from vtprune.config import load_config
     from vtprune.vllm.engine import VllmPipeline
 
-    return vtprune.load(CONFIG), VllmPipeline.start(load_config(CONFIG))
+    return vtprune.load(CONFIGS[family]), VllmPipeline.start(load_config(CONFIGS[family]))
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +54,16 @@ def both(engines, samples, strategy, ratio):
     return hf_out, served.with_pruning(strategy, ratio).generate(images, prompts, max_new_tokens=8)
 
 
-def test_unpruned_answers_equal_hf(engines, samples):
+def test_the_strategies_on_vllm_are_the_same_for_both_families():
+    assert ON_VLLM == [name for name, s in STRATEGIES.items() if name != "none" and supported("qwen2_5_vl", s)] == [
+        "adav", "cdpruner", "cls_saliency", "divprune", "fastervlm", "gprune", "hired", "prumerge", "prumerge_plus",
+        "random", "text_sim", "uniform", "visionzip", "vispruner"]
+
+
+def test_unpruned_answers_equal_hf(engines, samples, family):
     hf_out, vllm_out = both(engines, samples, "none", 1.0)
     assert [r.text for r in vllm_out] == [r.text for r in hf_out]
-    assert [r.num_visual for r in vllm_out] == [r.num_visual for r in hf_out] == [64] * len(samples)  # 8x8 patches
+    assert [r.num_visual for r in vllm_out] == [r.num_visual for r in hf_out] == [NUM_VISUAL[family]] * len(samples)
 
 
 @pytest.mark.parametrize("strategy", ON_VLLM)
@@ -68,15 +81,16 @@ def test_accuracy_under_pruning_matches_hf(engines, samples):
     assert accuracy[0] == accuracy[1] > 0.5
 
 
-def test_prompt_shrinks_by_exactly_the_pruned_count(engines, samples):
+def test_prompt_shrinks_by_exactly_the_pruned_count(engines, samples, family):
     _, served = engines
+    n = NUM_VISUAL[family]
     image, prompt, _ = samples[0]
     lengths = {}
     for ratio in (1.0, 0.5, 0.25):
         pipe = served.with_pruning("none" if ratio == 1.0 else "uniform", ratio)
         lengths[ratio] = len(pipe.llm.generate([pipe.request(image, prompt)], use_tqdm=False)[0].prompt_token_ids)
-    assert lengths[1.0] - lengths[0.5] == 64 - budget(64, 0.5)
-    assert lengths[1.0] - lengths[0.25] == 64 - budget(64, 0.25)
+    assert lengths[1.0] - lengths[0.5] == n - budget(n, 0.5)
+    assert lengths[1.0] - lengths[0.25] == n - budget(n, 0.25)
 
 
 def test_one_engine_serves_mixed_plans_in_one_batch(engines, samples):
@@ -89,6 +103,25 @@ def test_one_engine_serves_mixed_plans_in_one_batch(engines, samples):
         ref = hf.with_pruning(strategy, ratio).generate([img], [prompt], max_new_tokens=8)[0]
         assert out.outputs[0].text.strip() == ref.text, (strategy, ratio)
         assert len(out.prompt_token_ids) == ref.input_tokens - ref.num_visual + len(ref.kept)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)
+@pytest.mark.parametrize("strategy,ratio", [("none", 1.0), ("adav", 0.25), ("uniform", 0.5)])
+def test_kept_tokens_keep_their_positions_on_non_square_images(engines, strategy, ratio):
+    """M-RoPE: each kept token at its place on the merged grid, the text after the image where it would be after the
+    whole grid (``max(h, w)`` on: a tall image is where vLLM's video-pruning layout, which puts the grid's width
+    there, would differ). The first token's log-probabilities are the sharpest check: they see every position."""
+    hf, served = engines
+    shape = synth.draw_split(synth.MINI_SEED, 2, synth.SHAPE_KINDS)
+    images = [shape[0].image.resize((64, 128)), shape[1].image.resize((128, 64))]  # tall 8 x 4, wide 4 x 8 merged
+    prompts = [f"{s.question}{POST}" for s in shape]
+    hf_out, vllm_out = both((hf, served), list(zip(images, prompts)), strategy, ratio)
+    assert [r.num_visual for r in vllm_out] == [r.num_visual for r in hf_out] == [32, 32]
+    assert [r.kept for r in vllm_out] == [r.kept for r in hf_out]
+    assert [r.text for r in vllm_out] == [r.text for r in hf_out]
+    for h, v in zip(hf_out, vllm_out):
+        assert v.first_topk["ids"][:3] == h.first_topk["ids"][:3]
+        assert v.first_topk["logprobs"][:3] == pytest.approx(h.first_topk["logprobs"][:3], abs=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["fastv", "pdrop"])

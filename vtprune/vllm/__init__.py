@@ -23,12 +23,16 @@ from vtprune.errors import ConfigError
 #: family → (vLLM architecture vtprune registers, the module and class that implement it)
 ARCHITECTURES = {
     "llava": ("VtpruneLlavaForConditionalGeneration", "vtprune.vllm.llava:VtpruneLlavaForConditionalGeneration"),
+    "qwen2_5_vl": ("VtpruneQwen2_5_VLForConditionalGeneration",
+                   "vtprune.vllm.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration"),
 }
 #: the signals a family's vLLM model computes without giving up its fused attention: the vision features, their
-#: layout, the CLS attention of the feature layer (recomputed for that one layer), and the prompt's text
-#: embeddings (the prompt reaches the processor through ``mm_processor_kwargs``)
+#: layout, the CLS attention of the feature layer (Qwen2.5-VL: the attention received in the last full-attention
+#: block; recomputed for that one layer), and the prompt's text embeddings (the prompt reaches the processor through
+#: ``mm_processor_kwargs``)
 SIGNALS = {
     "llava": ("features", "groups", "grid", "cls_attention", "text_embeds"),
+    "qwen2_5_vl": ("features", "groups", "grid", "cls_attention", "text_embeds"),
 }
 #: the hf_config attribute the pruning plan travels in (``hf_overrides``), to the processor and the model
 CONFIG_KEY = "vtprune_pruning"
