@@ -346,3 +346,24 @@ def test_a_strategy_inside_the_vision_tower_is_costed_on_the_smaller_tower():
     assert rows[0]["ideal_ttft_speedup"] > rows[1]["ideal_ttft_speedup"]
     llava = FAMILIES.get("llava")
     assert llava.merged_vision_flops(hf, 1.0, tome.schedule) == llava.vision_flops(hf)
+
+
+def test_a_served_requests_flops_by_hand():
+    """LLaVA-1.5-7B, one request: the vision tower whatever is kept, the kept prompt's prefill, 16 output tokens each
+    through the weights (the bf16 weight bytes of test_decode_bound_by_hand, halved: elements)."""
+    from vtprune.bench.cost import prefill_flops, request_flops
+    from vtprune.placement import Placement
+
+    config = _arch("llava-1.5-7b")
+    none = request_flops(config, text_tokens=64, num_visual=576, num_kept=576, output_tokens=16)
+    adav = request_flops(config, text_tokens=64, num_visual=576, num_kept=144, output_tokens=16)
+    step = 2 * 13_214_679_040 // 2
+    assert none["total"] - none["prefill"] == adav["total"] - adav["prefill"] == 16 * step
+    assert none["prefill"] == 390_193_049_600 + prefill_flops(config, batch_size=1, text_tokens=64, num_visual=576,
+                                                              num_kept=576, placement=Placement())
+    assert none["prefill"] - adav["prefill"] == (
+        prefill_flops(config, batch_size=1, text_tokens=64, num_visual=576, num_kept=576, placement=Placement())
+        - prefill_flops(config, batch_size=1, text_tokens=64, num_visual=576, num_kept=144, placement=Placement()))
+    # The ideal TTFT of `vtprune cost` at batch 1 is the same ratio; decode weighs the throughput ideal down.
+    assert round(none["prefill"] / adav["prefill"], 3) == 2.863
+    assert 1 < none["total"] / adav["total"] < none["prefill"] / adav["prefill"]

@@ -11,7 +11,7 @@ MODEL = "micro:llava"
 DEVICE = "cpu (x86_64, 2 cores)"
 SERVE_HEADER = ("| engine | strategy | keep ratio | visual kept | clients | prompt tokens | req/s: none → pruned | "
                 "TTFT p50: none → pruned | TTFT p99: none → pruned | per-token: none → pruned | KV blocks / request | "
-                "req/s ×ideal | TTFT ×ideal |")
+                "req/s ×ideal | TTFT ×ideal | req/s ×compute ideal | TTFT ×compute ideal |")
 # (strategy, keep ratio, concurrency) → (req/s, TTFT p50, TTFT p99, per-token ms, prompt tokens, KV blocks / request)
 FIGURES = {
     ("none", 1.0, 1): (5.0, 40.0, 80.0, 10.0, 80.0, 3),
@@ -23,8 +23,9 @@ FIGURES = {
 KEPT = {1.0: 64, 0.5: 32, 0.25: 16}
 
 
-def serve_row(strategy, ratio, concurrency, speedups=None, rounds=3):
-    """A serve.jsonl row as ``vtprune serve-bench`` writes it; ``speedups``: column → (speed-up, lo, hi)."""
+def serve_row(strategy, ratio, concurrency, speedups=None, rounds=3, compute=None):
+    """A serve.jsonl row as ``vtprune serve-bench`` writes it; ``speedups``: column → (speed-up, lo, hi);
+    ``compute``: the ideal throughput and TTFT speed-ups from the compute (runs before they were recorded: none)."""
     req, p50, p99, itl, prompt, blocks = FIGURES[(strategy, ratio, concurrency)]
     none_prompt = FIGURES[("none", 1.0, concurrency)][4]
     row = {
@@ -36,6 +37,8 @@ def serve_row(strategy, ratio, concurrency, speedups=None, rounds=3):
         "kv_peak_blocks": 12, "block_size": 32, "ideal_ttft_speedup": none_prompt / prompt,
         "ideal_throughput_speedup": (none_prompt + 16) / (prompt + 16),
     }
+    if compute:
+        row["ideal_compute_throughput_speedup"], row["ideal_compute_ttft_speedup"] = compute
     for column, (speedup, lo, hi) in (speedups or {}).items():
         row |= {f"{column}_speedup": speedup, f"{column}_speedup_lo": lo, f"{column}_speedup_hi": hi,
                 f"{column}_noisy": rounds < 3 or hi - lo > 0.2 * speedup}
@@ -58,7 +61,7 @@ def write_serve(root, name="serve-adav"):
         serve_row("none", 1.0, 1), serve_row("none", 1.0, 4),
         serve_row("adav", 0.25, 1, {"req_per_s": (1.6, 1.55, 1.65), "out_tok_per_s": (1.6, 1.55, 1.65),
                                     "ttft_p50_ms": (1.6, 1.5, 1.7), "ttft_p99_ms": (1.6, 1.52, 1.68),
-                                    "itl_ms": (1.25, 1.2, 1.3)}),
+                                    "itl_ms": (1.25, 1.2, 1.3)}, compute=(1.78, 2.0)),
         serve_row("adav", 0.25, 4, {"req_per_s": (1.2, 0.9, 1.5), "out_tok_per_s": (1.2, 0.9, 1.5),
                                     "ttft_p50_ms": (2.8, 2.75, 2.85), "ttft_p99_ms": (2.0, 1.95, 2.05),
                                     "itl_ms": (1.25, 1.2, 1.3)}),
@@ -93,15 +96,16 @@ def test_serving_section_cells(tmp_path):
     # (80 + 16) / (32 + 16) = 2.00× ideal throughput, 80 / 32 = 2.50× ideal TTFT
     assert one == ("| vllm | adav | 0.25 | 16 / 64 | 1 | 80 → 32 | 5 → 8, 1.60× (1.55–1.65) | "
                    "40 → 25 ms, 1.60× (1.50–1.70) | 80 → 50 ms, 1.60× (1.52–1.68) | 10 → 8 ms, 1.25× (1.20–1.30) | "
-                   "3 → 2 | 1.60× / 2.00× (80 %) | 1.60× / 2.50× (64 %) |")
+                   "3 → 2 | 1.60× / 2.00× (80 %) | 1.60× / 2.50× (64 %) | 1.60× / 1.78× (90 %) | "
+                   "1.60× / 2.00× (80 %) |")
     # Throughput's interval ±25 %: no result, its ideal still shown; TTFT p50 2.8× of an ideal 2.5× is flagged.
     assert four == ("| vllm | adav | 0.25 | 16 / 64 | 4 | 80 → 32 | noisy (0.90–1.50×) | "
                     "60 → 21.4 ms, 2.80× (2.75–2.85) | 120 → 60 ms, 2.00× (1.95–2.05) | 12 → 9.6 ms, 1.25× (1.20–1.30) | "
-                    "3 → 2 | noisy / 2.00× | 2.80× / 2.50× (112 %, above ideal) |")
+                    "3 → 2 | noisy / 2.00× | 2.80× / 2.50× (112 %, above ideal) | — | — |")
     # Two rounds: a ratio without an interval; no per-token latency (itl null) reads —.
     assert uniform == ("| vllm | uniform | 0.5 | 32 / 64 | 1 | 80 → 48 | 5 → 6, 1.20× (2 rounds: no interval) | "
                        "40 → 32 ms, 1.25× (2 rounds: no interval) | 80 → 64 ms, 1.25× (2 rounds: no interval) | — | "
-                       "3 → 2 | 1.20× / 1.50× (80 %) | 1.25× / 1.67× (75 %) |")
+                       "3 → 2 | 1.20× / 1.50× (80 %) | 1.25× / 1.67× (75 %) | — | — |")
     assert "closed loop of C clients" in section and "above 1 is better" in section
     assert "![micro:llava serving](plots/serve_micro-llava-cpu-x86-64-2-cores-float32.png)" in section
     assert (tmp_path / "plots" / "serve_micro-llava-cpu-x86-64-2-cores-float32.png").read_bytes().startswith(

@@ -1,12 +1,21 @@
 """serve-bench's figures from hand-made visits (no vLLM needed), and its bad input."""
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from vtprune.cli import app
 from vtprune.vllm.serve_bench import _row, percentile
 
-COUNTS = {"num_visual": 64, "requests_per_visit": {4: 8}}
+def micro_config():
+    from transformers import AutoConfig
+
+    from vtprune.models import resolve_path
+
+    return AutoConfig.from_pretrained(resolve_path("micro:llava"))
+
+
+COUNTS = {"num_visual": 64, "requests_per_visit": {4: 8}, "text_tokens": 14, "hf_config": micro_config()}
 
 
 def visit(req_per_s, ttft, prompt, itl=5.0):
@@ -32,6 +41,14 @@ def test_a_pruned_row_is_paired_round_by_round_to_the_unpruned_visits():
     assert row["ideal_ttft_speedup"] == 78 / 30
     assert row["ideal_throughput_speedup"] == (78 + 16) / (30 + 16)
     assert row["req_per_s_efficiency"] == pytest.approx(1.5 / ((78 + 16) / (30 + 16)))
+    from vtprune.bench.cost import request_flops
+
+    flops = [request_flops(micro_config(), text_tokens=14, num_visual=64, num_kept=k, output_tokens=16) for k in (64, 16)]
+    assert row["ideal_compute_ttft_speedup"] == flops[0]["prefill"] / flops[1]["prefill"]
+    assert row["ideal_compute_throughput_speedup"] == flops[0]["total"] / flops[1]["total"]
+    assert row["req_per_s_compute_efficiency"] == 1.5 / row["ideal_compute_throughput_speedup"]
+    # The vision tower runs whatever is pruned after it: less to win than the token counts say.
+    assert 1 < row["ideal_compute_throughput_speedup"] < row["ideal_throughput_speedup"]
     assert (row["kv_blocks_per_request"], row["kv_blocks_per_request_none"], row["kv_peak_blocks"]) == (2, 3, 25)
     assert row["req_per_s_noisy"] is False
 
@@ -73,3 +90,29 @@ def test_without_vllm_the_command_says_where_it_runs():
     result = CliRunner().invoke(app, ["serve-bench", "-c", "configs/micro/micro-llava-adav.yaml"])
     assert result.exit_code == 2
     assert "engine: 'vllm' needs vLLM, which lives in its own environment: run `bash scripts/install-vllm.sh`" in result.output
+
+
+def test_a_random_weights_architecture_is_served_with_the_micro_models_tokenizer(tmp_path, monkeypatch):
+    """`weights: random` on vLLM: the architecture's config beside a tokenizer and a processor sized to its tower."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from vtprune.config import load_config
+    from vtprune.errors import ConfigError
+    from vtprune.models import resolve_path
+    from vtprune.vllm.engine import random_weights_dir
+
+    monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))
+    arch = resolve_path(load_config("configs/architectures/llava-1.5-7b-proxy.yaml").model.path)
+    served = random_weights_dir(arch, "llava")
+    assert served.parent == tmp_path / "served" and served == random_weights_dir(arch, "llava")  # cached
+    config = json.loads((served / "config.json").read_text())
+    processor = AutoProcessor.from_pretrained(served)
+    assert config["image_token_index"] == processor.tokenizer.convert_tokens_to_ids("<image>") == 4
+    assert config["text_config"]["num_hidden_layers"] == 4 and config["text_config"]["hidden_size"] == 4096
+    inputs = processor(images=[Image.new("RGB", (64, 64))], text=["<image>\nWhat is it?"], return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 336, 336)
+    assert int((inputs["input_ids"] == 4).sum()) == 576  # (336 / 14)² patches, as the architecture makes
+    with pytest.raises(ConfigError, match="served for family 'llava' only"):
+        random_weights_dir(arch, "qwen2_5_vl")

@@ -60,6 +60,17 @@ def decoder_weight_bytes(config, element_size: int) -> int:
     return element_size * (layers + h * text.vocab_size)
 
 
+def request_flops(config, *, text_tokens: int, num_visual: int, num_kept: int, output_tokens: int) -> dict:
+    """Multiply-adds × 2 of one served request with one image: ``prefill`` (the vision tower and projector, the same
+    at every keep ratio, plus the language model's prefill of the kept prompt) and ``total`` (plus ``output_tokens``
+    decode steps, each one token through the language model's weight matrices and LM head; attention over the cache
+    left out, under 3 % of a step at these lengths). What a serving engine's throughput is bound by when it is
+    compute-bound, beside the token counts alone, which leave the vision tower out."""
+    prefill = vision_flops(config) + prefill_flops(config, batch_size=1, text_tokens=text_tokens, num_visual=num_visual,
+                                                   num_kept=num_kept, placement=Placement())
+    return {"prefill": prefill, "total": prefill + output_tokens * 2 * decoder_weight_bytes(config, 1)}
+
+
 def ideal_figures(config, *, batch_size: int, text_tokens: int, num_visual: int, num_kept, placement,
                   element_size: int, resized_to: float | None = None, merged=None) -> dict:
     """The bound figures of one point and its ideal speed-ups over ``none`` on the same input and batch size.

@@ -494,14 +494,19 @@ SERVE_COLUMNS = {  # serve column → (table header, unit); each has a paired sp
     "ttft_p99_ms": ("TTFT p99", "ms"),
     "itl_ms": ("per-token", "ms"),
 }
-SERVE_IDEAL = {  # serve column → (table header, serve column of its ideal speed-up)
+SERVE_IDEAL = {  # serve column → (table header, serve column of its ideal speed-up from the token counts)
     "req_per_s": ("req/s ×ideal", "ideal_throughput_speedup"),
     "ttft_p50_ms": ("TTFT ×ideal", "ideal_ttft_speedup"),
+}
+SERVE_COMPUTE_IDEAL = {  # the same against the ideal from the compute, the vision tower counted (older runs: none)
+    "req_per_s": ("req/s ×compute ideal", "ideal_compute_throughput_speedup"),
+    "ttft_p50_ms": ("TTFT ×compute ideal", "ideal_compute_ttft_speedup"),
 }
 _SERVE_NUMERIC = ("concurrency", "rounds", "requests", "num_visual", "num_kept", "prompt_tokens", "prompt_tokens_none",
                   "output_tokens", "kv_blocks_per_request", "kv_blocks_per_request_none", "kv_peak_usage", "block_size",
                   "out_tok_per_s", "e2e_p50_ms", "ideal_ttft_speedup", "ideal_throughput_speedup",
-                  "req_per_s_efficiency", "ttft_p50_ms_efficiency")
+                  "req_per_s_efficiency", "ttft_p50_ms_efficiency", "ideal_compute_throughput_speedup",
+                  "ideal_compute_ttft_speedup")
 
 
 def serve_frame(serve: pd.DataFrame, every_row: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -564,9 +569,9 @@ def _inverse(value) -> float:
     return math.nan if _missing(value) or value <= 0 else 1 / value
 
 
-def serve_ideal_cell(row, column: str) -> str:
-    ideal = getattr(row, SERVE_IDEAL[column][1])
-    if reference_point(row.strategy, row.keep_ratio):
+def serve_ideal_cell(row, column: str, ideals: dict = SERVE_IDEAL) -> str:
+    ideal = getattr(row, ideals[column][1], math.nan)
+    if reference_point(row.strategy, row.keep_ratio) or _missing(ideal):
         return "—"
     return speedup_cell(_inverse(getattr(row, f"{column}_speedup")), ideal, serve_status(row, column) == "noisy")
 
@@ -604,7 +609,7 @@ def serve_section(serve: pd.DataFrame, plots: dict, relative, notes: list[str], 
     out = ["## Serving under load (vLLM)", ""]
     header = ["engine", "strategy", "keep ratio", "visual kept", "clients", "prompt tokens",
               *(f"{SERVE_COLUMNS[c][0]}: none → pruned" for c in SERVE_COLUMNS), "KV blocks / request",
-              *(name for name, _ in SERVE_IDEAL.values())]
+              *(name for name, _ in SERVE_IDEAL.values()), *(name for name, _ in SERVE_COMPUTE_IDEAL.values())]
     serve = serve.assign(engine=serve["engine"] if "engine" in serve.columns else "vllm")
     combos = serve.groupby("model")[["device", "dtype"]].nunique().max(axis=1)
     for (model, device, dtype), group in serve.groupby(["model", "device", "dtype"], sort=True):
@@ -620,7 +625,8 @@ def serve_section(serve: pd.DataFrame, plots: dict, relative, notes: list[str], 
                          _pair_or_one(row.prompt_tokens_none, row.prompt_tokens, _tokens),
                          *(_serve_cell(row, c) for c in SERVE_COLUMNS),
                          _pair_or_one(row.kv_blocks_per_request_none, row.kv_blocks_per_request, _tokens),
-                         *(serve_ideal_cell(row, c) for c in SERVE_IDEAL)])
+                         *(serve_ideal_cell(row, c) for c in SERVE_IDEAL),
+                         *(serve_ideal_cell(row, c, SERVE_COMPUTE_IDEAL) for c in SERVE_COMPUTE_IDEAL)])
         blocks = sorted(group["block_size"].dropna().unique())
         rounds = sorted(group["rounds"].dropna().unique())
         plural = "s" if rounds != [1] else ""
@@ -639,7 +645,9 @@ def serve_section(serve: pd.DataFrame, plots: dict, relative, notes: list[str], 
                "*Prompt tokens*: the mean prompt length as the engine saw it (visual tokens kept included); "
                "*KV blocks / request*: the blocks one request's prompt and output fill. ×ideal: measured speed-up / "
                "the ideal from the token counts alone (efficiency) — throughput: (prompt + output tokens) unpruned / "
-               "pruned, TTFT: prompt tokens unpruned / pruned; 'above ideal': more than "
+               "pruned, TTFT: prompt tokens unpruned / pruned; ×compute ideal: the same against the ideal from the "
+               "compute (FLOPs), the vision tower counted, which runs whatever is pruned after it, and each output "
+               "token costed as one token through the weights; 'above ideal': more than "
                f"{ABOVE_IDEAL} % of it. Flags as in the speed tables: 'noisy (lo–hi×)': interval wider than ±10 % of "
                "the speed-up, or one round — no result; '(2 rounds: no interval)': a speed-up from two rounds. Every "
                "flag is listed under Notes.")

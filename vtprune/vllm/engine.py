@@ -70,6 +70,8 @@ class VllmPipeline:
         from vtprune.strategies import STRATEGIES
 
         check(family, STRATEGIES.get(config.pruning.strategy), config.pruning.options)  # before the engine starts
+        if config.model.weights == "random":  # an architecture config alone: vLLM makes the weights itself
+            path, engine_args = str(random_weights_dir(path, family)), {"load_format": "dummy", **engine_args}
         # The model's process appends every selection here: the kept sets come back through it. Not for an engine
         # of the caller's (a benchmark's), where the writes would weigh on the pruned requests alone.
         kept_log = Path(tempfile.mkstemp(prefix="vtprune-kept-", suffix=".jsonl")[1])
@@ -154,3 +156,39 @@ class VllmPipeline:
             row = json.loads(line)
             out[(row["tag"], plan_key(row["plan"]))] = row
         return out
+
+
+def random_weights_dir(path: str, family: str) -> Path:
+    """A directory vLLM serves a ``weights: random`` architecture from (``load_format="dummy"``: vLLM fills the
+    weights): the architecture's ``config.json`` beside the tokenizer, chat template and processor of the family's
+    micro model, the processor sized to the architecture's vision tower and the image token id set to the
+    tokenizer's. Speed figures only: the answers are noise. Cached under ``$VTPRUNE_CACHE/served``."""
+    import hashlib
+    import shutil
+
+    from vtprune.models import MICRO_ROOT
+    from vtprune.models.tiny import cache_root, cached
+
+    if family != "llava":
+        raise ConfigError(f"model.weights: 'random' on engine 'vllm' is served for family 'llava' only, not "
+                          f"'{family}' (allowed: llava)")
+    source = Path(path) / "config.json"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+
+    def build(out: Path) -> None:
+        micro = MICRO_ROOT / family
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
+            shutil.copy(micro / name, out / name)
+        config = json.loads(source.read_text())
+        tokenizer = json.loads((micro / "tokenizer_config.json").read_text())
+        vocab = {t["content"]: t["id"] for t in json.loads((micro / "tokenizer.json").read_text())["added_tokens"]}
+        config["image_token_index"] = vocab[json.loads((micro / "processor_config.json").read_text())["image_token"]]
+        config["pad_token_id"] = config["text_config"]["pad_token_id"] = vocab[tokenizer["pad_token"]]
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        processor = json.loads((out / "processor_config.json").read_text())
+        side, patch = config["vision_config"]["image_size"], config["vision_config"]["patch_size"]
+        processor["image_processor"].update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor["patch_size"] = patch
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+    return cached(cache_root() / "served" / f"{Path(path).name}-{digest}", build, f"{path} (random weights)")

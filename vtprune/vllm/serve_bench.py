@@ -9,8 +9,10 @@ drift of the machine cannot pose as a speed-up.
 
 Every request is made unique to vLLM's caches (its own ``multi_modal_uuids``, prefix caching off), so that no plan
 is served from another's encoder or prefix cache; outputs are a fixed number of tokens (``ignore_eos``), so that the
-plans decode alike. The ideal speed-ups come from the token counts: time to first token bound by the prompt's
-tokens, throughput by the tokens each request puts through the model (prompt + output).
+plans decode alike. Two ideal speed-ups stand beside each measured one. From the token counts: time to first token
+bound by the prompt's tokens, throughput by the tokens each request puts through the model (prompt + output). From
+the compute (``vtprune.bench.cost.request_flops``): the same with the vision tower counted, which runs on every
+image whatever is pruned after it, and each output token costed as one token through the weights.
 """
 
 from __future__ import annotations
@@ -86,15 +88,18 @@ def serve_bench(base, plans: list[tuple[str, float]], samples: list, *, concurre
 
 async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_client, min_requests, new_tokens, seed,
                        progress):
+    from transformers import AutoConfig
     from vllm import SamplingParams
 
-    engine, blocks, block_size = start_async_engine(base)
+    text_tokens = len(base.request(*samples[0])["prompt_token_ids"]) - 1  # the prompt less its image token
+    num_visual = base.num_visual(samples[0][0])
+    engine, blocks, block_size = start_async_engine(
+        base, kv_cache_bytes(base, max(concurrency), text_tokens + num_visual + new_tokens))
     kv_peak: list = []
     KV_SINKS.append(kv_peak)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, seed=seed)
     plans = [("none", 1.0)] + [p for p in plans if p != ("none", 1.0)]
     pipes = {p: base.with_pruning(*p) for p in plans}
-    num_visual = base.num_visual(samples[0][0])
     per_visit = {c: max(min_requests, per_client * c) for c in concurrency}
     visits: dict = {}  # (plan, concurrency) -> figures per round
     counter = 0
@@ -124,7 +129,8 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
                          f"{figures['req_per_s']:.1f} req/s, TTFT p50 {figures['ttft_p50_ms']:.1f} ms")
     engine.shutdown()
     KV_SINKS.remove(kv_peak)
-    counts = {"num_visual": num_visual, "requests_per_visit": per_visit}
+    counts = {"num_visual": num_visual, "requests_per_visit": per_visit, "text_tokens": text_tokens,
+              "hf_config": AutoConfig.from_pretrained(base.engine_args["model"])}
     return [_row(plan, c, visits, blocks, block_size, seed, counts) for plan in plans for c in concurrency]
 
 
@@ -132,9 +138,25 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
 KV_SINKS: list[list] = []
 
 
-def start_async_engine(base):
+def kv_cache_bytes(base, clients: int, tokens: int) -> int:
+    """KV-cache bytes for ``clients`` unpruned requests of ``tokens`` each, twice over (at least the engine's own
+    setting): a cache that made the unpruned plan wait or be preempted at the top concurrency would count as a
+    speed-up of pruning that is only a too-small cache."""
+    from transformers import AutoConfig
+
+    from vtprune.bench.kv import kv_bytes_per_token
+
+    config = AutoConfig.from_pretrained(base.engine_args["model"])
+    layers = config.get_text_config(decoder=True).num_hidden_layers
+    size = {"float32": 4}.get(base.engine_args["dtype"], 2)
+    block = BENCH_ENGINE["block_size"]
+    need = 2 * clients * -(-tokens // block) * block * layers * kv_bytes_per_token(config, size)
+    return max(base.engine_args.get("kv_cache_memory_bytes", 0), need)
+
+
+def start_async_engine(base, kv_bytes: int | None = None):
     """An ``AsyncLLM`` over ``base``'s model and engine settings (``VllmPipeline.start(..., start_engine=False)``),
-    with a stat logger that records the KV-cache usage of every step."""
+    with a stat logger that records the KV-cache usage of every step; ``kv_bytes``: its KV cache's size."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.metrics.loggers import StatLoggerBase
@@ -151,12 +173,14 @@ def start_async_engine(base):
         def log_engine_initialized(self):
             pass
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**(base.engine_args | BENCH_ENGINE)), stat_loggers=[KVUsage])
+    args = base.engine_args | BENCH_ENGINE | ({"kv_cache_memory_bytes": kv_bytes} if kv_bytes else {})
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[KVUsage])
     cache = engine.vllm_config.cache_config
     return engine, cache.num_gpu_blocks, cache.block_size
 
 
 def _row(plan, c, visits, blocks, block_size, seed, counts) -> dict:
+    from vtprune.bench.cost import request_flops
     from vtprune.strategies import budget
 
     strategy, ratio = plan
@@ -175,6 +199,11 @@ def _row(plan, c, visits, blocks, block_size, seed, counts) -> dict:
         "ideal_ttft_speedup": prompt_none / med["prompt_tokens"],
         "ideal_throughput_speedup": (prompt_none + output) / (med["prompt_tokens"] + output),
     }
+    flops = {kept: request_flops(counts["hf_config"], text_tokens=counts["text_tokens"], num_visual=counts["num_visual"],
+                                 num_kept=kept, output_tokens=round(output))
+             for kept in (counts["num_visual"], row["num_kept"])}
+    row["ideal_compute_ttft_speedup"] = flops[counts["num_visual"]]["prefill"] / flops[row["num_kept"]]["prefill"]
+    row["ideal_compute_throughput_speedup"] = flops[counts["num_visual"]]["total"] / flops[row["num_kept"]]["total"]
     if plan == ("none", 1.0):
         return row
     # Throughput: higher is better, so its ratio is pruned / none; latencies: none / pruned. Both read as speed-ups.
@@ -188,9 +217,12 @@ def _row(plan, c, visits, blocks, block_size, seed, counts) -> dict:
         ratio_, lo, hi = paired_ratio(values, reference, seed=f"{seed}-{c}-{column}")
         row[f"{column}_speedup"], row[f"{column}_speedup_lo"], row[f"{column}_speedup_hi"] = ratio_, lo, hi
         row[f"{column}_noisy"] = len(mine) < 3 or too_wide(ratio_, lo, hi)
-    for column, ideal in (("req_per_s", "ideal_throughput_speedup"), ("ttft_p50_ms", "ideal_ttft_speedup")):
+    for column, ideal, name in (("req_per_s", "ideal_throughput_speedup", "req_per_s_efficiency"),
+                                ("ttft_p50_ms", "ideal_ttft_speedup", "ttft_p50_ms_efficiency"),
+                                ("req_per_s", "ideal_compute_throughput_speedup", "req_per_s_compute_efficiency"),
+                                ("ttft_p50_ms", "ideal_compute_ttft_speedup", "ttft_p50_ms_compute_efficiency")):
         if f"{column}_speedup" in row:
-            row[f"{column}_efficiency"] = row[f"{column}_speedup"] / row[ideal]
+            row[name] = row[f"{column}_speedup"] / row[ideal]
     return row
 
 
