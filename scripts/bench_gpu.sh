@@ -6,10 +6,13 @@
 #   next         LLaVA-NeXT-7B: none and adav at the paper's budgets 640 / 320 / 144 of 2880 tokens, batch 1 / 8 / 16
 #   field-llava  LLaVA-1.5-7B: the field's methods at keep 0.25, batch 1 / 8 / 32
 #   field-qwen   Qwen2.5-VL-7B: the same
+#   serve        LLaVA-1.5-7B served on vLLM: none, adav and uniform at keep 0.25 under 1 / 4 / 16 / 64 clients
+#                (`vtprune serve-bench`); needs a Python with vLLM (--vllm-python), else skipped with one line
 # Random weights (architecture configs only: no download, no token), bf16, synthetic inputs, `cost --json` beside
 # each bench. Results: results/gpu/<device>/<run>/{bench.jsonl,run.json}, <run>-cost.json, REPORT.md.
 #
-#   bash scripts/bench_gpu.sh [--wheels DIR] [--pack DIR] [--out DIR] [--rehearse] [PART ...]   (default: llama next)
+#   bash scripts/bench_gpu.sh [--wheels DIR] [--pack DIR] [--out DIR] [--rehearse] [--vllm-python PY] [PART ...]
+#                                                                                       (default: llama next)
 #
 # --wheels DIR  install the wheels in DIR (scripts/gpu_wheels.sh makes them) into /tmp/vtprune-site first and run
 #               vtprune from this checkout on them: for a GPU image that has torch but not vtprune's pinned
@@ -19,6 +22,10 @@
 # --rehearse    the same steps on this CPU with the tiny models (float32, batch 1 / 2, 2 rounds, 2 new tokens) into
 #               results/tmp-rehearsal/: checks every command, strategy name and option before a GPU is spent on it.
 # --out DIR     write there instead of results/gpu/<device> (or results/tmp-rehearsal).
+# --vllm-python PY  the Python whose environment has vLLM (for part serve; default python3): the lent GPU image has
+#               none, and vLLM's CUDA wheels are larger than a device call carries, so serve runs where one is installed
+#               (pip install vllm==0.32.0, then `pip install --no-deps -e .` of this checkout beside it).
+#               With --rehearse: micro:llava on this CPU (.venv-vllm/bin/python).
 #
 # On this project's lent GPU (device tool; 15 min of device time per session, 10 min per command), in the repo root:
 #   bash scripts/gpu_wheels.sh            # here, once: .whl/ (ignored by git)
@@ -29,15 +36,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error PYTHONUNBUFFERED=1
 
-wheels="" pack="" out="" rehearse="" parts=()
+wheels="" pack="" out="" rehearse="" vllm_python="python3" parts=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
     --pack) pack="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --rehearse) rehearse=1; shift ;;
-    llama|next|field-llava|field-qwen) parts+=("$1"); shift ;;
-    *) echo "bench_gpu.sh: unknown argument '$1' (allowed: --wheels DIR, --pack DIR, --out DIR, --rehearse, llama, next, field-llava, field-qwen)" >&2; exit 2 ;;
+    --vllm-python) vllm_python="$2"; shift 2 ;;
+    llama|next|field-llava|field-qwen|serve) parts+=("$1"); shift ;;
+    *) echo "bench_gpu.sh: unknown argument '$1' (allowed: --wheels DIR, --pack DIR, --out DIR, --rehearse, --vllm-python PY, llama, next, field-llava, field-qwen, serve)" >&2; exit 2 ;;
   esac
 done
 [ ${#parts[@]} -gt 0 ] || parts=(llama next)
@@ -95,6 +103,27 @@ part() {  # config, strategies, ratios, batch sizes: cost first (it fails in sec
   pack_results
 }
 
+serve_part() {  # LLaVA-1.5-7B (random weights, bf16) on vLLM under load; micro:llava on this CPU when rehearsing
+  local start=$SECONDS name=llava-1.5-7b-serve
+  if ! PYTHONPATH="$PWD" "$vllm_python" -c "import vllm" 2>/dev/null; then
+    echo "== part $name: skipped (no vLLM in $vllm_python; see --vllm-python)"
+    return 0
+  fi
+  local model="{path: $arch/llava-1.5-7b, weights: random, dtype: bfloat16, device: cuda}"
+  local load=(--concurrency 1,4,16,64 --rounds 3 --warmup 1 --requests-per-client 2 --min-requests 8 --new-tokens 32)
+  if [ -n "$rehearse" ]; then
+    model="{path: 'micro:llava', dtype: float32, device: cpu}"
+    load=(--concurrency 1,2 --rounds 1 --warmup 0 --requests-per-client 1 --min-requests 2 --new-tokens 2)
+  fi
+  printf 'name: %s\nengine: vllm\nmodel: %s\npruning: {strategy: adav, keep_ratio: 0.25}\n' "$name" "$model" \
+    > "$out/configs/$name.yaml"
+  # This checkout on the path, not the --wheels site: vLLM pins its own transformers.
+  PYTHONPATH="$PWD" "$vllm_python" -m vtprune serve-bench --config "$out/configs/$name.yaml" --strategies adav,uniform --ratios 0.25 \
+    "${load[@]}" --output-dir "$out"
+  echo "== part $name: $((SECONDS - start)) s"
+  pack_results
+}
+
 # The field's methods at the budget most papers report (keep 0.25: 144 of LLaVA-1.5's 576 tokens), with the
 # baselines UniPruneBench and VTC-Bench call mandatory (random, pool / downsample).
 field="none,random,pool,downsample,fastv,pdrop,dart,visionzip,vispruner,cdpruner,fastervlm"
@@ -110,6 +139,7 @@ for p in "${parts[@]}"; do
             none,adav 0.2222222222,0.1111111111,0.05 1,8,16 ;;
     field-llava) part "$(config llava-1.5-7b-field llava-1.5-7b llava adav "{}")" "$field" 0.25 1,8,32 ;;
     field-qwen) part "$(config qwen2.5-vl-7b-field qwen2.5-vl-7b qwen2_5_vl adav "{}")" "$field" 0.25 1,8,32 ;;
+    serve) serve_part ;;
   esac
 done
 

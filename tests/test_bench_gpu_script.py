@@ -23,8 +23,11 @@ PARTS["qwen2.5-vl-7b-field"] = PARTS["llava-1.5-7b-field"]
 def test_rehearsal_runs_every_part_and_packs_the_results(tmp_path):
     out, pack = tmp_path / "gpu" / "rehearsal", tmp_path / "pack"
     done = subprocess.run(["bash", str(SCRIPT), "--rehearse", "--out", str(out), "--pack", str(pack),
-                           "llama", "next", "field-llava", "field-qwen"], capture_output=True, text=True, timeout=600)
+                           "llama", "next", "field-llava", "field-qwen", "serve"], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # This environment has no vLLM: the serving part says so and the others run (tests/on_vllm rehearses it).
+    assert "== part llava-1.5-7b-serve: skipped (no vLLM in python3; see --vllm-python)" in done.stdout
 
     with tarfile.open(pack / "gpu-results.tar.gz") as tar:
         names = set(tar.getnames())
@@ -52,8 +55,8 @@ def test_unknown_part_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "bench_gpu.sh: unknown argument 'lama' (allowed: --wheels DIR, --pack DIR, --out DIR, --rehearse, llama, next, "
-        "field-llava, field-qwen)"]
+        "bench_gpu.sh: unknown argument 'lama' (allowed: --wheels DIR, --pack DIR, --out DIR, --rehearse, "
+        "--vllm-python PY, llama, next, field-llava, field-qwen, serve)"]
     assert not any(tmp_path.iterdir())
 
 

@@ -28,3 +28,28 @@ def test_rows_count_the_pruned_prompt_the_kv_blocks_and_every_request():
     assert none["kv_peak_blocks"] >= none["kv_blocks_per_request"]  # measured by the engine, at least one request's
     assert adav["rounds"] == 1 and adav["req_per_s_noisy"] and adav["requests"] == 3
     assert adav["ideal_ttft_speedup"] == none["prompt_tokens"] / adav["prompt_tokens"]
+
+
+def test_the_gpu_scripts_serving_part_rehearses_on_this_cpu(tmp_path):
+    """scripts/bench_gpu.sh serve --rehearse: the command a GPU lease runs, on micro:llava, with this vLLM."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_gpu.sh"
+    out, pack = tmp_path / "gpu" / "rehearsal", tmp_path / "pack"
+    # This environment's python3 for the script's own steps too (the report needs the main environment: it may fail).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(script), "--rehearse", "--out", str(out), "--pack", str(pack), "--vllm-python",
+                           sys.executable, "serve"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "== part llava-1.5-7b-serve: " in done.stdout and "skipped" not in done.stdout
+    rows = [json.loads(line) for line in (out / "llava-1.5-7b-serve" / "serve.jsonl").read_text().splitlines()]
+    assert sorted({(r["strategy"], r["concurrency"]) for r in rows}) == [
+        (s, c) for s in ("adav", "none", "uniform") for c in (1, 2)]
+    assert {r["engine"] for r in rows} == {"vllm"}
+    with tarfile.open(pack / "gpu-results.tar.gz") as tar:
+        assert "rehearsal/llava-1.5-7b-serve/serve.jsonl" in tar.getnames()

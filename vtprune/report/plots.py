@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from vtprune.report.tables import (
+    SERVE_COMPUTE_IDEAL,
     SERVE_IDEAL,
     SPEED_COLUMNS,
     TIMED,
@@ -176,6 +177,10 @@ def serve_plots(serve: pd.DataFrame, plots_dir: Path) -> dict[tuple, Path]:
                 dashed = ax.plot(line["concurrency"], line[ideal], color=colour, linestyle="--", linewidth=1,
                                  marker="_", markersize=14)[0]  # a ticked ideal stays visible at one level alone
                 handles.setdefault(plan, dashed)
+                compute = SERVE_COMPUTE_IDEAL[column][1]
+                if compute in line and line[compute].notna().any():  # runs before it was recorded have none
+                    ax.plot(line["concurrency"], line[compute], color=colour, linestyle=":", linewidth=1, marker="_",
+                            markersize=14)
                 points, bars = _timed_points(line, column, serve_status, "speedup")
                 if not points.empty:
                     handles[plan] = ax.errorbar(points["concurrency"], points[f"{column}_speedup"], yerr=bars,
@@ -187,7 +192,7 @@ def serve_plots(serve: pd.DataFrame, plots_dir: Path) -> dict[tuple, Path]:
             ax.grid(alpha=0.3)
         if handles:
             fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right",
-                       title="dashed: ideal", title_fontsize=7)
+                       title="dashed: ideal (tokens)\ndotted: ideal (compute)", title_fontsize=7)
         path = plots_dir / f"serve_{_slug(model, device, dtype)}.png"
         _save_row(fig, path, f"{model} ({device}, {dtype}) on vLLM: speed-up of each plan over the unpruned one, "
                   "paired by round (above 1 is better)", left_out, width=11, wrap=150, right=0.88)

@@ -30,11 +30,13 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:
-    """``1 − cos`` between rows, float64 and exactly symmetric: ``U·Uᵀ`` is not, in the last bit, and two mutual
-    nearest neighbours must tie exactly so that the lower index wins, not the rounding."""
+    """``1 − cos`` between rows, float64, exactly symmetric and rounded to 12 decimals: ``U·Uᵀ`` is not symmetric in
+    the last bit, nor equal for equal rows at different places (a GEMM's blocking), and two mutual nearest
+    neighbours, or two copies of one vector (LLaVA-NeXT's newline tokens), must tie exactly so that the lower index
+    wins, not the rounding of the engine that computed them."""
     unit = F.normalize(features.double(), dim=-1)
     distance = 1 - unit @ unit.T
-    return (distance + distance.T) / 2
+    return torch.round((distance + distance.T) / 2, decimals=12)
 
 
 @register_strategy("divprune", needs=("features",))

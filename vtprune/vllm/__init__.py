@@ -23,6 +23,8 @@ from vtprune.errors import ConfigError
 #: family → (vLLM architecture vtprune registers, the module and class that implement it)
 ARCHITECTURES = {
     "llava": ("VtpruneLlavaForConditionalGeneration", "vtprune.vllm.llava:VtpruneLlavaForConditionalGeneration"),
+    "llava_next": ("VtpruneLlavaNextForConditionalGeneration",
+                   "vtprune.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
     "qwen2_5_vl": ("VtpruneQwen2_5_VLForConditionalGeneration",
                    "vtprune.vllm.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration"),
 }
@@ -32,6 +34,7 @@ ARCHITECTURES = {
 #: ``mm_processor_kwargs``)
 SIGNALS = {
     "llava": ("features", "groups", "grid", "cls_attention", "text_embeds"),
+    "llava_next": ("features", "groups", "grid", "cls_attention", "text_embeds"),
     "qwen2_5_vl": ("features", "groups", "grid", "cls_attention", "text_embeds"),
 }
 #: the hf_config attribute the pruning plan travels in (``hf_overrides``), to the processor and the model

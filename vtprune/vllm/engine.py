@@ -19,6 +19,8 @@ from vtprune.vllm import ARCHITECTURES, PLAN_KEY, PROMPT_KEY, check, image_tag, 
 
 #: engine arguments for the CPU and the small models vtprune runs offline; a caller's own win
 CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 30}
+#: on a GPU, vLLM's own defaults (CUDA graphs, memory share), with room for LLaVA-NeXT's long prompts
+GPU_ENGINE = {"max_model_len": 4096}
 #: one image a prompt, as vtprune's eval sends; no video where the family has it (the plan prunes images)
 MM_LIMITS = {"qwen2_5_vl": {"image": 1, "video": 0}}
 
@@ -79,7 +81,7 @@ class VllmPipeline:
             os.environ["VTPRUNE_VLLM_KEPT_LOG"] = str(kept_log)
         dtype = "float32" if config.model.dtype == "auto" else config.model.dtype
         args = dict(model=path, dtype=dtype, seed=config.seed, limit_mm_per_prompt=MM_LIMITS.get(family, {"image": 1}),
-                    hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **(CPU_ENGINE | engine_args))
+                    hf_overrides={"architectures": [ARCHITECTURES[family][0]]}, **((GPU_ENGINE if _has_cuda() else CPU_ENGINE) | engine_args))
         llm = LLM(**args) if start_engine else None
         return cls(config, llm, AutoProcessor.from_pretrained(path), family, kept_log, args)
 
@@ -156,6 +158,12 @@ class VllmPipeline:
             row = json.loads(line)
             out[(row["tag"], plan_key(row["plan"]))] = row
         return out
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def random_weights_dir(path: str, family: str) -> Path:

@@ -36,7 +36,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vtprune.models.llava import first_row_attention
 from vtprune.strategies import STRATEGIES
-from vtprune.vllm.served import PlanFields, plan_groups, plan_of, pop_fields, select, signals_for, slots_for
+from vtprune.vllm.served import PlanFields, plan_groups, plan_of, planned_input, select, signals_for, slots_for
 
 
 class VtpruneLlavaInfo(LlavaProcessingInfo):
@@ -44,7 +44,14 @@ class VtpruneLlavaInfo(LlavaProcessingInfo):
     upper bound of every plan's. The prompt's count is the plan's (``_get_prompt_updates``)."""
 
 
-class VtpruneLlavaProcessor(PlanFields, LlavaMultiModalProcessor):
+#: checkpoints whose CLIP tower keys lack ``vision_model.`` (vtprune's micro models, saved by transformers 5.2x)
+CLIP_KEYS = WeightsMapper(orig_to_new_regex={re.compile(r"^vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."})
+
+
+class BudgetPlaceholders:
+    """Mixin of a LLaVA-like vLLM processor (before vLLM's in the bases): an image's placeholders are the plan's
+    budget of its visual tokens (``info.get_num_image_tokens``, the unpruned count)."""
+
     def visual_tokens_of(self, width: int, height: int, hf_kwargs: dict) -> int:
         return self.info.get_num_image_tokens(image_width=width, image_height=height)
 
@@ -61,20 +68,20 @@ class VtpruneLlavaProcessor(PlanFields, LlavaMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[image_id], replacement=replacement)]
 
 
+class VtpruneLlavaProcessor(BudgetPlaceholders, PlanFields, LlavaMultiModalProcessor):
+    pass
+
+
 @MULTIMODAL_REGISTRY.register_processor(VtpruneLlavaProcessor, info=VtpruneLlavaInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | WeightsMapper(
-        orig_to_new_regex={re.compile(r"^vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."}
-    )
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_KEYS
 
     def embed_multimodal(self, **kwargs):
-        fields = pop_fields(kwargs)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if fields["plan"] is None or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
+        planned, own = planned_input(self, kwargs)
+        if planned is None:
+            return own
+        fields, image_input = planned
         pixel_values = image_input["pixel_values"]
         out: list = [None] * len(fields["plan"])
         for plan, index in plan_groups(fields["plan"]):
@@ -87,29 +94,13 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 out[i] = e
         return out
 
-    def tower(self, pixel_values: torch.Tensor):
-        """The used features before the projector ``[B, P, D_v]`` and the CLS→patch attention ``[B, P]`` of the
-        layer that makes them (head mean), from vLLM's CLIP modules run one layer at a time."""
-        tower = self.vision_tower.vision_model
-        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
-        *before, last = tower.encoder.layers
-        for layer in before:
-            hidden = layer(hidden)
-        attn = last.self_attn
-        q, k, _ = attn.qkv_proj(last.layer_norm1(hidden))[0].chunk(3, dim=-1)
-        cls = first_row_attention(q[:, :1], k, attn.num_heads, attn.head_dim, attn.scale)
-        out = last(hidden)
-        if self.config.vision_feature_select_strategy == "default":
-            return out[:, 1:], cls[:, 1:]
-        return out, cls
-
     def pruned_embeddings(self, plan: dict, pixel_values, text_ids, keys, tags) -> list[torch.Tensor]:
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("vtprune on vLLM: LLaVA with several vision feature layers is not supported")
         strategy = STRATEGIES.get(plan["strategy"])
         # Only the signals the strategy needs: the tower runs layer by layer only when its CLS attention is needed.
         if "cls_attention" in strategy.needs:
-            vectors, cls = self.tower(pixel_values)
+            vectors, cls = clip_tower(self, pixel_values)
         else:
             vectors, cls = self._image_pixels_to_features(self.vision_tower, pixel_values), None
         features = self.multi_modal_projector(vectors)
@@ -122,3 +113,21 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         signals = signals_for(strategy, plan, list(features), [grid] * len(features), keys, text_ids,
                               self.language_model.embed_input_ids, None if cls is None else list(cls))
         return [e for e, _ in select(strategy, plan, signals, features, tags, (vectors, self.multi_modal_projector))]
+
+
+def clip_tower(model, pixel_values: torch.Tensor):
+    """The used features before the projector ``[B, P, D_v]`` and the CLS→patch attention ``[B, P]`` of the layer
+    that makes them (head mean), from the CLIP modules of vLLM's LLaVA-like ``model`` run one layer at a time (vLLM
+    builds the tower up to the feature layer)."""
+    tower = model.vision_tower.vision_model
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))
+    *before, last = tower.encoder.layers
+    for layer in before:
+        hidden = layer(hidden)
+    attn = last.self_attn
+    q, k, _ = attn.qkv_proj(last.layer_norm1(hidden))[0].chunk(3, dim=-1)
+    cls = first_row_attention(q[:, :1], k, attn.num_heads, attn.head_dim, attn.scale)
+    out = last(hidden)
+    if model.config.vision_feature_select_strategy == "default":
+        return out[:, 1:], cls[:, 1:]
+    return out, cls

@@ -98,6 +98,18 @@ def pop_fields(kwargs: dict) -> dict:
     return fields
 
 
+def planned_input(model, kwargs: dict):
+    """``((fields, image_input), None)`` when a LLaVA-like vLLM ``model``'s batch came with plans and pixel values,
+    else ``(None, embeddings)``: the model's own path (no image, or image embeddings given by the caller)."""
+    fields = pop_fields(kwargs)
+    image_input = model._parse_and_validate_image_input(**kwargs)
+    if image_input is None:
+        return None, []
+    if fields["plan"] is None or image_input["type"] != "pixel_values":
+        return None, model._process_image_input(image_input)
+    return (fields, image_input), None
+
+
 def plan_groups(plans: list[str]):
     """``(plan, indices)`` per distinct plan, in first-seen order: requests of several plans share a batch, and each
     plan's images are selected together."""
@@ -111,15 +123,17 @@ def _pad(rows: list[torch.Tensor], fill) -> torch.Tensor:
 
 
 def signals_for(strategy, plan: dict, features: list[torch.Tensor], grids: list[torch.Tensor], keys, text_ids,
-                embed_text, cls_attention: list[torch.Tensor] | None = None) -> Signals:
+                embed_text, cls_attention: list[torch.Tensor] | None = None,
+                groups: list[torch.Tensor] | None = None) -> Signals:
     """The signals vtprune's vLLM models compute, for images of possibly different token counts: features, groups
-    (one per image), grid, CLS attention (when given), the prompt's text embeddings after the image (when the
-    strategy needs them; ``embed_text`` is the LLM's input embedding) and each image's seeded generator."""
+    (given, else one per image), grid, CLS attention (when given), the prompt's text embeddings after the image
+    (when the strategy needs them; ``embed_text`` is the LLM's input embedding) and each image's seeded generator."""
     device = features[0].device
+    if groups is None:
+        groups = [torch.zeros(len(f), dtype=torch.long, device=device) for f in features]
     signals = Signals(
         valid=_pad([torch.ones(len(f), dtype=torch.bool, device=device) for f in features], False),
-        features=_pad(features, 0), groups=_pad([torch.zeros(len(f), dtype=torch.long, device=device)
-                                                  for f in features], -1),
+        features=_pad(features, 0), groups=_pad([g.to(device) for g in groups], -1),
         grid=_pad(grids, -1), cls_attention=None if cls_attention is None else _pad(cls_attention, 0),
         generators=sample_generators(int(plan["seed"]), [bytes(k.cpu().numpy().tobytes()) for k in keys]),
     )
