@@ -43,7 +43,7 @@ import torch
 from vtprune.flops import encoder_layer_flops
 from vtprune.models.base import PrunePlan, SampleRecord, register_family
 from vtprune.models.layout import TokenLayout, grid_boxes, to_image
-from vtprune.models.llava import LlavaAdapter, VisualTokens
+from vtprune.models.llava import LlavaAdapter, VisualTokens, received_attention
 
 
 @register_family
@@ -130,12 +130,10 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
         attn, x, cu = v["block"], v["x"], v["cu_seqlens"].tolist()
         length = x.shape[0]
         q, k, _ = attn.qkv(x).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, H, d]
-        q, k = apply_rotary_pos_emb_vision(q, k, *v["rope"])
-        received = []
-        for start, end in itertools.pairwise(cu):  # full attention: one segment per image
-            qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, n, d]
-            probs = torch.softmax((qs @ ks.transpose(-1, -2)) * attn.scaling, dim=-1)  # [H, n, n]
-            received.append(probs.mean(dim=0).mean(dim=0))
+        q, k = (t.flatten(1) for t in apply_rotary_pos_emb_vision(q, k, *v["rope"]))  # [L, H·d]
+        heads, head_dim = attn.num_heads, q.shape[1] // attn.num_heads
+        received = [received_attention(q[start:end], k[start:end], heads, head_dim, attn.scaling)
+                    for start, end in itertools.pairwise(cu)]  # full attention: one segment per image
         vision = self.model.config.vision_config
         window_index, _ = get_vision_window_index(v["grid"], vision.spatial_merge_size, vision.window_size, vision.patch_size)
         pooled = torch.cat(received).view(-1, self.merge_size**2).mean(dim=1)[torch.argsort(window_index.to(x.device))]

@@ -41,6 +41,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from vtprune.models.llava import received_attention
 from vtprune.strategies import STRATEGIES
 from vtprune.vllm.served import PlanFields, plan_groups, plan_of, pop_fields, select, signals_for, slots_for
 
@@ -186,7 +187,7 @@ class VtpruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
             scope = "full" if i in visual.fullatt_block_indexes else "window"
             cu_seqlens = meta["cu_seqlens" if scope == "full" else "cu_window_seqlens"]
             if need_cls and i == max(visual.fullatt_block_indexes):
-                received = received_attention(block.attn, block.norm1(hidden), cu_seqlens, meta["rotary_pos_emb_cos"],
+                received = block_received_attention(block.attn, block.norm1(hidden), cu_seqlens, meta["rotary_pos_emb_cos"],
                                               meta["rotary_pos_emb_sin"])
             hidden = block(hidden, cu_seqlens=cu_seqlens, rotary_pos_emb_cos=meta["rotary_pos_emb_cos"],
                            rotary_pos_emb_sin=meta["rotary_pos_emb_sin"], max_seqlen=meta[f"max_seqlen_{scope}"],
@@ -202,18 +203,14 @@ class VtpruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
         return merged, vectors, cls
 
 
-def received_attention(attn, x: torch.Tensor, cu_seqlens, cos, sin) -> torch.Tensor:
+def block_received_attention(attn, x: torch.Tensor, cu_seqlens, cos, sin) -> torch.Tensor:
     """``[L]`` attention each patch receives within its own image in block ``attn`` (its input ``x`` ``[L, 1, C]``,
-    window order): softmax over the image's keys, mean over heads and over the image's queries. The same operations
-    as ``Qwen2_5_VisionAttention.forward`` up to the scores, which it leaves to a fused kernel."""
+    window order): ``received_attention`` per image segment, on the queries and keys
+    ``Qwen2_5_VisionAttention.forward`` computes before leaving the scores to a fused kernel."""
     qkv = einops.rearrange(attn.qkv(x)[0], "s b (three head d) -> b s three head d", three=3,
                            head=attn.num_attention_heads_per_partition)
     qk = einops.rearrange(qkv[:, :, :2], "b s two head d -> (two b) s head d", two=2).contiguous()
-    q, k = attn.apply_rotary_emb(qk, cos, sin).unbind(dim=0)  # [L, H, d] each (batch 1)
-    scale = attn.hidden_size_per_attention_head**-0.5
-    out = []
-    for start, end in itertools.pairwise(cu_seqlens.tolist()):
-        qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, n, d]
-        probs = torch.softmax((qs @ ks.transpose(-1, -2)) * scale, dim=-1)
-        out.append(probs.mean(dim=0).mean(dim=0))
-    return torch.cat(out)
+    q, k = attn.apply_rotary_emb(qk, cos, sin).flatten(2).unbind(dim=0)  # [L, H·d] each (batch 1)
+    heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+    return torch.cat([received_attention(q[start:end], k[start:end], heads, head_dim, head_dim**-0.5)
+                      for start, end in itertools.pairwise(cu_seqlens.tolist())])

@@ -93,8 +93,9 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
 
     text_tokens = len(base.request(*samples[0])["prompt_token_ids"]) - 1  # the prompt less its image token
     num_visual = base.num_visual(samples[0][0])
+    hf_config = AutoConfig.from_pretrained(base.engine_args["model"])
     engine, blocks, block_size = start_async_engine(
-        base, kv_cache_bytes(base, max(concurrency), text_tokens + num_visual + new_tokens))
+        base, kv_cache_bytes(base, hf_config, max(concurrency), text_tokens + num_visual + new_tokens))
     kv_peak: list = []
     KV_SINKS.append(kv_peak)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, seed=seed)
@@ -130,7 +131,7 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
     engine.shutdown()
     KV_SINKS.remove(kv_peak)
     counts = {"num_visual": num_visual, "requests_per_visit": per_visit, "text_tokens": text_tokens,
-              "hf_config": AutoConfig.from_pretrained(base.engine_args["model"])}
+              "hf_config": hf_config}
     return [_row(plan, c, visits, blocks, block_size, seed, counts) for plan in plans for c in concurrency]
 
 
@@ -138,19 +139,17 @@ async def _serve_bench(base, plans, samples, concurrency, rounds, warmup, per_cl
 KV_SINKS: list[list] = []
 
 
-def kv_cache_bytes(base, clients: int, tokens: int) -> int:
+def kv_cache_bytes(base, hf_config, clients: int, tokens: int) -> int:
     """KV-cache bytes for ``clients`` unpruned requests of ``tokens`` each, twice over (at least the engine's own
     setting): a cache that made the unpruned plan wait or be preempted at the top concurrency would count as a
     speed-up of pruning that is only a too-small cache."""
-    from transformers import AutoConfig
-
+    from vtprune.bench.cost import DTYPE_BYTES
     from vtprune.bench.kv import kv_bytes_per_token
 
-    config = AutoConfig.from_pretrained(base.engine_args["model"])
-    layers = config.get_text_config(decoder=True).num_hidden_layers
-    size = {"float32": 4}.get(base.engine_args["dtype"], 2)
+    layers = hf_config.get_text_config(decoder=True).num_hidden_layers
     block = BENCH_ENGINE["block_size"]
-    need = 2 * clients * -(-tokens // block) * block * layers * kv_bytes_per_token(config, size)
+    need = 2 * clients * -(-tokens // block) * block * layers * kv_bytes_per_token(
+        hf_config, DTYPE_BYTES[base.engine_args["dtype"]])
     return max(base.engine_args.get("kv_cache_memory_bytes", 0), need)
 
 
