@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vtprune.eval import synth
+from vtprune.models import FAMILIES as ADAPTERS
 from vtprune.models.tiny import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,20 @@ FAMILIES = {
     # LLaVA-NeXT on the micro LLaVA sizes: a 64 px image takes the 64x128 pinpoint (base image + 2 crops, one of
     # padding that unpadding drops): 64 base + 64 crop tokens + 8 row newlines
     "llava_next": _LLAVA,
+    # LLaVA-OneVision on the micro LLaVA-NeXT geometry (SigLIP for CLIP, Qwen2 for LLaMA, NeXT's pinpoints): a 64 px
+    # image is the base view, then the two 64 px crops of the 64x128 pinpoint unpadded to 8x8 patches, with a newline
+    # per grid row: 136 tokens. The grid is downsampled beyond one crop's worth of patches (anyres_max_1, the 7B
+    # model's anyres_max_9 scaled to one-crop images): a 64x128 image's 16x8 patches to 11x5. (The tiny model's 32 px
+    # crops split every object and see it whole only in a 4x4 overview: colour and shape questions stayed near
+    # chance. A 64x64 pinpoint makes the one crop a copy of the base view: tied tokens that engines order apart.)
+    "llava_onevision": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=synth.IMAGE_SIZE, patch_size=8),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.02),
+        layout=dict(image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]], vision_aspect_ratio="anyres_max_1"),
+        space=True,
+    ),
     # Qwen2.5-VL: 8 px patches merged 2x2, so a 64 px image gives 16 tokens of 16 px each
     "qwen2_5_vl": dict(
         vision=dict(depth=4, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
@@ -74,9 +89,11 @@ FAMILIES = {
 
 def patch_features(family, model, output, batch: int) -> torch.Tensor:
     """[B, G*G, D] the vision features the language model reads, per patch of the image, row-major."""
-    if family in ("llava", "llava_next"):
-        x = output.hidden_states[model.config.vision_feature_layer][:, 1:]
-        return x.reshape(batch, -1, *x.shape[1:])[:, 0]  # LLaVA-NeXT: the base image, the first of each sample's crops
+    if family in ("llava", "llava_next", "llava_onevision"):
+        x = output.hidden_states[model.config.vision_feature_layer]
+        if model.config.vision_feature_select_strategy == "default":  # CLIP's CLS first (OneVision's SigLIP: none)
+            x = x[:, 1:]
+        return x.reshape(batch, -1, *x.shape[1:])[:, 0]  # LLaVA-NeXT, -OneVision: the base image, the first crop
     if family == "qwen2_5_vl":  # merged tokens, row-major over the merged grid
         return output.pooler_output.reshape(batch, -1, output.pooler_output.shape[-1])
     # mllama: [B, 1 image, tiles, CLS + patches, D] with 2x2 tiles in row-major order
@@ -85,6 +102,13 @@ def patch_features(family, model, output, batch: int) -> torch.Tensor:
     side = int(n**0.5)
     x = x.reshape(b, 2, 2, side, side, d).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, 4 * n, d)
+
+
+def set_layout(model, processor, image_grid_pinpoints: list, vision_aspect_ratio: str) -> None:
+    """LLaVA-OneVision's anyres settings on a built model and its processor, in place of the tiny recipe's (both read
+    them at run time and save them)."""
+    model.config.image_grid_pinpoints = processor.image_processor.image_grid_pinpoints = image_grid_pinpoints
+    model.config.vision_aspect_ratio = processor.vision_aspect_ratio = vision_aspect_ratio
 
 
 def make_patch_local(model) -> None:
@@ -267,6 +291,8 @@ def main(argv=None) -> int:
             args.family, corpus=corpus(spec["space"]), vocab_size=512, seed=args.seed, text=spec["text"],
             vision=spec["vision"],
         )
+        if spec.get("layout"):
+            set_layout(model, processor, **spec["layout"])
     if spec.get("patch_local"):
         make_patch_local(model)
     pad_id = processor.tokenizer.pad_token_id
@@ -330,10 +356,7 @@ def main(argv=None) -> int:
     model.eval()
     model.half().save_pretrained(out)
     processor.save_pretrained(out)
-    if args.family == "qwen2_5_vl":
-        from vtprune.models.qwen2_5_vl import write_video_processor_config
-
-        write_video_processor_config(out)
+    ADAPTERS.get(args.family).write_serving_files(out)  # what vLLM needs beside the checkpoint
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     print(f"saved {out} ({size:.1f} MB) in {time.perf_counter() - start:.0f}s", flush=True)
     return 0

@@ -43,7 +43,7 @@ BAD = [
      {**with_("pruning", strategy="prumerge", options={"mode": "adaptive"}), "engine": "vllm"},
      "pruning.strategy: 'prumerge' cannot run on vLLM: it may keep fewer tokens than the budget"),
     ("family vllm does not serve", {**with_("model", path="tiny:mllama"), "engine": "vllm"},
-     "engine: 'vllm' does not run model family 'mllama' (allowed: llava, llava_next, qwen2_5_vl)"),
+     "engine: 'vllm' does not run model family 'mllama' (allowed: llava, llava_next, llava_onevision, qwen2_5_vl)"),
     ("unknown nested key", with_("model", revision="x"), "model.revision: unknown key (allowed: path, family, weights, dtype, device, attn_implementation)"),
     ("bench threads zero", with_("bench", threads=0), "bench.threads: 0 must be a positive integer or null"),
     ("bench threads not a number", with_("bench", threads="all"), "bench.threads: expected an integer or null, got 'all'"),

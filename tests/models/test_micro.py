@@ -3,8 +3,8 @@
 Accuracy is measured through the real pipeline (``vtprune.load`` + ``generate``, greedy) on a held-out seed that
 neither training nor the mini tasks use, scored with lmms-eval's own answer normalisation. The wrong-kept-set check
 shows that the answers come from the visual tokens a strategy keeps: on questions about one small object, the
-complement of the family's headline strategy's kept set at keep 0.25 (three times as many tokens) scores lower than
-the kept set itself (AdaV on llava, llava_next and qwen2_5_vl, Trimmed Llama at an exact budget on mllama).
+complement of the family's headline strategy's kept set at keep 0.25 (about three times as many tokens) scores lower than
+the kept set itself (AdaV on llava, llava_next, llava_onevision and qwen2_5_vl, Trimmed Llama at an exact budget on mllama).
 """
 
 import pytest
@@ -22,7 +22,7 @@ FAMILIES = micro_families()
 POST_PROMPT = "\nAnswer the question using a single word or phrase."  # the mini tasks' (official) post prompt
 TARGETS = {"shapes": 0.8, "word": 0.6}
 HEADLINE = {"llava": ("adav", {}), "mllama": ("trimmed_llama", {"mode": "budget"}), "llava_next": ("adav", {}),
-            "qwen2_5_vl": ("adav", {})}
+            "qwen2_5_vl": ("adav", {}), "llava_onevision": ("adav", {})}
 
 _normalise = EvalAIAnswerProcessor()
 
@@ -95,7 +95,7 @@ def test_the_complement_of_a_strategys_kept_set_scores_lower(pipe):
     chosen = pipe.with_pruning(name, 0.25, options=options).generate(images, prompts, max_new_tokens=4, do_sample=False)
     adapter, tok = pipe.adapter, pipe.processor.tokenizer
     complement = [sorted(set(range(r.num_visual)) - set(r.kept)) for r in chosen]
-    assert all(len(c) == 3 * len(r.kept) for c, r in zip(complement, chosen))
+    assert all(len(c) >= 2.5 * len(r.kept) for c, r in zip(complement, chosen))  # 3x, less the budget's rounding
     with torch.inference_mode():
         new_ids, records = adapter.generate(
             pipe.prepare(images, prompts), PrunePlan(_fixed(complement), 0.75), max_new_tokens=4, do_sample=False,

@@ -63,7 +63,8 @@ def test_tiny_text_layers_table_matches_the_built_models():
 
 
 # sha256 (first 16 hex digits) of each tiny checkpoint's tensors (names and bytes, sorted by name), as TINY_VERSION
-# v1 built them: refactoring the recipe (the micro models reuse its builders) must leave every tiny model as it was.
+# v1 built them (v2 added files beside the tensors, not the tensors): refactoring the recipe (the micro models reuse
+# its builders) must leave every tiny model as it was.
 V1_WEIGHTS = {
     "mllama": "bc90d26faab79cf1", "llava": "5e6163a39f40ad3e", "llava_next": "c8d0c74fc38c056e",
     "qwen2_5_vl": "bafcdc534cb2b421", "llava_onevision": "2138dc570486cdc8", "internvl": "80044f9854c2f2be",
@@ -78,10 +79,22 @@ def test_tiny_weights_are_those_of_their_version(family):
 
     from vtprune.models.tiny import TINY_VERSION
 
-    assert TINY_VERSION == "v1"  # a new recipe gets a new version and new digests here
+    assert TINY_VERSION == "v2"  # a new recipe gets a new version and new digests here
     tensors = load_file(str(tiny_path(family) / "model.safetensors"))
     digest = hashlib.sha256()
     for name in sorted(tensors):
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     assert digest.hexdigest()[:16] == V1_WEIGHTS[family]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_tiny_checkpoints_vllm_loads_carry_a_video_processor_config(family):
+    import json
+
+    # vLLM's transformers builds these two processors only with a video processor (vtprune's loaders drop it)
+    config = json.loads((tiny_path(family) / "video_preprocessor_config.json").read_text())
+    image = json.loads((tiny_path(family) / "processor_config.json").read_text())["image_processor"]
+    assert config["video_processor_type"] == {"qwen2_5_vl": "Qwen2VLVideoProcessor",
+                                              "llava_onevision": "LlavaOnevisionVideoProcessor"}[family]
+    assert config["size"] == image["size"] and config["image_mean"] == image["image_mean"]

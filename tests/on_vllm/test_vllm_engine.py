@@ -1,5 +1,6 @@
-"""vtprune on vLLM against vtprune on Hugging Face, on the shipped micro:llava, micro:llava_next and micro:qwen2_5_vl
-(CPU, greedy).
+"""vtprune on vLLM against vtprune on Hugging Face, on the shipped micro:llava, micro:llava_next,
+micro:llava_onevision and micro:qwen2_5_vl (CPU, greedy). (The tiny models cannot serve: their 16-wide attention
+heads are not among vLLM's CPU attention head sizes.)
 
 Runs in the vLLM environment only (``scripts/install-vllm.sh``; `.ci/run` runs it there); the main environment skips
 it. One engine per family serves every test: each request carries its own pruning plan. The HF engine runs in the
@@ -15,10 +16,12 @@ from vtprune.strategies import STRATEGIES, budget  # noqa: E402
 from vtprune.vllm import check, supported  # noqa: E402
 
 CONFIGS = {"llava": "configs/micro/micro-llava-adav.yaml", "llava_next": "configs/micro/micro-llava-next.yaml",
-           "qwen2_5_vl": "configs/micro/micro-qwen2.5-vl.yaml"}
+           "qwen2_5_vl": "configs/micro/micro-qwen2.5-vl.yaml",
+           "llava_onevision": "configs/micro/micro-llava-onevision.yaml"}
 #: visual tokens of a 64 x 64 mini image: 8 x 8 CLIP patches; a base view of 8 x 8, then 2 x 2 crops of 4 x 4 patches
-#: stitched into 8 x 8 with a newline closing each of its 8 rows; 8 x 8 patches merged 2 x 2
-NUM_VISUAL = {"llava": 64, "llava_next": 136, "qwen2_5_vl": 16}
+#: stitched into 8 x 8 with a newline closing each of its 8 rows (OneVision: a base view of 8 x 8, one crop of 8 x 8
+#: with a newline per row); 8 x 8 patches merged 2 x 2
+NUM_VISUAL = {"llava": 64, "llava_next": 136, "qwen2_5_vl": 16, "llava_onevision": 136}
 POST = "\nAnswer the question using a single word or phrase."  # the mini tasks' post_prompt
 ON_VLLM = [name for name, s in STRATEGIES.items() if name != "none" and all(supported(f, s) for f in CONFIGS)]
 
@@ -108,22 +111,23 @@ def test_one_engine_serves_mixed_plans_in_one_batch(engines, samples):
         assert len(out.prompt_token_ids) == ref.input_tokens - ref.num_visual + len(ref.kept)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"], indirect=True)
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_5_vl"], indirect=True)
 @pytest.mark.parametrize("strategy,ratio", [("none", 1.0), ("adav", 0.25), ("uniform", 0.5)])
 def test_non_square_images_give_the_hf_engines_tokens_and_positions(engines, family, strategy, ratio):
     """LLaVA-NeXT: the anyres packing (crops, unpadding, newlines) and every map packed with it, on tall and wide
-    images. Qwen2.5-VL (M-RoPE): each kept token at its place on the merged grid, the text after the image where it
-    would be after the whole grid (``max(h, w)`` on: a tall image is where vLLM's video-pruning layout, which puts
-    the grid's width there, would differ). The first token's log-probabilities are the sharpest check: they see
-    every token and position."""
+    images; LLaVA-OneVision: the same, and downsampled (anyres_max_1: the tall image's 16 x 8 patches to 11 x 5, the
+    wide one's 8 x 16 to 5 x 11; every map interpolated with the features). Qwen2.5-VL (M-RoPE): each kept token at
+    its place on the merged grid, the text after the image where it would be after the whole grid (``max(h, w)`` on:
+    a tall image is where vLLM's video-pruning layout, which puts the grid's width there, would differ). The first
+    token's log-probabilities are the sharpest check: they see every token and position."""
     hf, served = engines
     shape = synth.draw_split(synth.MINI_SEED, 2, synth.SHAPE_KINDS)
     images = [shape[0].image.resize((64, 128)), shape[1].image.resize((128, 64))]  # Qwen: tall 8 x 4, wide 4 x 8 merged
     prompts = [f"{s.question}{POST}" for s in shape]
     hf_out, vllm_out = both((hf, served), list(zip(images, prompts)), strategy, ratio)
     assert [r.num_visual for r in vllm_out] == [r.num_visual for r in hf_out]
-    if family == "qwen2_5_vl":
-        assert [r.num_visual for r in hf_out] == [32, 32]
+    if family in ("qwen2_5_vl", "llava_onevision"):
+        assert [r.num_visual for r in hf_out] == {"qwen2_5_vl": [32, 32], "llava_onevision": [130, 124]}[family]
     assert [r.kept for r in vllm_out] == [r.kept for r in hf_out]
     assert [r.text for r in vllm_out] == [r.text for r in hf_out]
     for h, v in zip(hf_out, vllm_out):

@@ -121,6 +121,8 @@ class Adapter:
     tiny_text_layers: ClassVar[int | None] = None
     tiny_token_names: ClassVar[dict] = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     tiny_specials: ClassVar[tuple[str, ...]] = ()
+    #: the video processor class vLLM's transformers needs beside a checkpoint vtprune saves (``write_serving_files``)
+    video_processor: ClassVar[str | None] = None
 
     def __init__(self, model, processor):
         self.model = model
@@ -154,6 +156,14 @@ class Adapter:
 
     def _images_arg(self, images):
         return images
+
+    @classmethod
+    def write_serving_files(cls, path) -> None:
+        """Files beside a checkpoint vtprune saves (tiny, micro) that vLLM needs: its transformers (5.19) loads the
+        Qwen2.5-VL and LLaVA-OneVision processors only with a video processor, which vtprune's image-only loaders
+        drop (``video_preprocessor_config.json``, from the image processor's settings; vtprune sends no video)."""
+        if cls.video_processor is not None:
+            write_video_processor_config(path, cls.video_processor)
 
     @classmethod
     def build_tiny(cls, tokenizer, vocab: int, text=None, vision=None):
@@ -350,6 +360,23 @@ class Adapter:
 _WHERE = {"pre_llm": "before the LLM ", "in_llm": "inside the LLM ", "vision": "inside the vision tower "}
 
 FAMILIES: Registry[type[Adapter]] = Registry("model family", "model.family")
+
+
+#: the image processor's settings a video processor shares (those present are copied)
+VIDEO_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "size",
+                        "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "rescale_factor", "resample")
+
+
+def write_video_processor_config(path, processor_type: str) -> None:
+    """``video_preprocessor_config.json`` of class ``processor_type`` beside a saved checkpoint, from its image
+    processor's settings."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    image = json.loads((path / "processor_config.json").read_text())["image_processor"]
+    config = {"video_processor_type": processor_type, **{k: image[k] for k in VIDEO_PROCESSOR_KEYS if k in image}}
+    (path / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def register_family(cls: type[Adapter]) -> type[Adapter]:

@@ -58,6 +58,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     model_types = ("llava_onevision",)
+    video_processor = "LlavaOnevisionVideoProcessor"
 
     @classmethod
     def load_processor(cls, path):
@@ -100,35 +101,18 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [p[:, 0] for p in packed]
 
     def stitched_coordinates(self, image_sizes, device) -> list[torch.Tensor]:
-        """``[N_b, 3]`` float per image: (0 base view / 1 crops, row, column) at each visual token, packed like the
-        features; rows and columns are the base view's own, or on the stitched crop grid (``rows·side × cols·side``)
-        — after downsampling the exact point the token samples. Newline tokens -1."""
-        side = self.patch_side
-        p = torch.arange(side * side, dtype=torch.float32, device=device)
-        kind, rows, cols = [], [], []
-        for size, n in zip(image_sizes, self.crops_per_image(image_sizes)):
-            grid_cols = self.crop_grid(size)[1] if n > 1 else 1
-            crop = torch.arange(n - 1, dtype=torch.float32, device=device)[:, None]
-            kind.append(torch.cat([p.new_zeros(1, side * side), p.new_ones(n - 1, side * side)]))
-            rows.append(torch.cat([(p // side)[None], (crop // grid_cols) * side + p // side]))
-            cols.append(torch.cat([(p % side)[None], (crop % grid_cols) * side + p % side]))
-        maps = [self.pack_maps(torch.cat(m), image_sizes, -1.0) for m in (kind, rows, cols)]
+        """``[N_b, 3]`` float per image: ``crop_coordinates`` packed like the features — after downsampling the exact
+        point each token samples; newline tokens -1."""
+        per_image = [crop_coordinates(n, self.crop_grid(size)[1] if n > 1 else 1, self.patch_side, device)
+                     for size, n in zip(image_sizes, self.crops_per_image(image_sizes))]
+        coords = torch.cat(per_image)
+        maps = [self.pack_maps(coords[..., c].contiguous(), image_sizes, -1.0) for c in range(3)]
         return [torch.stack(m, dim=1) for m in zip(*maps)]
 
     def patch_sources(self, image_sizes, device) -> list[torch.Tensor]:
-        """``[N_b, 3]`` long (crop, row, column) of the patch behind each visual token — for a downsampled token, the
-        patch nearest the point it samples; crop 0 is the base view, crops 1..n the grid's row-major; -1 on newlines."""
-        side = self.patch_side
-        out = []
-        for size, coords in zip(image_sizes, self.stitched_coordinates(image_sizes, device)):
-            line = coords[:, 0] < 0
-            base = coords[:, 0] < 0.5
-            r, c = coords[:, 1].round().long(), coords[:, 2].round().long()
-            grid_cols = self.crop_grid(size)[1]
-            crop = torch.where(base, 0, 1 + (r // side) * grid_cols + c // side)
-            row, col = torch.where(base, r, r % side), torch.where(base, c, c % side)
-            out.append(torch.where(line[:, None], -1, torch.stack([crop, row, col], dim=1)))
-        return out
+        """``[N_b, 3]`` long (crop, row, column) of the patch behind each visual token (``sources_of``)."""
+        return [sources_of(coords, self.crop_grid(size)[1], self.patch_side)
+                for size, coords in zip(image_sizes, self.stitched_coordinates(image_sizes, device))]
 
     def visual_tokens(self, inputs) -> VisualTokens:
         cfg = self.model.config
@@ -264,46 +248,77 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # -- the tiny model (vtprune.models.tiny) ----------------------------------------------------------------
 
     @classmethod
-    def build_tiny(cls, tokenizer, vocab):
+    def build_tiny(cls, tokenizer, vocab, text=None, vision=None):
         """LLaVA-OneVision: a SigLIP tower (no CLS token, features of the last layer, strategy ``full``), a Qwen2 language
         model, anyres crops of 32 px with a newline per grid row, and the grid downsampled beyond two crops' worth of
-        patches (``anyres_max_2``, the 7B model's ``anyres_max_9`` scaled to 2x2 grids).
+        patches (``anyres_max_2``, the 7B model's ``anyres_max_9`` scaled to 2x2 grids). ``text`` / ``vision``
+        override entries of the two configs (the micro model); the grid pinpoints follow the crop size.
 
         Width x height -> visual tokens: 30x70 -> 56 (2x1 crops, 8x4 patches, not downsampled), 90x40 -> 52 (1x2 crops,
         unpadded), 80x50 -> 44 (2x2 crops unpadded to 6x8 patches, downsampled to 4x6), 40x40 -> 46 (8x8 to 5x5).
         The tokenizer is LLaVA's plus a ``<video>`` token (the model's video token id), added here only.
         """
         from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
 
         from vtprune.models.tiny import LLAVA_TEMPLATE
 
         tokenizer.add_tokens(["<video>"], special_tokens=True)
         vocab = len(tokenizer)
-        pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+        vision = dict(
+            model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False,
+        ) | (vision or {})
+        size, patch = vision["image_size"], vision["patch_size"]
+        pinpoints = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
         config = LlavaOnevisionConfig(
-            vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                num_attention_heads=4, image_size=32, patch_size=8, vision_use_head=False,
-            ),
+            vision_config=vision,
             text_config=dict(
                 model_type="qwen2", vocab_size=vocab, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=cls.tiny_text_layers, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=2048, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            ),
+            ) | (text or {}),
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
             vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
             vision_aspect_ratio="anyres_max_2",
         )
         model = LlavaOnevisionForConditionalGeneration(config).eval()
-        image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+        image_processor = LlavaOnevisionImageProcessorPil(size={"height": size, "width": size}, image_grid_pinpoints=pinpoints)
         processor = image_only_processor()(
-            image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
+            image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(size // patch) ** 2,
+            vision_feature_select_strategy="full",
             chat_template=LLAVA_TEMPLATE, vision_aspect_ratio="anyres_max_2",
         )
         return model, processor
+
+
+def crop_coordinates(crops: int, grid_cols: int, side: int, device=None) -> torch.Tensor:
+    """``[crops, P, 3]`` float of one image's crops before packing: (0 base view / 1 crop, row, column) of every
+    patch — the base view's own row and column, a crop's on the stitched grid (``rows·side × cols·side``). Packed
+    like the features (bilinear where the grid is downsampled: a linear map survives it exactly), they give the point
+    each visual token samples (the HF adapter and vtprune's vLLM model alike)."""
+    p = torch.arange(side * side, dtype=torch.float32, device=device)
+    crop = torch.arange(crops - 1, dtype=torch.float32, device=device)[:, None]
+    kind = torch.cat([p.new_zeros(1, side * side), p.new_ones(crops - 1, side * side)])
+    rows = torch.cat([(p // side)[None], (crop // grid_cols) * side + p // side])
+    cols = torch.cat([(p % side)[None], (crop % grid_cols) * side + p % side])
+    return torch.stack([kind, rows, cols], dim=-1)
+
+
+def sources_of(coords: torch.Tensor, grid_cols: int, side: int) -> torch.Tensor:
+    """``[N, 3]`` long (crop, row, column) of the patch behind each visual token, from its packed coordinates
+    (``crop_coordinates``) — for a downsampled token, the patch nearest the point it samples; crop 0 is the base view,
+    crops 1..n the grid's row-major; -1 on newlines (coordinates -1)."""
+    line = coords[:, 0] < 0
+    base = coords[:, 0] < 0.5
+    r, c = coords[:, 1].round().long(), coords[:, 2].round().long()
+    crop = torch.where(base, 0, 1 + (r // side) * grid_cols + c // side)
+    row, col = torch.where(base, r, r % side), torch.where(base, c, c % side)
+    return torch.where(line[:, None], -1, torch.stack([crop, row, col], dim=1))
 
 
 def _step(values: list[float]) -> float:

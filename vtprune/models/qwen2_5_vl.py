@@ -53,6 +53,7 @@ class Qwen2_5_VLAdapter(LlavaAdapter):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     model_types = ("qwen2_5_vl",)
+    video_processor = "Qwen2VLVideoProcessor"
     # Like Qwen: no BOS, the turn ends with <|im_end|>; Qwen's specials come after the shared ones, so that the other
     # families' tokenizers (and weights) stay as they are.
     tiny_token_names = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
@@ -415,20 +416,3 @@ _QWEN_TEMPLATE = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-#: the image processor's settings a Qwen2-VL video processor shares
-VIDEO_PROCESSOR_KEYS = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "size",
-                        "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "rescale_factor", "resample")
-
-
-def write_video_processor_config(path) -> None:
-    """``video_preprocessor_config.json`` beside a saved checkpoint, from its image processor's settings: vLLM's
-    transformers (5.19) loads ``Qwen2_5_VLProcessor`` only with a video processor. vtprune sends no video."""
-    import json
-    from pathlib import Path
-
-    path = Path(path)
-    image = json.loads((path / "processor_config.json").read_text())["image_processor"]
-    config = {"video_processor_type": "Qwen2VLVideoProcessor", **{k: image[k] for k in VIDEO_PROCESSOR_KEYS if k in image}}
-    (path / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

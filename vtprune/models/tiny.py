@@ -28,7 +28,7 @@ from pathlib import Path
 
 from vtprune.models.base import FAMILIES
 
-TINY_VERSION = "v1"  # bump when a recipe changes so stale caches are not reused
+TINY_VERSION = "v2"  # bump when a recipe or the saved files change so stale caches are not reused
 TINY_SEED = 1234
 TINY_FAMILIES = tuple(name for name in FAMILIES.in_order() if "build_tiny" in vars(FAMILIES.get(name)))
 # Decoder layers of each tiny language model: config validation bounds layer options (fastv's K) by them without
@@ -204,6 +204,7 @@ def _build(family: str, out: Path) -> None:
     model, processor = build_model(family)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    FAMILIES.get(family).write_serving_files(out)
 
 
 def build_model(family: str, *, corpus=_CORPUS, vocab_size: int = 384, seed: int = TINY_SEED, text=None, vision=None):

@@ -45,7 +45,9 @@ def remove_duplicates(
         if r <= 0:
             break
         a, b = residual[0::2], residual[1::2]
-        scores = (unit[a] @ unit[b].T).max(dim=1).values
+        # Rounded to 6 decimals: near-copies (a SigLIP tower's blank-background patches) differ in the 7th digit
+        # between engines whose kernels differ (vLLM's fused projections), and must tie so that the order decides.
+        scores = torch.round((unit[a] @ unit[b].T).max(dim=1).values, decimals=6)
         order = torch.sort(scores, descending=True, stable=True).indices
         residual = torch.cat([a[order[r:]], b])
     return residual

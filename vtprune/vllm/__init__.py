@@ -25,16 +25,19 @@ ARCHITECTURES = {
     "llava": ("VtpruneLlavaForConditionalGeneration", "vtprune.vllm.llava:VtpruneLlavaForConditionalGeneration"),
     "llava_next": ("VtpruneLlavaNextForConditionalGeneration",
                    "vtprune.vllm.llava_next:VtpruneLlavaNextForConditionalGeneration"),
+    "llava_onevision": ("VtpruneLlavaOnevisionForConditionalGeneration",
+                        "vtprune.vllm.llava_onevision:VtpruneLlavaOnevisionForConditionalGeneration"),
     "qwen2_5_vl": ("VtpruneQwen2_5_VLForConditionalGeneration",
                    "vtprune.vllm.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration"),
 }
 #: the signals a family's vLLM model computes without giving up its fused attention: the vision features, their
-#: layout, the CLS attention of the feature layer (Qwen2.5-VL: the attention received in the last full-attention
-#: block; recomputed for that one layer), and the prompt's text embeddings (the prompt reaches the processor through
-#: ``mm_processor_kwargs``)
+#: layout, the CLS attention of the feature layer (LLaVA-OneVision: the attention received in the feature layer;
+#: Qwen2.5-VL: in the last full-attention block; recomputed for that one layer), and the prompt's text embeddings
+#: (the prompt reaches the processor through ``mm_processor_kwargs``)
 SIGNALS = {
     "llava": ("features", "groups", "grid", "cls_attention", "text_embeds"),
     "llava_next": ("features", "groups", "grid", "cls_attention", "text_embeds"),
+    "llava_onevision": ("features", "groups", "grid", "cls_attention", "text_embeds"),
     "qwen2_5_vl": ("features", "groups", "grid", "cls_attention", "text_embeds"),
 }
 #: the hf_config attribute the pruning plan travels in (``hf_overrides``), to the processor and the model

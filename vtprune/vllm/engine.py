@@ -22,7 +22,7 @@ CPU_ENGINE = {"enforce_eager": True, "max_model_len": 1024, "kv_cache_memory_byt
 #: on a GPU, vLLM's own defaults (CUDA graphs, memory share), with room for LLaVA-NeXT's long prompts
 GPU_ENGINE = {"max_model_len": 4096}
 #: one image a prompt, as vtprune's eval sends; no video where the family has it (the plan prunes images)
-MM_LIMITS = {"qwen2_5_vl": {"image": 1, "video": 0}}
+MM_LIMITS = {"qwen2_5_vl": {"image": 1, "video": 0}, "llava_onevision": {"image": 1, "video": 0}}
 
 
 class ServedModel:

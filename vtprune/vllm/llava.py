@@ -44,8 +44,9 @@ class VtpruneLlavaInfo(LlavaProcessingInfo):
     upper bound of every plan's. The prompt's count is the plan's (``_get_prompt_updates``)."""
 
 
-#: checkpoints whose CLIP tower keys lack ``vision_model.`` (vtprune's micro models, saved by transformers 5.2x)
-CLIP_KEYS = WeightsMapper(orig_to_new_regex={re.compile(r"^vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."})
+#: checkpoints whose vision tower keys (CLIP, SigLIP) lack ``vision_model.`` (vtprune's tiny and micro models, saved by
+#: transformers 5.2x)
+TOWER_KEYS = WeightsMapper(orig_to_new_regex={re.compile(r"^vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."})
 
 
 class BudgetPlaceholders:
@@ -75,7 +76,7 @@ class VtpruneLlavaProcessor(BudgetPlaceholders, PlanFields, LlavaMultiModalProce
 @MULTIMODAL_REGISTRY.register_processor(VtpruneLlavaProcessor, info=VtpruneLlavaInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | CLIP_KEYS
+    hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | TOWER_KEYS
 
     def embed_multimodal(self, **kwargs):
         planned, own = planned_input(self, kwargs)

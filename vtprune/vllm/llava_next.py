@@ -9,8 +9,8 @@ closing every grid row; newline tokens are candidates like any other and count i
 vLLM's classes:
 - The placeholder count is ``budget(N, keep_ratio)`` of the packed count ``N`` (``get_num_image_tokens``, base +
   unpadded crops + newlines), which stays unpruned for vLLM's encoder budget.
-- ``embed_multimodal`` runs the CLIP tower once for every crop of the batch (layer by layer when a plan needs
-  ``cls_attention``), packs the features with vLLM's own ``_merge_image_patch_embeddings``, and packs every per-patch
+- ``embed_multimodal`` (``AnyresSelection``, shared with LLaVA-OneVision) runs the CLIP tower once for every crop of
+  the batch (layer by layer when a plan needs ``cls_attention``), packs the features with vLLM's own ``_merge_image_patch_embeddings``, and packs every per-patch
   map (crop id, row, column, CLS attention, the vectors before the projector) the same way: the packing is run once
   on the patch ids, with -1 for the newline, and each map is gathered by it. The HF adapter packs its maps through
   transformers' ``pack_image_features`` the same way, so token i's values are token i's on both engines.
@@ -31,7 +31,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vtprune.strategies import STRATEGIES
-from vtprune.vllm.llava import CLIP_KEYS, BudgetPlaceholders, clip_tower
+from vtprune.vllm.llava import TOWER_KEYS, BudgetPlaceholders, clip_tower
 from vtprune.vllm.served import PlanFields, plan_groups, planned_input, select, signals_for
 
 
@@ -39,10 +39,11 @@ class VtpruneLlavaNextProcessor(BudgetPlaceholders, PlanFields, LlavaNextMultiMo
     pass
 
 
-@MULTIMODAL_REGISTRY.register_processor(VtpruneLlavaNextProcessor, info=LlavaNextProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
-class VtpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
-    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | CLIP_KEYS
+class AnyresSelection:
+    """Mixin of a LLaVA-NeXT-like vLLM model (before vLLM's class in the bases): the tower runs once for every crop of
+    the batch, each image's features are packed (``pack_features``) and its per-patch maps packed the same way
+    (``packed_maps``), then each plan's images are selected together. A family defines ``tower`` (the used features
+    before the projector, and the saliency per patch when asked), ``pack_features`` and ``packed_maps``."""
 
     def embed_multimodal(self, **kwargs):
         planned, own = planned_input(self, kwargs)
@@ -52,19 +53,14 @@ class VtpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         pixels = list(image_input["pixel_values"])  # per image [crops, C, H, W]
         sizes = image_input["image_sizes"]
         need_cls = any("cls_attention" in STRATEGIES.get(p["strategy"]).needs for p, _ in plan_groups(fields["plan"]))
-        stacked = torch.cat(pixels)
-        if need_cls:
-            vectors, cls = clip_tower(self, stacked)
-        else:
-            vectors, cls = self._image_pixels_to_features(self.vision_tower, stacked), None
+        vectors, cls = self.tower(torch.cat(pixels), need_cls)
         projected = self.multi_modal_projector(vectors)
         crops = [len(p) for p in pixels]
         per_image = list(zip(projected.split(crops), vectors.split(crops),
                              cls.split(crops) if cls is not None else [None] * len(crops)))
         out: list = [None] * len(pixels)
         for plan, index in plan_groups(fields["plan"]):
-            packed = [self._merge_image_patch_embeddings(sizes[i], per_image[i][0], strategy="spatial_unpad")
-                      for i in index]
+            packed = [self.pack_features(sizes[i], per_image[i][0]) for i in index]
             if plan["strategy"] == "none":
                 for i, embeds in zip(index, packed):
                     out[i] = embeds
@@ -81,6 +77,20 @@ class VtpruneLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
             for i, (embeds, _) in zip(index, chosen):
                 out[i] = embeds
         return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtpruneLlavaNextProcessor, info=LlavaNextProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class VtpruneLlavaNextForConditionalGeneration(AnyresSelection, LlavaNextForConditionalGeneration):
+    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_KEYS
+
+    def tower(self, pixels: torch.Tensor, need_cls: bool):
+        if need_cls:
+            return clip_tower(self, pixels)
+        return self._image_pixels_to_features(self.vision_tower, pixels), None
+
+    def pack_features(self, image_size, embeds: torch.Tensor) -> torch.Tensor:
+        return self._merge_image_patch_embeddings(image_size, embeds, strategy="spatial_unpad")
 
     def packed_maps(self, image_size, vectors: torch.Tensor, cls: torch.Tensor | None) -> dict:
         """One image's per-patch maps packed like its features: ``groups`` (crop id: base 0, crops 1..n, newlines
