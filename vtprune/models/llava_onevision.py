@@ -103,7 +103,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def stitched_coordinates(self, image_sizes, device) -> list[torch.Tensor]:
         """``[N_b, 3]`` float per image: ``crop_coordinates`` packed like the features — after downsampling the exact
         point each token samples; newline tokens -1."""
-        per_image = [crop_coordinates(n, self.crop_grid(size)[1] if n > 1 else 1, self.patch_side, device)
+        per_image = [crop_coordinates(n, self.crop_grid(size)[1], self.patch_side, device)
                      for size, n in zip(image_sizes, self.crops_per_image(image_sizes))]
         coords = torch.cat(per_image)
         maps = [self.pack_maps(coords[..., c].contiguous(), image_sizes, -1.0) for c in range(3)]

@@ -42,8 +42,16 @@ class VtpruneLlavaNextProcessor(BudgetPlaceholders, PlanFields, LlavaNextMultiMo
 class AnyresSelection:
     """Mixin of a LLaVA-NeXT-like vLLM model (before vLLM's class in the bases): the tower runs once for every crop of
     the batch, each image's features are packed (``pack_features``) and its per-patch maps packed the same way
-    (``packed_maps``), then each plan's images are selected together. A family defines ``tower`` (the used features
-    before the projector, and the saliency per patch when asked), ``pack_features`` and ``packed_maps``."""
+    (``packed_maps``), then each plan's images are selected together. A family defines ``saliency_tower`` (its tower
+    run layer by layer: the used features before the projector and the saliency per patch), ``pack_features`` and
+    ``packed_maps``."""
+
+    saliency_tower = None
+
+    def tower(self, pixels: torch.Tensor, need_cls: bool):
+        if need_cls:
+            return self.saliency_tower(pixels)
+        return self._image_pixels_to_features(self.vision_tower, pixels), None
 
     def embed_multimodal(self, **kwargs):
         planned, own = planned_input(self, kwargs)
@@ -83,11 +91,7 @@ class AnyresSelection:
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtpruneLlavaNextForConditionalGeneration(AnyresSelection, LlavaNextForConditionalGeneration):
     hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_KEYS
-
-    def tower(self, pixels: torch.Tensor, need_cls: bool):
-        if need_cls:
-            return clip_tower(self, pixels)
-        return self._image_pixels_to_features(self.vision_tower, pixels), None
+    saliency_tower = clip_tower
 
     def pack_features(self, image_size, embeds: torch.Tensor) -> torch.Tensor:
         return self._merge_image_patch_embeddings(image_size, embeds, strategy="spatial_unpad")

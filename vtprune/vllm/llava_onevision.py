@@ -53,6 +53,26 @@ def pack(config, image_size, maps: torch.Tensor, newline: torch.Tensor) -> torch
         strategy="spatial_unpad")
 
 
+def siglip_tower(model, pixel_values: torch.Tensor):
+    """The used features before the projector ``[crops, P, D_v]`` and the attention each patch receives in the layer
+    that makes them ``[crops, P]`` (per crop, head and query mean: ``received_attention``), from the SigLIP modules
+    of vLLM's model run one layer at a time (vLLM builds the tower up to the feature layer, without its post norm,
+    and LLaVA-OneVision reads every patch: strategy ``full``)."""
+    if not isinstance(model.config.vision_feature_layer, int):
+        raise ValueError("vtprune on vLLM: LLaVA-OneVision with several vision feature layers is not supported")
+    tower = model.vision_tower.vision_model
+    hidden = tower.embeddings(pixel_values)
+    *before, last = tower.encoder.layers
+    for layer in before:
+        hidden, _ = layer(hidden)
+    attn = last.self_attn
+    q, k, _ = attn.qkv_proj(last.layer_norm1(hidden))[0].chunk(3, dim=-1)
+    received = torch.stack([received_attention(qc, kc, attn.num_heads, attn.head_dim, attn.scale)
+                            for qc, kc in zip(q, k)])
+    out, _ = last(hidden)
+    return out, received
+
+
 class VtpruneLlavaOnevisionInfo(LlavaOnevisionProcessingInfo):
     """An image's visual tokens as the config's packing makes them (vLLM's formula assumes ``anyres_max_9``)."""
 
@@ -79,11 +99,7 @@ class VtpruneLlavaOnevisionProcessor(BudgetPlaceholders, PlanFields, LlavaOnevis
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class VtpruneLlavaOnevisionForConditionalGeneration(AnyresSelection, LlavaOnevisionForConditionalGeneration):
     hf_to_vllm_mapper = LlavaOnevisionForConditionalGeneration.hf_to_vllm_mapper | TOWER_KEYS
-
-    def tower(self, pixels: torch.Tensor, need_cls: bool):
-        if need_cls:
-            return siglip_tower(self, pixels)
-        return self._image_pixels_to_features(self.vision_tower, pixels), None
+    saliency_tower = siglip_tower
 
     def pack_features(self, image_size, embeds: torch.Tensor) -> torch.Tensor:
         return pack(self.config, image_size, embeds, self.image_newline)
@@ -105,8 +121,7 @@ class VtpruneLlavaOnevisionForConditionalGeneration(AnyresSelection, LlavaOnevis
         side = vision.image_size // vision.patch_size
         rows, cols = get_anyres_image_grid_shape(image_size.tolist(), self.config.image_grid_pinpoints,
                                                  vision.image_size)
-        crops = len(vectors)
-        coords = crop_coordinates(crops, cols if crops > 1 else 1, side, vectors.device)
+        coords = crop_coordinates(len(vectors), cols, side, vectors.device)
         sources = sources_of(pack(self.config, image_size, coords, coords.new_full((3,), -1.0)), cols, side)
         return {
             "groups": torch.where(sources[:, 0] < 0, 1 + rows * cols, sources[:, 0]),
@@ -115,23 +130,3 @@ class VtpruneLlavaOnevisionForConditionalGeneration(AnyresSelection, LlavaOnevis
                                                       received.new_zeros(1))[:, 0],
             "vectors": pack(self.config, image_size, vectors, vectors.new_zeros(vectors.shape[-1])),
         }
-
-
-def siglip_tower(model, pixel_values: torch.Tensor):
-    """The used features before the projector ``[crops, P, D_v]`` and the attention each patch receives in the layer
-    that makes them ``[crops, P]`` (per crop, head and query mean: ``received_attention``), from the SigLIP modules
-    of vLLM's model run one layer at a time (vLLM builds the tower up to the feature layer, without its post norm,
-    and LLaVA-OneVision reads every patch: strategy ``full``)."""
-    if not isinstance(model.config.vision_feature_layer, int):
-        raise ValueError("vtprune on vLLM: LLaVA-OneVision with several vision feature layers is not supported")
-    tower = model.vision_tower.vision_model
-    hidden = tower.embeddings(pixel_values)
-    *before, last = tower.encoder.layers
-    for layer in before:
-        hidden, _ = layer(hidden)
-    attn = last.self_attn
-    q, k, _ = attn.qkv_proj(last.layer_norm1(hidden))[0].chunk(3, dim=-1)
-    received = torch.stack([received_attention(qc, kc, attn.num_heads, attn.head_dim, attn.scale)
-                            for qc, kc in zip(q, k)])
-    out, _ = last(hidden)
-    return out, received
